@@ -1,0 +1,130 @@
+"""Fixed-point analysis (SPEC §3), streamed over memory-mapped contexts in bounded memory.
+
+One pass accumulates the float64 Gram matrix, sums and norms; singular values come from the Gram's
+eigenvalues (s_i = sqrt(lambda_i)), so N never meets N. Pairwise statistics use a seeded sample.
+A second pass finds, for the top singular directions, the tokens whose contexts project most.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+ROWS = 1 << 20          # contexts per streamed chunk
+PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)
+TOP_DIRECTIONS = 3
+TOP_TOKENS = 5
+
+
+def spectrum(eigenvalues: np.ndarray) -> dict:
+    """Singular values from Gram eigenvalues; actual rank and effective rank exp(H(s / sum s))."""
+    s = np.sqrt(np.clip(np.sort(eigenvalues)[::-1], 0.0, None))
+    total = s.sum()
+    tol = s[0] * max(len(s), 1) * 1e-6 if len(s) and s[0] > 0 else 0.0
+    rank = int((s > tol).sum()) if total > 0 else 0
+    if total > 0:
+        p = s / total
+        p = p[p > 0]
+        eff = float(np.exp(-(p * np.log(p)).sum()))
+    else:
+        eff = 0.0
+    return {"singular_values": s.tolist(), "actual_rank": rank, "effective_rank": eff}
+
+
+def pairwise(sample: np.ndarray) -> dict:
+    """Mean / median L2 distance and mean cosine over all distinct pairs of the sample."""
+    x = sample.astype(np.float64)
+    m = len(x)
+    if m < 2:
+        return {"mean_l2": 0.0, "median_l2": 0.0, "mean_cosine": 1.0, "sample_size": m}
+    sq = (x ** 2).sum(1)
+    d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0, None)
+    iu = np.triu_indices(m, k=1)
+    dist = np.sqrt(d2[iu])
+    norms = np.sqrt(sq)
+    safe = np.where(norms > 0, norms, 1.0)
+    u = x / safe[:, None]
+    cos = (u @ u.T)[iu]
+    zero = (norms[iu[0]] == 0) | (norms[iu[1]] == 0)
+    cos = np.where(zero, np.where((norms[iu[0]] == 0) & (norms[iu[1]] == 0), 1.0, 0.0), cos)
+    return {"mean_l2": float(dist.mean()), "median_l2": float(np.median(dist)),
+            "mean_cosine": float(cos.mean()), "sample_size": m}
+
+
+def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
+                     decode=None) -> dict:
+    """Every SPEC §3 figure for one N x C context matrix (may be a read-only memmap)."""
+    n, c = contexts.shape
+    if n == 0:
+        raise ValueError("no contexts to analyse")
+    gram = np.zeros((c, c))
+    total = np.zeros(c)
+    norms = np.empty(n, dtype=np.float32)
+    near_zero = 0
+    for s in range(0, n, ROWS):
+        x = np.asarray(contexts[s:s + ROWS], dtype=np.float64)
+        gram += x.T @ x
+        total += x.sum(0)
+        norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))
+        near_zero += int((np.abs(x) < 0.01).sum())
+    mean = total / n
+    centred = gram - n * np.outer(mean, mean)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(n, PAIR_SAMPLE), replace=False))
+    pairs = pairwise(np.asarray(contexts[idx]))
+    raw = spectrum(np.linalg.eigvalsh(gram))
+    cen = spectrum(np.linalg.eigvalsh(centred))
+    norm64 = norms.astype(np.float64)
+    report = {
+        "n": n, "dim": c,
+        "global_attractor": {"mean_l2": pairs["mean_l2"], "mean_cosine": pairs["mean_cosine"],
+                             "sample_size": pairs["sample_size"],
+                             "degenerate": bool(pairs["mean_l2"] < 0.1 and pairs["mean_cosine"] > 0.99)},
+        "zero_solution": {"mean_norm": float(norm64.mean()), "degenerate": bool(norm64.mean() < 0.1)},
+        "distribution": {"norm_mean": float(norm64.mean()), "norm_median": float(np.median(norms)),
+                         "norm_std": float(norm64.std()), "pairwise_l2_mean": pairs["mean_l2"],
+                         "pairwise_l2_median": pairs["median_l2"], "sparsity": near_zero / (n * c)},
+        "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
+        "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
+    }
+    report["directions"] = top_tokens(contexts, gram, tokens, decode)
+    return report
+
+
+def top_tokens(contexts: np.ndarray, gram: np.ndarray, tokens, decode) -> list[dict]:
+    """For the top singular directions, the positions (and tokens) whose contexts project most."""
+    _, vecs = np.linalg.eigh(gram)
+    dirs = vecs[:, ::-1][:, :TOP_DIRECTIONS]
+    best = [(np.empty(0), np.empty(0, dtype=np.int64)) for _ in range(dirs.shape[1])]
+    for s in range(0, len(contexts), ROWS):
+        proj = np.asarray(contexts[s:s + ROWS], dtype=np.float64) @ dirs
+        for j in range(dirs.shape[1]):
+            vals = np.concatenate([best[j][0], proj[:, j]])
+            pos = np.concatenate([best[j][1], np.arange(s, s + len(proj))])
+            keep = np.argsort(-vals, kind="stable")[:TOP_TOKENS]
+            best[j] = (vals[keep], pos[keep])
+    out = []
+    for j, (vals, pos) in enumerate(best):
+        entry = {"direction": j + 1, "positions": pos.tolist(), "projections": vals.tolist()}
+        if tokens is not None:
+            ids = [int(tokens[p]) for p in pos]
+            entry["token_ids"] = ids
+            if decode is not None:
+                entry["tokens"] = [decode([i]) for i in ids]
+        out.append(entry)
+    return out
+
+
+def gate(train: dict | None, val: dict | None, context_dim: int) -> list[str]:
+    """Reasons to refuse Phase 2 (SPEC §3): low effective rank or a degenerate flag. Empty = pass."""
+    problems = []
+    for name, rep, share in (("train", train, 0.20), ("val", val, 0.08)):
+        if rep is None:
+            continue
+        eff = rep["information"]["effective_rank"]
+        if eff < share * context_dim:
+            problems.append(f"{name} effective rank {eff:.2f} < {share:.0%} of {context_dim}")
+        if rep["global_attractor"]["degenerate"]:
+            problems.append(f"{name} contexts collapsed to one point (global attractor)")
+        if rep["zero_solution"]["degenerate"]:
+            problems.append(f"{name} contexts collapsed to zero (mean norm "
+                            f"{rep['zero_solution']['mean_norm']:.3f})")
+    return problems

@@ -1,0 +1,137 @@
+"""Where every artifact lives and the one way to write and read it: atomically, with provenance.
+
+    WORKSPACE/datasets/<key>/   tokenizer.json, {train,val}.tokens.npy, {train,val}.offsets.npy, dataset.json
+    WORKSPACE/runs/<run>/       settings.json, phase1.pt, phase1_{train,val}.json,
+                                contexts_{train,val}.npy, analysis.json, phase2.pt, phase2.json
+Each JSON artifact carries a `provenance` dict (fingerprints of what produced it), and readers compare
+it with what they expect, so artifacts from different settings are never silently mixed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import RefusedError, UsageError
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of any JSON-able value."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise RefusedError(f"missing {what}: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise RefusedError(f"{what} at {path} is unreadable ({e}); rerun the stage that writes it") from None
+
+
+def write_array(path: Path, array: np.ndarray) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array))
+    return path
+
+
+def read_array(path: Path, what: str) -> np.ndarray:
+    """Memory-mapped, read-only: later stages never load a whole corpus into memory."""
+    if not path.exists():
+        raise RefusedError(f"missing {what}: {path}")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise RefusedError(f"{what} at {path} is unreadable ({e}); rerun the stage that writes it") from None
+
+
+def write_checkpoint(path: Path, payload: dict) -> Path:
+    """Tensors plus plain values only, so it loads with weights_only=True."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_checkpoint(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise RefusedError(f"missing {what}: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or not a checkpoint at all
+        raise RefusedError(f"{what} at {path} cannot be loaded ({type(e).__name__}); "
+                           "rerun the stage that writes it") from None
+    if not isinstance(payload, dict) or "provenance" not in payload:
+        raise RefusedError(f"{what} at {path} is not a newllm checkpoint")
+    return payload
+
+
+def check_same(expected: dict, found: dict, what: str) -> None:
+    """Refuse when an input was produced by other settings than the ones in force, naming both."""
+    diff = {k: (expected.get(k), found.get(k)) for k in expected if expected.get(k) != found.get(k)}
+    if diff:
+        parts = ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise RefusedError(f"{what} does not match the current settings ({parts}); "
+                           "rerun the stage that produces it")
+
+
+class Workspace:
+    """Paths of one run and of the dataset its settings select."""
+
+    def __init__(self, root: str | Path, run: str, dataset_key: str | None = None):
+        self.root = Path(root)
+        self.run_dir = self.root / "runs" / run
+        self.data_dir = self.root / "datasets" / dataset_key if dataset_key else None
+
+    def ensure(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"workspace {self.root} is not writable: {e.strerror or e}") from None
+
+    # dataset
+    def tokens(self, split: str) -> Path: return self.data_dir / f"{split}.tokens.npy"
+    def offsets(self, split: str) -> Path: return self.data_dir / f"{split}.offsets.npy"
+    def tokenizer(self) -> Path: return self.data_dir / "tokenizer.json"
+    def dataset_meta(self) -> Path: return self.data_dir / "dataset.json"
+
+    # run
+    def settings(self) -> Path: return self.run_dir / "settings.json"
+    def phase1_checkpoint(self) -> Path: return self.run_dir / "phase1.pt"
+    def contexts(self, split: str) -> Path: return self.run_dir / f"contexts_{split}.npy"
+    def phase1_report(self, split: str) -> Path: return self.run_dir / f"phase1_{split}.json"
+    def analysis(self) -> Path: return self.run_dir / "analysis.json"
+    def phase2_checkpoint(self) -> Path: return self.run_dir / "phase2.pt"
+    def phase2_report(self) -> Path: return self.run_dir / "phase2.json"
+    def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"

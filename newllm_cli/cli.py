@@ -1,0 +1,73 @@
+"""The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+import typer
+
+from . import report, stages
+from .artifacts import Workspace
+from .errors import NewLLMError
+from .options import COMMON, settings_parameters, split_kwargs
+from .settings import resolve
+
+app = typer.Typer(help="New-LLM research toolkit: CVFP context training (Phase 1), analysis and "
+                       "next-token heads (Phase 2), stage by stage on disk.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+SPLIT = inspect.Parameter("split", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("train", "--split", help="train (learns) or val (weights frozen)."))
+FORCE = inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--force", help="Run Phase 2 even if the Phase-1 gate fails."))
+
+
+def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
+    """Register `stage(settings, **extra)` as a command whose options come from the settings model."""
+    def run(**kwargs):
+        options, rest = split_kwargs(kwargs)
+        config, as_json = rest.pop("config"), rest.pop("json_output")
+        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
+        result = stage(settings, **rest)
+        render(result)
+        print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
+    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters()])
+    run.__doc__ = stage.__doc__
+    app.command(name)(run)
+
+
+command("prepare-data", stages.prepare_data, report.prepare)
+command("phase1", stages.phase1, report.phase1, [SPLIT])
+command("analyze", stages.analyze, report.analysis)
+command("phase2", stages.phase2, report.phase2, [FORCE])
+command("full", stages.full, report.full, [FORCE])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: one error boundary, one line per error, meaningful exit codes."""
+    try:
+        code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except click.exceptions.Abort:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        print(f"Error: {e.format_message()}", file=sys.stderr)
+        return 2 if isinstance(e, click.UsageError) else e.exit_code
+    except NewLLMError as e:
+        if os.environ.get("NEWLLM_DEBUG"):
+            raise
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

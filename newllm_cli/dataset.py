@@ -1,0 +1,256 @@
+"""prepare-data: documents -> tokenizer -> flat token arrays with document offsets, cached by key.
+
+A dataset lives in WORKSPACE/datasets/<key>, where the key hashes the data settings and the state of
+the input files: preparing the same data again is a cache hit, and different data never shares a
+directory. It is built in a temporary directory and renamed into place, so a failure leaves nothing.
+Token ids are uint16 when the vocabulary fits (half the disk and memory), else uint32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import sources, tokenizer as tokenizers
+from .artifacts import Workspace, fingerprint, read_array, read_json, write_array, write_json
+from .errors import RefusedError, UsageError
+from .progress import info, progress, warn
+from .settings import Settings
+
+ENCODE_BATCH = 512
+
+
+def _path_state(path: str | None, pattern: str) -> object:
+    """What of the input files the cache key must notice: real path, sizes, modification times."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if p.is_file():
+        st = p.stat()
+        return [os.path.realpath(p), st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        files = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in sources.text_dir_files(str(p), pattern)]
+        return [os.path.realpath(p), fingerprint(files)]
+    return str(p)
+
+
+def dataset_key(s: Settings) -> str:
+    d = s.data
+    parts = {"data": d.model_dump(), "path": _path_state(d.path, d.pattern),
+             "val_path": _path_state(d.val_path, d.pattern),
+             "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None,
+             "seed": s.runtime.seed if d.val_source == "auto_split" else None}
+    return fingerprint(parts)
+
+
+def workspace_for(s: Settings) -> Workspace:
+    return Workspace(s.runtime.workspace, s.runtime.run, dataset_key(s))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
+
+
+class Spool:
+    """Documents written once to a temporary JSONL file, so the source is read a single time."""
+
+    def __init__(self, path: Path):
+        self.path, self.count = path, 0
+
+    def fill(self, docs: Iterator[str]) -> None:
+        with open(self.path, "w") as f:
+            for doc in docs:
+                if doc.strip():
+                    f.write(json.dumps(doc) + "\n")
+                    self.count += 1
+
+    def read(self, keep=None) -> Iterator[str]:
+        with open(self.path) as f:
+            for i, line in enumerate(f):
+                if keep is None or keep[i]:
+                    yield json.loads(line)
+
+
+def write_tokens(tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, offsets_path: Path,
+                 total: int, label: str) -> dict:
+    """Encode documents in batches into a raw file, then copy it into .npy chunk by chunk."""
+    raw_path = tokens_path.with_suffix(".raw")
+    offsets = [0]
+    with open(raw_path, "wb") as raw, progress(f"tokenizing {label}", total) as advance:
+        batch: list[str] = []
+
+        def flush() -> None:
+            for enc in tok.encode_batch(batch, add_special_tokens=False):
+                ids = np.asarray(enc.ids, dtype=dtype)
+                if len(ids):
+                    raw.write(ids.tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+            advance(len(batch))
+            batch.clear()
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) >= ENCODE_BATCH:
+                flush()
+        if batch:
+            flush()
+    return _finish_arrays(raw_path, np.asarray(offsets, dtype=np.int64), dtype, tokens_path, offsets_path)
+
+
+def _finish_arrays(raw_path: Path, offsets: np.ndarray, dtype, tokens_path: Path, offsets_path: Path) -> dict:
+    n = int(offsets[-1])
+    flat = np.memmap(raw_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    out = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=dtype, shape=(n,))
+    digest = hashlib.sha256()
+    for s in range(0, n, 1 << 24):
+        out[s:s + (1 << 24)] = flat[s:s + (1 << 24)]
+        digest.update(np.ascontiguousarray(flat[s:s + (1 << 24)]).tobytes())
+    out.flush()
+    del out, flat
+    raw_path.unlink(missing_ok=True)
+    np.save(offsets_path, offsets)
+    return {"tokens": n, "documents": len(offsets) - 1, "sha256": digest.hexdigest()[:16]}
+
+
+def read_manual(path: str, vocab_size: int) -> list[np.ndarray]:
+    """Validation token ids from .npy, .pt (weights_only), .json or whitespace-separated .txt."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"manual validation file not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = np.load(p, allow_pickle=False)
+        elif suffix == ".pt":
+            data = torch.load(p, map_location="cpu", weights_only=True)
+            data = data.numpy() if isinstance(data, torch.Tensor) else data
+        elif suffix == ".json":
+            data = json.loads(p.read_text())
+        elif suffix == ".txt":
+            data = [[int(v) for v in line.split()] for line in p.read_text().splitlines() if line.strip()]
+        else:
+            raise UsageError(f"{p}: manual token ids must be .npy, .pt, .json or .txt")
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{p}: cannot read token ids ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    docs = _as_documents(data, p)
+    for i, doc in enumerate(docs):
+        bad = np.nonzero((doc < 0) | (doc >= vocab_size))[0]
+        if len(bad):
+            raise UsageError(f"{p}: token id {int(doc[bad[0]])} (document {i}, position {int(bad[0])}) "
+                             f"is outside the vocabulary of {vocab_size}")
+    return docs
+
+
+def _as_documents(data, p: Path) -> list[np.ndarray]:
+    """A flat list is one document; a list of lists (or a 2-D array) is one document per row."""
+    try:
+        if isinstance(data, np.ndarray) and data.ndim == 1:
+            rows = [data]
+        elif isinstance(data, np.ndarray) and data.ndim == 2:
+            rows = list(data)
+        elif isinstance(data, list) and data and all(isinstance(r, list) for r in data):
+            rows = [np.asarray(r) for r in data]
+        elif isinstance(data, list):
+            rows = [np.asarray(data)]
+        else:
+            raise TypeError
+        docs = []
+        for r in rows:
+            r = np.asarray(r)
+            if r.dtype.kind not in "iu" and not (r.dtype.kind == "f" and len(r) == 0):
+                raise TypeError
+            if len(r):
+                docs.append(r.astype(np.int64))
+    except (TypeError, ValueError):
+        raise UsageError(f"{p}: expected integer token ids (a list, or a list of lists)") from None
+    if not docs:
+        raise UsageError(f"{p}: the validation set is empty")
+    return docs
+
+
+def prepare(s: Settings) -> dict:
+    """Build (or find in the cache) the dataset the settings describe; return its description."""
+    ws = workspace_for(s)
+    if ws.dataset_meta().exists():
+        meta = read_json(ws.dataset_meta(), "dataset description")
+        info(f"cache hit: dataset {ws.data_dir.name} already prepared")
+        return {**meta, "cache_hit": True, "dataset_dir": str(ws.data_dir)}
+    ws.data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.", dir=ws.data_dir.parent))
+    try:
+        meta = _build(s, Workspace(ws.root, s.runtime.run, ws.data_dir.name), tmp)
+        write_json(tmp / "dataset.json", meta)
+        if ws.data_dir.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, ws.data_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info(f"prepared dataset {ws.data_dir.name}: {meta['train']['tokens']:,} train and "
+         f"{meta['val']['tokens']:,} val tokens, vocabulary {meta['vocab_size']:,}")
+    return {**meta, "cache_hit": False, "dataset_dir": str(ws.data_dir)}
+
+
+def _build(s: Settings, ws: Workspace, tmp: Path) -> dict:
+    d = s.data
+    spool = Spool(tmp / "train.docs.jsonl")
+    spool.fill(sources.documents(d.source, d.path, d, d.num_samples))
+    if spool.count == 0:
+        raise UsageError(f"the training source ({d.source}{' ' + d.path if d.path else ''}) has no documents")
+    if d.num_samples and spool.count < d.num_samples:
+        warn(f"{d.num_samples} samples asked, the source has {spool.count}: using all")
+    keep = np.ones(spool.count, dtype=bool)
+    if d.val_source == "auto_split":
+        if spool.count < 2:
+            raise UsageError("auto_split needs at least 2 training documents; give --val-source")
+        n_val = min(spool.count - 1, max(1, round(d.val_ratio * spool.count)))
+        keep[np.random.default_rng(s.runtime.seed).permutation(spool.count)[:n_val]] = False
+    tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, spool.read(keep))
+    vocab = tok.get_vocab_size()
+    dtype = token_dtype(vocab)
+    tok.save(str(tmp / "tokenizer.json"))
+    names = {"train": (tmp / "train.tokens.npy", tmp / "train.offsets.npy"),
+             "val": (tmp / "val.tokens.npy", tmp / "val.offsets.npy")}
+    train = write_tokens(tok, spool.read(keep), dtype, *names["train"], int(keep.sum()), "train")
+    if d.val_source == "auto_split":
+        val = write_tokens(tok, spool.read(~keep), dtype, *names["val"], int((~keep).sum()), "val")
+    elif d.val_source == "manual":
+        docs = read_manual(d.val_path, vocab)
+        raw = names["val"][0].with_suffix(".raw")
+        raw.write_bytes(b"".join(x.astype(dtype).tobytes() for x in docs))
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in docs])]).astype(np.int64)
+        val = _finish_arrays(raw, offsets, dtype, *names["val"])
+    else:
+        vspool = Spool(tmp / "val.docs.jsonl")
+        vspool.fill(sources.documents(d.val_source, d.val_path, d, d.val_num_samples))
+        val = write_tokens(tok, vspool.read(), dtype, *names["val"], vspool.count, "val")
+    for name, split in (("train", train), ("val", val)):
+        if split["tokens"] == 0:
+            raise UsageError(f"the {name} set is empty after tokenization")
+    for f in tmp.glob("*.docs.jsonl"):
+        f.unlink()
+    return {"key": ws.data_dir.name, "data": d.model_dump(), "tokenizer": d.tokenizer,
+            "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val}
+
+
+def load_meta(s: Settings) -> tuple[Workspace, dict]:
+    ws = workspace_for(s)
+    if not ws.dataset_meta().exists():
+        raise RefusedError(f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
+                           "run `newllm prepare-data` with the same data options first")
+    return ws, read_json(ws.dataset_meta(), "dataset description")
+
+
+def load_split(ws: Workspace, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (memory-mapped) and document offsets of one split."""
+    return read_array(ws.tokens(split), f"{split} tokens"), np.array(read_array(ws.offsets(split), f"{split} offsets"))

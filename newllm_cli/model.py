@@ -1,0 +1,57 @@
+"""The New-LLM network (SPEC §1): token embedding, L residual context blocks, and the step f(x, c)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ContextBlock(nn.Module):
+    """One block: an MLP over [ctx, tok], then residual LayerNorms on each half."""
+
+    def __init__(self, context_dim: int, embed_dim: int, layers_per_block: int = 1):
+        super().__init__()
+        width = context_dim + embed_dim
+        layers: list[nn.Module] = []
+        for _ in range(layers_per_block):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.mlp = nn.Sequential(*layers)
+        self.norm_ctx = nn.LayerNorm(context_dim)
+        self.norm_tok = nn.LayerNorm(embed_dim)
+        self.context_dim = context_dim
+
+    def forward(self, ctx: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.mlp(torch.cat([ctx, tok], dim=-1))
+        c = self.context_dim
+        return self.norm_ctx(ctx + y[..., :c]), self.norm_tok(tok + y[..., c:])
+
+
+class NewLLM(nn.Module):
+    """Embedding + context blocks. The next-token head lives in Phase 2 (phase2.py)."""
+
+    def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int,
+                 layers_per_block: int = 1):
+        super().__init__()
+        self.context_dim, self.embed_dim = context_dim, embed_dim
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.embed_norm = nn.LayerNorm(embed_dim)
+        self.blocks = nn.ModuleList(
+            ContextBlock(context_dim, embed_dim, layers_per_block) for _ in range(num_layers))
+        self.apply(init_weights)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(Embedding(x)): context-independent, so Phase 1 computes it once per run."""
+        return self.embed_norm(self.embed(ids))
+
+    def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """f(x_t, c_{t-1}) -> c_t on already-embedded tokens; works on any batch shape."""
+        for block in self.blocks:
+            ctx, tok = block(ctx, tok)
+        return ctx
+
+
+def init_weights(module: nn.Module) -> None:
+    """SPEC §1: every Linear and Embedding weight N(0, 0.02), biases 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

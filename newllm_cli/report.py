@@ -1,0 +1,90 @@
+"""Compact rich reports of each stage's result, on stderr (stdout is for scripts)."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from .progress import console
+
+
+def primary_path(command: str, result: dict) -> str:
+    """What a script gets on stdout without --json: the main artifact's path."""
+    if command == "prepare-data":
+        return result["dataset_dir"]
+    if command == "phase1":
+        return result["contexts"]
+    if command == "phase2":
+        return result["checkpoint"]
+    if command == "full":
+        return result["run_dir"]
+    return str(result.get("path", ""))
+
+
+def prepare(r: dict) -> None:
+    t = Table(title=f"dataset {r['key']}{' (cache hit)' if r['cache_hit'] else ''}")
+    for col in ("split", "documents", "tokens"):
+        t.add_column(col, justify="right")
+    for split in ("train", "val"):
+        t.add_row(split, f"{r[split]['documents']:,}", f"{r[split]['tokens']:,}")
+    t.caption = f"tokenizer {r['tokenizer']}, vocabulary {r['vocab_size']:,}"
+    console().print(t)
+
+
+def phase1(r: dict) -> None:
+    ratio = r["converged_ratio"]
+    console().print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps, "
+                    f"converged {ratio:.1%} ({r['stopped_by']}), "
+                    f"{r['token_iterations_per_second']:,.0f} token-iterations/s")
+
+
+def _flag(value: bool) -> str:
+    return "[bold red]YES[/]" if value else "no"
+
+
+def analysis(r: dict) -> None:
+    splits = [s for s in ("train", "val") if s in r]
+    rows = [
+        ("global attractor", lambda a: _flag(a["global_attractor"]["degenerate"])),
+        ("zero solution", lambda a: _flag(a["zero_solution"]["degenerate"])),
+        ("pairwise L2 mean", lambda a: f"{a['global_attractor']['mean_l2']:.4f}"),
+        ("pairwise cosine mean", lambda a: f"{a['global_attractor']['mean_cosine']:.4f}"),
+        ("norm mean / median / std", lambda a: "{norm_mean:.3f} / {norm_median:.3f} / {norm_std:.3f}".format(**a["distribution"])),
+        ("sparsity (|v|<0.01)", lambda a: f"{a['distribution']['sparsity']:.3%}"),
+        ("actual rank", lambda a: f"{a['information']['actual_rank']} / {a['dim']}"),
+        ("effective rank", lambda a: f"{a['information']['effective_rank']:.2f} / {a['dim']}"),
+        ("effective rank (centred)", lambda a: f"{a['centred']['effective_rank']:.2f} / {a['dim']}"),
+        ("top singular values", lambda a: ", ".join(f"{v:.1f}" for v in a["information"]["top_singular_values"][:3])),
+    ]
+    t = Table(title="fixed-point analysis")
+    t.add_column("figure")
+    for s in splits:
+        t.add_column(f"{s} ({r[s]['n']:,})", justify="right")
+    for name, get in rows:
+        t.add_row(name, *(get(r[s]) for s in splits))
+    console().print(t)
+    for s in splits:
+        for d in r[s]["directions"]:
+            if "tokens" in d:
+                console().print(f"  {s} direction {d['direction']}: " + " ".join(repr(x) for x in d["tokens"]))
+    gate = r["gate"]
+    console().print("Phase-1 gate: " + ("[green]passed[/]" if gate["passed"] else
+                                        "[bold red]failed[/]: " + "; ".join(gate["problems"])))
+
+
+def phase2(r: dict) -> None:
+    best = r["best"]
+    uni = r["baselines"]["unigram_add_one"]
+    t = Table(title=f"phase2 (best epoch {r['best_epoch']})")
+    for col in ("model", "val perplexity", "val accuracy"):
+        t.add_column(col, justify="right")
+    t.add_row("head on contexts", f"{best['val']['perplexity']:.2f}", f"{best['val']['accuracy']:.3f}")
+    t.add_row("add-one unigram", f"{uni['val_perplexity']:.2f}", "")
+    console().print(t)
+    console().print("the head " + ("beats" if uni["beaten"] else "[bold red]does not beat[/]") + " the unigram baseline")
+
+
+def full(r: dict) -> None:
+    prepare(r["prepare_data"])
+    phase1(r["phase1_train"])
+    phase1(r["phase1_val"])
+    analysis(r["analysis"])
+    phase2(r["phase2"])

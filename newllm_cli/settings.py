@@ -1,0 +1,165 @@
+"""One settings model for every command: sections, defaults (the seed's), validation, precedence.
+
+Precedence: CLI option > --config file > the run's saved settings.json > defaults.
+Each field carries its CLI option name (kebab-case; a section prefix where a bare name would be
+ambiguous), so cli.py generates the options instead of writing them out per command.
+"""
+from __future__ import annotations
+
+import json
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UsageError
+
+
+def opt(default: Any, help: str, cli: str | None = None, **kw: Any) -> Any:
+    """A field with its help text and, when the bare kebab name would be ambiguous, its CLI name."""
+    extra = {"cli": cli} if cli else None
+    return Field(default, description=help, json_schema_extra=extra, **kw)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Section):
+    context_dim: int = opt(16, "Context vector size C.", gt=0, le=4096)
+    embed_dim: int = opt(16, "Token embedding size E.", gt=0, le=4096)
+    num_layers: int = opt(2, "Number of context blocks L.", gt=0, le=64)
+    layers_per_block: int = opt(1, "Linear+ReLU layers inside each block.", gt=0, le=16)
+
+
+TRAIN_SOURCES = ("sample", "ultrachat", "text_file", "text_dir")
+VAL_SOURCES = ("auto_split", "manual") + TRAIN_SOURCES
+
+
+class DataSettings(Section):
+    source: Literal[TRAIN_SOURCES] = opt("sample", "Training text: " + ", ".join(TRAIN_SOURCES) + ".")
+    path: Optional[str] = opt(None, "File or directory for text_file / text_dir / a local ultrachat export.")
+    pattern: str = opt("*.txt", "Glob for text_dir (recursive).")
+    num_samples: Optional[int] = opt(None, "Use at most this many training documents (all if unset).", gt=0)
+    val_source: Literal[VAL_SOURCES] = opt("auto_split", "Validation text: " + ", ".join(VAL_SOURCES) + ".")
+    val_path: Optional[str] = opt(None, "File or directory for the validation source.")
+    val_num_samples: Optional[int] = opt(None, "Use at most this many validation documents.", gt=0)
+    val_ratio: float = opt(0.2, "Share of training documents held out by auto_split.", gt=0.0, lt=1.0)
+    ultrachat_dataset: str = opt("HuggingFaceH4/ultrachat_200k", "Hub id of the UltraChat dataset.")
+    ultrachat_split: str = opt("train_sft", "Split of the UltraChat dataset.")
+    tokenizer: str = opt("bpe", "bpe (trained offline on the training text), byte, gpt2, or a tokenizer.json path.")
+    tokenizer_vocab_size: int = opt(4096, "Vocabulary size of the trained bpe tokenizer.", ge=260, le=1_000_000)
+
+
+class Phase1Settings(Section):
+    max_iterations: int = opt(10, "Most CVFP iterations.", cli="phase1-max-iterations", ge=2)
+    min_iterations: int = opt(1, "Optimizer steps required before convergence may stop training.",
+                              cli="phase1-min-iterations", ge=0)
+    convergence_threshold: float = opt(0.02, "A token has converged when mean (Q-P)^2 is below this.", gt=0)
+    min_converged_ratio: float = opt(0.95, "Stop when this share of tokens has converged.", gt=0, le=1)
+    lr_warmup: float = opt(0.002, "Learning rate for iterations 0-3.", gt=0)
+    lr_medium: float = opt(0.0005, "Learning rate for iterations 4-8.", gt=0)
+    lr_finetune: float = opt(0.0001, "Learning rate from iteration 9 on.", gt=0)
+    dist_reg_weight: float = opt(0.2, "Weight w of the distribution regularizer (0..1).", ge=0, le=1)
+    use_distribution_reg: bool = opt(True, "Use the distribution regularizer.")
+    scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
+    concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
+    kernel: Literal["auto", "numba", "torch"] = opt("auto", "Recurrence implementation (auto: numba on CPU).")
+
+
+class Phase2Settings(Section):
+    lr: float = opt(0.0001, "Phase 2 learning rate.", cli="phase2-lr", gt=0)
+    epochs: int = opt(10, "Phase 2 epochs.", cli="phase2-epochs", gt=0)
+    batch_size: int = opt(32, "Phase 2 batch size.", cli="phase2-batch-size", gt=0)
+    gradient_clip: float = opt(1.0, "Gradient norm clip (0 disables).", ge=0)
+    patience: int = opt(3, "Epochs without val improvement before early stopping.", gt=0)
+    head_init: Literal["zero", "unigram"] = opt("unigram", "Head bias start: zero or log-unigram.")
+    head_input: Literal["context", "context+token"] = opt("context", "What the head reads.")
+
+
+class RuntimeSettings(Section):
+    seed: int = opt(42, "Random seed.", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto uses CUDA when present.")
+    workspace: str = opt("cache", "Directory for datasets and runs.")
+    run: str = opt("default", "Run name: its directory under WORKSPACE/runs.", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class Settings(Section):
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    phase1: Phase1Settings = Phase1Settings()
+    phase2: Phase2Settings = Phase2Settings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Settings":
+        d = self.data
+        if d.source in ("text_file", "text_dir") and not d.path:
+            raise ValueError(f"data.source={d.source} needs --path")
+        if d.val_source in ("manual", "text_file", "text_dir") and not d.val_path:
+            raise ValueError(f"data.val_source={d.val_source} needs --val-path")
+        return self
+
+
+SECTIONS = {name: f.annotation for name, f in Settings.model_fields.items()}
+
+
+def cli_name(section: str, field: str) -> str:
+    extra = SECTIONS[section].model_fields[field].json_schema_extra or {}
+    return extra.get("cli") or field.replace("_", "-")
+
+
+def read_config_file(path: Path) -> dict:
+    """A settings file: JSON or TOML, nested by section."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold an object of sections")
+    return data
+
+
+def merge(*layers: dict) -> dict:
+    """Merge section dicts, later layers winning field by field."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
+
+
+def validate(data: dict) -> Settings:
+    """Validate merged settings; every problem becomes one line naming the setting."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"invalid setting {loc or 'settings'}: {err['msg']}")
+        raise UsageError("; ".join(lines)) from None
+
+
+def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
+    """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json."""
+    file_layer = read_config_file(config) if config else {}
+    runtime = merge({"runtime": RuntimeSettings().model_dump()}, file_layer, options).get("runtime", {})
+    saved = {}
+    saved_file = saved_path_for(runtime.get("workspace", "cache"), runtime.get("run", "default"))
+    if saved_file is not None and saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        for key in ("workspace", "run"):  # where a run lives is never read from the run itself
+            saved.get("runtime", {}).pop(key, None)
+    return validate(merge(saved, file_layer, options))

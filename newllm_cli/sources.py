@@ -1,0 +1,158 @@
+"""Document sources (SPEC §5): each yields documents as strings, streaming, failing loudly.
+
+A document is one conversation (ultrachat/sample), one blank-line-separated block (text_file) or
+one file (text_dir). Nothing here invents data: a missing or unreadable input is a UsageError.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UsageError
+from .progress import warn
+
+SAMPLE_FILE = "dialogues.jsonl"
+
+
+def sample_path() -> Path:
+    return Path(str(resources.files("newllm_cli") / "sample_data" / SAMPLE_FILE))
+
+
+def _existing(path: str | None, what: str) -> Path:
+    if not path:
+        raise UsageError(f"{what} needs a path")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"{what}: no such file or directory: {p}")
+    return p
+
+
+def conversation_text(record: dict, where: str) -> str:
+    """UltraChat's schema: the `content` of each message, joined with newlines."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise UsageError(f"{where}: record has no 'messages' list (UltraChat schema expected)")
+    return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+
+
+def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int | None) -> Iterator[str]:
+    """Streamed through `datasets`, so 10 samples read 10 conversations, from the hub or a local export."""
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()
+    if path:
+        p = _existing(path, "ultrachat --path")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(p.suffix.lower())
+        if kind is None:
+            raise UsageError(f"{p}: a local UltraChat export must be .jsonl, .json or .parquet")
+        where = str(p)
+        try:
+            stream = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
+        except Exception as e:  # datasets raises many types for a bad file
+            raise UsageError(f"{p}: cannot read as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    else:
+        where = f"{dataset} ({split})"
+        try:
+            stream = datasets.load_dataset(dataset, split=split, streaming=True)
+        except Exception as e:
+            raise UsageError(f"cannot reach {dataset} on the hub ({type(e).__name__}); offline, download an "
+                             "export and pass --source ultrachat --path FILE.jsonl|.parquet") from None
+    count = 0
+    try:
+        for record in stream:
+            if limit is not None and count >= limit:
+                return
+            yield conversation_text(record, where)
+            count += 1
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{where}: reading failed after {count} records: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _decode(raw: bytes, path: Path, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: undecodable UTF-8 byte at offset {offset + e.start}") from None
+
+
+def text_file_documents(path: str | None) -> Iterator[str]:
+    """Blank-line-separated blocks; a file without blank lines gives one document per line."""
+    p = _existing(path, "text_file")
+    if p.is_dir():
+        raise UsageError(f"{p} is a directory; use --source text_dir")
+    blank_lines = False
+    with open(p, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                blank_lines = True
+                break
+    block: list[str] = []
+    offset = 0
+    with open(p, "rb") as f:
+        for raw in f:
+            line = _decode(raw, p, offset).rstrip("\r\n")
+            offset += len(raw)
+            if not blank_lines:
+                if line.strip():
+                    yield line
+            elif line.strip():
+                block.append(line)
+            elif block:
+                yield "\n".join(block)
+                block = []
+    if block:
+        yield "\n".join(block)
+
+
+def text_dir_files(path: str | None, pattern: str) -> list[Path]:
+    """Files matching the glob below `path`, recursively, each real file once (symlinks folded)."""
+    root = _existing(path, "text_dir")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory; use --source text_file")
+    seen: set[str] = set()
+    files = []
+    for p in sorted(root.rglob(pattern)):
+        if not p.is_file():
+            continue
+        real = os.path.realpath(p)
+        if real in seen:
+            continue
+        seen.add(real)
+        files.append(p)
+    return files
+
+
+def text_dir_documents(path: str | None, pattern: str) -> Iterator[str]:
+    """One file, one document. Files holding NUL bytes are binary: skipped with a warning."""
+    files = text_dir_files(path, pattern)
+    if not files:
+        raise UsageError(f"{path}: no files match {pattern!r}")
+    for p in files:
+        raw = p.read_bytes()
+        if b"\x00" in raw:
+            warn(f"skipping binary file {p}")
+            continue
+        text = _decode(raw, p, 0).strip()
+        if text:
+            yield text
+
+
+def documents(source: str, path: str | None, data, limit: int | None) -> Iterator[str]:
+    """The documents of a text source; `data` is the DataSettings (for pattern and hub names)."""
+    if source == "sample":
+        yield from ultrachat_documents(str(sample_path()), "", "", limit)
+        return
+    if source == "ultrachat":
+        yield from ultrachat_documents(path, data.ultrachat_dataset, data.ultrachat_split, limit)
+        return
+    it = text_file_documents(path) if source == "text_file" else text_dir_documents(path, data.pattern)
+    for i, doc in enumerate(it):
+        if limit is not None and i >= limit:
+            return
+        yield doc

@@ -1,0 +1,215 @@
+"""The five stages as plain functions: settings in, artifacts on disk, a JSON-able summary out.
+
+Every stage reads its inputs from the workspace and checks their provenance, so any stage can be
+rerun alone and nothing produced under other settings is silently mixed in.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from . import analysis, dataset, phase2 as p2, tokenizer as tokenizers
+from .artifacts import Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
+from .errors import RefusedError, UsageError
+from .model import NewLLM
+from .phase1 import run_cvfp
+from .progress import info, warn
+from .settings import Settings
+
+SPLITS = ("train", "val")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def open_run(s: Settings) -> tuple[Workspace, dict]:
+    """The run's workspace and its prepared dataset; saves the settings in force as settings.json."""
+    ws, meta = dataset.load_meta(s)
+    ws.ensure()
+    write_json(ws.settings(), s.model_dump())
+    return ws, meta
+
+
+def model_id(model: NewLLM) -> str:
+    """A content hash of the weights: what every context artifact records as its producer."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_model(s: Settings, vocab_size: int) -> NewLLM:
+    m = s.model
+    return NewLLM(vocab_size, m.context_dim, m.embed_dim, m.num_layers, m.layers_per_block)
+
+
+def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[NewLLM, dict]:
+    ckpt = read_checkpoint(ws.phase1_checkpoint(), "Phase 1 checkpoint (run `newllm phase1 --split train`)")
+    check_same({"dataset": meta["key"], "model": s.model.model_dump()},
+               {k: ckpt["provenance"].get(k) for k in ("dataset", "model")}, "the Phase 1 checkpoint")
+    model = build_model(s, meta["vocab_size"])
+    model.load_state_dict(ckpt["state"])
+    return model.to(device), ckpt
+
+
+def prepare_data(s: Settings) -> dict:
+    out = dataset.prepare(s)
+    ws = dataset.workspace_for(s)
+    ws.ensure()
+    write_json(ws.settings(), s.model_dump())
+    return out
+
+
+def phase1(s: Settings, split: str = "train") -> dict:
+    """Train the context blocks on `train`, or find the val fixed points with the trained network."""
+    if split not in SPLITS:
+        raise UsageError(f"--split must be train or val, not {split!r}")
+    ws, meta = open_run(s)
+    tokens, offsets = dataset.load_split(ws, split)
+    device = resolve_device(s.runtime.device)
+    train = split == "train"
+    if train:
+        torch.manual_seed(s.runtime.seed)
+        model = build_model(s, meta["vocab_size"]).to(device)
+    else:
+        model, _ = load_phase1_model(ws, s, meta, device)
+    cfg = s.phase1
+    info(f"phase1 {split}: {len(tokens):,} tokens in {len(offsets) - 1:,} documents, "
+         f"{cfg.scheme} scheme{' (concat)' if cfg.concat else ''}")
+
+    def show(r: dict) -> None:
+        if r["converged_ratio"] is None:
+            info(f"  iteration {r['iteration']:>2}: first pass {r['seconds']:.2f}s")
+        else:
+            info(f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
+                 f"converged {r['converged_ratio']:6.1%}  lr {r['lr'] or 0:.0e}  {r['seconds']:.2f}s")
+    t0 = time.perf_counter()
+    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show)
+    seconds = time.perf_counter() - t0
+    for w in res.warnings:
+        warn(w)
+    mid = model_id(model)
+    if train:
+        write_checkpoint(ws.phase1_checkpoint(), {
+            "state": model.state_dict(), "vocab_size": meta["vocab_size"], "model_id": mid,
+            "provenance": {"dataset": meta["key"], "model": s.model.model_dump(),
+                           "phase1": cfg.model_dump(), "seed": s.runtime.seed}})
+    contexts = res.contexts.detach().cpu().numpy().astype(np.float32)
+    write_array(ws.contexts(split), contexts)
+    iterations = len(res.history)
+    report = {
+        "split": split, "tokens": int(len(tokens)), "documents": int(len(offsets) - 1),
+        "iterations": iterations, "optimizer_steps": res.optimizer_steps,
+        "converged_ratio": res.converged_ratio, "stopped_by": res.stopped_by, "warnings": res.warnings,
+        "seconds": seconds, "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
+        "history": res.history, "contexts": str(ws.contexts(split)),
+        "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
+    }
+    write_json(ws.phase1_report(split), report)
+    return report
+
+
+def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | None = None) -> tuple[np.ndarray, dict]:
+    rep = read_json(ws.phase1_report(split), f"{split} contexts report (run `newllm phase1 --split {split}`)")
+    expected = {"dataset": meta["key"]}
+    if expected_model:
+        expected["model_id"] = expected_model
+    check_same(expected, rep["provenance"], f"the {split} contexts")
+    ctx = read_array(ws.contexts(split), f"{split} contexts")
+    if ctx.ndim != 2 or len(ctx) != meta[split]["tokens"]:
+        raise RefusedError(f"{ws.contexts(split)} has shape {ctx.shape}, expected {meta[split]['tokens']} rows")
+    return ctx, rep
+
+
+def analyze(s: Settings) -> dict:
+    """Analyse the run's train and val contexts (those that exist) and apply the Phase-1 gate."""
+    ws, meta = open_run(s)
+    tok = tokenizers.load(ws.tokenizer())
+    reports, ids = {}, {}
+    for split in SPLITS:
+        if not ws.phase1_report(split).exists():
+            continue
+        ctx, rep = load_contexts(ws, split, meta)
+        tokens, _ = dataset.load_split(ws, split)
+        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=tokens, decode=tok.decode)
+        ids[split] = rep["provenance"]["model_id"]
+    if not reports:
+        raise RefusedError("no contexts to analyse: run `newllm phase1` first")
+    if len(set(ids.values())) > 1:
+        raise RefusedError(f"train and val contexts come from different networks ({ids}); rerun phase1 --split val")
+    gate = analysis.gate(reports.get("train"), reports.get("val"), s.model.context_dim)
+    out = {**reports, "gate": {"passed": not gate, "problems": gate},
+           "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
+           "path": str(ws.analysis())}
+    write_json(ws.analysis(), out)
+    return out
+
+
+def phase2(s: Settings, force: bool = False) -> dict:
+    """Train the head on the saved contexts, behind the Phase-1 gate, beside the unigram baseline."""
+    ws, meta = open_run(s)
+    device = resolve_device(s.runtime.device)
+    model, ckpt = load_phase1_model(ws, s, meta, device)
+    mid = ckpt["model_id"]
+    splits = {}
+    for split in SPLITS:
+        ctx, _ = load_contexts(ws, split, meta, expected_model=mid)
+        tokens, offsets = dataset.load_split(ws, split)
+        splits[split] = (ctx, tokens, offsets)
+    ana = read_json(ws.analysis(), "analysis") if ws.analysis().exists() else None
+    if ana is None or ana.get("provenance", {}).get("model_id") != mid or "val" not in ana:
+        ana = analyze(s)
+    if ana["gate"]["problems"]:
+        if not force:
+            raise RefusedError("Phase-1 gate: " + "; ".join(ana["gate"]["problems"]) + " (--force to train anyway)")
+        warn("Phase-1 gate overridden: " + "; ".join(ana["gate"]["problems"]))
+    cfg, vocab = s.phase2, meta["vocab_size"]
+    features = None
+    if cfg.head_input == "context+token":
+        def features(ids: np.ndarray) -> torch.Tensor:
+            with torch.no_grad():
+                return model.embed_tokens(torch.as_tensor(ids, device=device))
+    data = {k: p2.make_split(*v, device, features) for k, v in splits.items()}
+    if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
+        raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
+    train_tokens = splits["train"][1]
+    bias = p2.unigram_log_probs(train_tokens, vocab) if cfg.head_init == "unigram" else None
+    info(f"phase2: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs, "
+         f"head {cfg.head_input} -> {vocab:,}")
+
+    def show(r: dict) -> None:
+        info(f"  epoch {r['epoch']:>2}: train loss {r['train']['loss']:.4f}  val loss {r['val']['loss']:.4f}  "
+             f"val ppl {r['val']['perplexity']:.1f}  val acc {r['val']['accuracy']:.3f}  {r['seconds']:.1f}s")
+    res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias,
+                        device=device, on_epoch=show)
+    unigram = p2.unigram_perplexity(train_tokens, data["val"].targets.cpu().numpy(), vocab)
+    best_val = res.best["val"]
+    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
+    write_checkpoint(ws.phase2_checkpoint(), {"state": res.head.state_dict(), "provenance": provenance,
+                                              "best_epoch": res.best_epoch})
+    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs,
+           "baselines": {"unigram_add_one": {"val_perplexity": unigram,
+                                             "beaten": best_val["perplexity"] < unigram}},
+           "gate": ana["gate"], "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
+    write_json(ws.phase2_report(), out)
+    return out
+
+
+def full(s: Settings, force: bool = False) -> dict:
+    """Every stage in order, each writing its artifacts exactly as when run alone."""
+    out = {"prepare_data": prepare_data(s)}
+    out["phase1_train"] = phase1(s, "train")
+    out["phase1_val"] = phase1(s, "val")
+    out["analysis"] = analyze(s)
+    out["phase2"] = phase2(s, force=force)
+    out["run_dir"] = str(Workspace(s.runtime.workspace, s.runtime.run).run_dir)
+    return out

@@ -1,0 +1,69 @@
+"""Tokenizers, all as one `tokenizers.Tokenizer` saved as tokenizer.json beside the token arrays.
+
+bpe: byte-level BPE trained offline on the training documents (the default).
+byte: the 256 byte values, no merges (no training, any text).
+gpt2: GPT-2's tokenizer from the hub (the original program's); a local tokenizer.json path also works.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import UsageError
+
+
+def _byte_level(model: models.Model) -> Tokenizer:
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def byte_tokenizer() -> Tokenizer:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return _byte_level(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+
+
+def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    tok = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(documents, trainer=trainer)
+    return tok
+
+
+def pretrained(name: str) -> Tokenizer:
+    """`gpt2` from the hub, or any tokenizer.json on disk."""
+    path = Path(name).expanduser()
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise UsageError(f"tokenizer file not found: {path}")
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise UsageError(f"{path} is not a tokenizer.json ({str(e).splitlines()[0]})") from None
+    if name != "gpt2":
+        raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
+    try:
+        return Tokenizer.from_pretrained("gpt2")
+    except Exception:
+        raise UsageError("cannot fetch the gpt2 tokenizer from the hub (offline?); pass a local "
+                         "tokenizer.json path with --tokenizer PATH") from None
+
+
+def needs_training(name: str) -> bool:
+    return name == "bpe"
+
+
+def build(name: str, vocab_size: int, documents: Iterable[str] | None = None) -> Tokenizer:
+    if name == "bpe":
+        return train_bpe(documents or [], vocab_size)
+    if name == "byte":
+        return byte_tokenizer()
+    return pretrained(name)
+
+
+def load(path: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
