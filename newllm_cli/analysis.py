@@ -14,12 +14,18 @@ TOP_DIRECTIONS = 3
 TOP_TOKENS = 5
 
 
-def spectrum(eigenvalues: np.ndarray) -> dict:
-    """Singular values from Gram eigenvalues; actual rank and effective rank exp(H(s / sum s))."""
+def spectrum(eigenvalues: np.ndarray, scale: float | None = None) -> dict:
+    """Singular values from Gram eigenvalues; actual rank and effective rank exp(H(s / sum s)).
+
+    Values below 1e-6 of `scale` (default: the largest) are rounding noise of the float32 data and
+    count as zero; the centred spectrum passes the uncentred largest value, so constant contexts
+    have centred rank 0 rather than a rank made of noise.
+    """
     s = np.sqrt(np.clip(np.sort(eigenvalues)[::-1], 0.0, None))
+    ref = scale if scale is not None else (s[0] if len(s) else 0.0)
+    s = np.where(s > ref * 1e-6, s, 0.0)
     total = s.sum()
-    tol = s[0] * max(len(s), 1) * 1e-6 if len(s) and s[0] > 0 else 0.0
-    rank = int((s > tol).sum()) if total > 0 else 0
+    rank = int((s > 0).sum())
     if total > 0:
         p = s / total
         p = p[p > 0]
@@ -71,7 +77,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     idx = np.sort(rng.choice(n, size=min(n, PAIR_SAMPLE), replace=False))
     pairs = pairwise(np.asarray(contexts[idx]))
     raw = spectrum(np.linalg.eigvalsh(gram))
-    cen = spectrum(np.linalg.eigvalsh(centred))
+    cen = spectrum(np.linalg.eigvalsh(centred), scale=raw["singular_values"][0])
     norm64 = norms.astype(np.float64)
     report = {
         "n": n, "dim": c,

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-import click
 import typer
 
 from . import report, stages
@@ -16,6 +15,11 @@ from .artifacts import Workspace
 from .errors import NewLLMError
 from .options import COMMON, settings_parameters, split_kwargs
 from .settings import resolve
+
+try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
+    from typer import TyperException as CliError
+except ImportError:  # pragma: no cover
+    from click import ClickException as CliError
 
 app = typer.Typer(help="New-LLM research toolkit: CVFP context training (Phase 1), analysis and "
                        "next-token heads (Phase 2), stage by stage on disk.",
@@ -53,12 +57,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)
         return code if isinstance(code, int) else 0
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("Error: interrupted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
-        print(f"Error: {e.format_message()}", file=sys.stderr)
-        return 2 if isinstance(e, click.UsageError) else e.exit_code
+    except CliError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":
+            print(e.format_message(), file=sys.stderr)
+        else:
+            print(f"Error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
     except NewLLMError as e:
         if os.environ.get("NEWLLM_DEBUG"):
             raise

@@ -21,9 +21,23 @@ def _byte_level(model: models.Model) -> Tokenizer:
     return tok
 
 
+def byte_symbols() -> list[str]:
+    """The character ByteLevel uses for each byte value: printable bytes stand for themselves,
+    the others are shifted past 255 (the GPT-2 convention)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
 def byte_tokenizer() -> Tokenizer:
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    return _byte_level(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    """Token id = byte value, no merges."""
+    return _byte_level(models.BPE(vocab={ch: b for b, ch in enumerate(byte_symbols())}, merges=[]))
 
 
 def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a small deterministic corpus, a workspace, and the CLI run in-process."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from newllm_cli.cli import main
+
+WORDS = ("the a river stone light quickly moves under over bright quiet garden code runs "
+         "model context learns token fixed point small large green window cat reads writes "
+         "memory table slowly north winter bread coffee test value").split()
+
+
+def make_corpus(path: Path, docs: int = 24, seed: int = 0) -> Path:
+    """Blank-line-separated paragraphs of pseudo-English with some repeated structure."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(docs):
+        sentences = []
+        for _ in range(rng.randint(3, 6)):
+            n = rng.randint(5, 11)
+            sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
+        paragraphs.append(" ".join(sentences))
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args: str) -> Result:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+    return run
+
+
+@pytest.fixture
+def base_args(tmp_path: Path, corpus: Path) -> list[str]:
+    """A fast run on the fixture corpus: byte tokenizer, tiny Phase 2."""
+    return ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
+            "--tokenizer", "byte", "--phase2-epochs", "2", "--phase2-batch-size", "256"]

@@ -1,0 +1,132 @@
+"""Every stage through the CLI: artifacts, chaining, settings precedence, errors and exit codes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from newllm_cli.settings import Settings
+
+
+def run_dir(args: list[str], run: str = "default") -> Path:
+    return Path(args[args.index("--workspace") + 1]) / "runs" / run
+
+
+def test_help_reads_well(cli):
+    top = cli("--help")
+    assert top.code == 0
+    for name in ("prepare-data", "phase1", "analyze", "phase2", "full"):
+        assert name in top.out
+    for name in ("prepare-data", "phase1", "analyze", "phase2", "full"):
+        r = cli(name, "--help")
+        assert r.code == 0 and "--context-dim" in r.out and "--workspace" in r.out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--context-dim", "-3"], "model.context_dim"),
+    (["--context-dim", "abc"], "model.context_dim"),
+    (["--scheme", "nope"], "phase1.scheme"),
+    (["--dist-reg-weight", "1.5"], "phase1.dist_reg_weight"),
+    (["--bogus"], "No such option"),
+    (["--source", "text_file"], "--path"),
+])
+def test_bad_values_exit_2_with_one_line(cli, tmp_path, args, needle):
+    r = cli("phase1", "--workspace", tmp_path, *args)
+    assert r.code == 2
+    assert len(r.err.strip().splitlines()) == 1 and needle in r.err and "Traceback" not in r.err
+
+
+def test_full_leaves_every_artifact(cli, base_args):
+    r = cli("full", *base_args, "--json", "--force")
+    assert r.code == 0, r.err
+    out = r.json()
+    run = run_dir(base_args)
+    for name in ("settings.json", "phase1.pt", "contexts_train.npy", "contexts_val.npy", "phase1_train.json",
+                 "phase1_val.json", "analysis.json", "phase2.pt", "phase2.json"):
+        assert (run / name).exists(), name
+    data_dir = Path(out["prepare_data"]["dataset_dir"])
+    for name in ("tokenizer.json", "train.tokens.npy", "train.offsets.npy", "val.tokens.npy", "dataset.json"):
+        assert (data_dir / name).exists(), name
+    ctx = np.load(run / "contexts_train.npy")
+    assert ctx.dtype == np.float32 and ctx.shape == (out["phase1_train"]["tokens"], 16)
+    hist = out["phase1_train"]["history"]
+    assert hist[1]["cvfp_loss"] > 0  # carry-over: iteration 2 is not a copy of iteration 1
+    assert set(hist[1]) >= {"cvfp_loss", "dist_loss", "loss", "converged_ratio", "lr", "seconds"}
+
+
+def test_stage_by_stage_equals_full(cli, base_args):
+    chain = base_args + ["--run", "chain"]
+    for stage in (["prepare-data"], ["phase1", "--split", "train"], ["phase1", "--split", "val"],
+                  ["analyze"], ["phase2", "--force"]):
+        r = cli(*stage, *chain)
+        assert r.code == 0, (stage, r.err)
+    assert cli("full", *base_args, "--run", "whole", "--force").code == 0
+    a, b = run_dir(base_args, "chain"), run_dir(base_args, "whole")
+    for split in ("train", "val"):
+        assert np.array_equal(np.load(a / f"contexts_{split}.npy"), np.load(b / f"contexts_{split}.npy"))
+    pa, pb = json.loads((a / "phase2.json").read_text()), json.loads((b / "phase2.json").read_text())
+    assert pa["best"] == pb["best"] and [e["val"] for e in pa["epochs"]] == [e["val"] for e in pb["epochs"]]
+    assert json.loads((a / "analysis.json").read_text())["train"]["information"] == \
+        json.loads((b / "analysis.json").read_text())["train"]["information"]
+
+
+def test_stdout_is_a_path_without_json(cli, base_args):
+    r = cli("prepare-data", *base_args)
+    assert r.code == 0 and Path(r.out.strip()).is_dir()
+    r = cli("phase1", *base_args)
+    assert Path(r.out.strip()).name == "contexts_train.npy"
+
+
+def test_later_stage_without_inputs_is_refused(cli, base_args):
+    r = cli("phase1", *base_args)
+    assert r.code == 3 and "prepare-data" in r.err
+    assert cli("prepare-data", *base_args).code == 0
+    r = cli("phase2", *base_args)
+    assert r.code == 3 and "Phase 1 checkpoint" in r.err
+    r = cli("phase1", *base_args, "--split", "val")
+    assert r.code == 3 and "phase1 --split train" in r.err
+
+
+def test_val_with_another_model_size_is_refused(cli, base_args):
+    assert cli("prepare-data", *base_args).code == 0
+    assert cli("phase1", *base_args).code == 0
+    r = cli("phase1", *base_args, "--split", "val", "--context-dim", "8")
+    assert r.code == 3 and "context_dim" in r.err and "16" in r.err and "8" in r.err
+
+
+def test_settings_precedence(cli, base_args, tmp_path):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text("[model]\ncontext_dim = 8\nembed_dim = 6\n[phase1]\nmax_iterations = 3\n")
+    assert cli("prepare-data", *base_args, "--config", cfg, "--embed-dim", "4").code == 0
+    saved = Settings.model_validate_json((run_dir(base_args) / "settings.json").read_text())
+    assert (saved.model.context_dim, saved.model.embed_dim, saved.phase1.max_iterations) == (8, 4, 3)
+    # a later stage inherits the run's saved settings; an option still wins over them
+    r = cli("phase1", "--workspace", base_args[1], "--phase1-max-iterations", "2", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["iterations"] == 2
+    saved = Settings.model_validate_json((run_dir(base_args) / "settings.json").read_text())
+    assert (saved.model.context_dim, saved.model.embed_dim, saved.data.source) == (8, 4, "text_file")
+
+
+def test_bad_config_file_exits_2(cli, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": {"context_dim": 0}}')
+    r = cli("phase1", "--config", bad, "--workspace", tmp_path)
+    assert r.code == 2 and "model.context_dim" in r.err
+    bad.write_text("{not json")
+    r = cli("phase1", "--config", bad, "--workspace", tmp_path)
+    assert r.code == 2 and "not valid JSON" in r.err
+    r = cli("phase1", "--config", tmp_path / "missing.toml", "--workspace", tmp_path)
+    assert r.code == 2
+
+
+def test_defaults_are_the_seed_values():
+    s = Settings()
+    assert (s.model.num_layers, s.model.context_dim, s.model.embed_dim) == (2, 16, 16)
+    p = s.phase1
+    assert (p.max_iterations, p.convergence_threshold, p.min_converged_ratio) == (10, 0.02, 0.95)
+    assert (p.lr_warmup, p.lr_medium, p.lr_finetune, p.dist_reg_weight, p.use_distribution_reg) == \
+        (0.002, 0.0005, 0.0001, 0.2, True)
+    assert (s.phase2.lr, s.phase2.epochs, s.phase2.batch_size, s.phase2.gradient_clip) == (0.0001, 10, 32, 1.0)

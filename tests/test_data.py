@@ -1,0 +1,140 @@
+"""Sources, tokenizers and token arrays on small fixtures; bad input fails with exit 2 and no leftovers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from newllm_cli import sources
+from newllm_cli.settings import DataSettings
+
+
+def dialogue(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i} about rivers"},
+                         {"role": "assistant", "content": f"answer {i} about stones"}]}
+
+
+def load_split(dataset_dir: Path, split: str) -> list[list[int]]:
+    tokens = np.load(dataset_dir / f"{split}.tokens.npy")
+    offsets = np.load(dataset_dir / f"{split}.offsets.npy")
+    return [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_text_file_blocks_and_lines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("one\ntwo\n\n\nthree\n")
+    assert list(sources.text_file_documents(str(p))) == ["one\ntwo", "three"]
+    p.write_text("first line\nsecond line\n")
+    assert list(sources.text_file_documents(str(p))) == ["first line", "second line"]
+
+
+def test_text_dir_recursive_symlink_once_binary_skipped(tmp_path):
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha text")
+    (root / "sub" / "b.txt").write_text("beta text")
+    (root / "sub" / "blob.txt").write_bytes(b"\x00\x01binary")
+    os.symlink(root / "a.txt", root / "sub" / "link.txt")
+    docs = list(sources.text_dir_documents(str(root), "*.txt"))
+    assert sorted(docs) == ["alpha text", "beta text"]
+
+
+def test_ultrachat_jsonl_and_parquet_through_datasets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [dialogue(i) for i in range(5)]
+    jl = tmp_path / "chat.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    d = DataSettings()
+    for path in (jl, tmp_path / "chat.parquet"):
+        docs = list(sources.documents("ultrachat", str(path), d, 3))
+        assert docs == [f"question {i} about rivers\nanswer {i} about stones" for i in range(3)]
+
+
+def test_prepare_is_cached_and_keyed(cli, tmp_path, corpus):
+    args = ["--workspace", tmp_path / "ws", "--source", "text_file", "--path", corpus, "--tokenizer", "byte", "--json"]
+    first = cli("prepare-data", *args)
+    assert first.code == 0 and first.json()["cache_hit"] is False
+    again = cli("prepare-data", *args)
+    assert again.code == 0 and again.json()["cache_hit"] is True and "cache hit" in again.err
+    other = cli("prepare-data", *args, "--val-ratio", "0.3")
+    assert other.json()["key"] != first.json()["key"]
+    d = Path(first.json()["dataset_dir"])
+    assert np.load(d / "train.tokens.npy").dtype == np.uint16
+    text = corpus.read_text()
+    docs = load_split(d, "train") + load_split(d, "val")
+    assert sorted(bytes(x).decode() for x in docs) == sorted(p for p in text.strip().split("\n\n"))
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt", "json", "txt"])
+def test_manual_validation_formats(cli, tmp_path, corpus, fmt):
+    ids = [[72, 101, 108], [108, 111, 32, 33]]
+    path = tmp_path / f"val.{fmt}"
+    if fmt == "npy":
+        np.save(path, np.array(ids[1]))
+        ids = ids[1:]
+    elif fmt == "pt":
+        torch.save(torch.tensor(ids[0]), path)
+        ids = ids[:1]
+    elif fmt == "json":
+        path.write_text(json.dumps(ids))
+    else:
+        path.write_text("\n".join(" ".join(map(str, r)) for r in ids))
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path", corpus,
+            "--tokenizer", "byte", "--val-source", "manual", "--val-path", path, "--json")
+    assert r.code == 0, r.err
+    assert load_split(Path(r.json()["dataset_dir"]), "val") == ids
+
+
+def bad_cases(tmp_path: Path, corpus: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    (tmp_path / "emptydir").mkdir()
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"good text\n\ncaf\xe9 here\n")
+    oov = tmp_path / "oov.json"
+    oov.write_text("[1, 2, 999]")
+    none = tmp_path / "none.json"
+    none.write_text("[]")
+    base = ["--source", "text_file", "--path", str(corpus), "--tokenizer", "byte"]
+    return [
+        (["--source", "text_file", "--path", str(tmp_path / "missing.txt")], "no such file"),
+        (["--source", "text_file", "--path", str(empty)], "no documents"),
+        (["--source", "text_dir", "--path", str(tmp_path / "emptydir")], "no files match"),
+        (["--source", "text_file", "--path", str(latin)], "offset 14"),
+        (base + ["--val-source", "manual", "--val-path", str(oov)], "outside the vocabulary"),
+        (base + ["--val-source", "manual", "--val-path", str(none)], "empty"),
+        (["--source", "ultrachat", "--path", str(tmp_path / "x.csv")], "no such file"),
+    ]
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(cli, tmp_path, corpus):
+    for args, needle in bad_cases(tmp_path, corpus):
+        ws = tmp_path / "ws"
+        r = cli("prepare-data", "--workspace", ws, *args)
+        assert r.code == 2, (args, r.err)
+        assert needle in r.err and len(r.err.strip().splitlines()) == 1, (args, r.err)
+        leftovers = list((ws / "datasets").glob("*")) if (ws / "datasets").exists() else []
+        assert leftovers == [], leftovers
+
+
+def test_more_samples_than_exist_warns_and_uses_all(cli, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps(dialogue(i)) for i in range(4)))
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "ultrachat", "--path", chat,
+            "--num-samples", "10", "--tokenizer", "byte", "--json")
+    assert r.code == 0 and "using all" in r.err
+    assert r.json()["train"]["documents"] + r.json()["val"]["documents"] == 4
+
+
+def test_bundled_sample_has_forty_dialogues_in_ultrachat_schema():
+    lines = sources.sample_path().read_text().splitlines()
+    assert len(lines) >= 40
+    for line in lines:
+        msgs = json.loads(line)["messages"]
+        assert {m["role"] for m in msgs} == {"user", "assistant"} and all(m["content"] for m in msgs)

@@ -1,0 +1,72 @@
+"""Phase 2: the head, its metrics and the baselines against direct computations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from newllm_cli import phase2 as p2
+from newllm_cli.settings import Phase2Settings
+
+CPU = torch.device("cpu")
+
+
+def test_pair_positions_stay_inside_documents():
+    assert p2.pair_positions(np.array([0, 3, 4, 7])).tolist() == [0, 1, 4, 5]
+
+
+def test_unigram_baseline_equals_hand_computation():
+    train = np.array([0, 0, 1, 2])  # counts 2, 1, 1, 0 over V = 4: add-one gives 3/8, 2/8, 2/8, 1/8
+    targets = np.array([0, 3])
+    expected = math.exp(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
+    assert p2.unigram_perplexity(train, targets, 4) == pytest.approx(expected)
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy():
+    torch.manual_seed(0)
+    head = p2.Head(3, 5)
+    split = p2.Split(torch.randn(40, 3), torch.randint(0, 5, (40,)))
+    got = p2.evaluate(head, split)
+    with torch.no_grad():
+        logits = head(split.inputs)
+        ce = F.cross_entropy(logits, split.targets).item()
+        acc = (logits.argmax(1) == split.targets).float().mean().item()
+    assert got["loss"] == pytest.approx(ce, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(ce), rel=1e-6)
+    assert got["accuracy"] == pytest.approx(acc)
+
+
+def test_head_learns_a_deterministic_sequence():
+    # context i (one-hot) is always followed by token (i + 1) % 6
+    x = torch.eye(6).repeat(50, 1)
+    y = (torch.arange(300) % 6 + 1) % 6
+    split = p2.Split(x, y)
+    cfg = Phase2Settings(lr=0.05, epochs=60, batch_size=32, patience=60)
+    res = p2.train_head(split, split, 6, cfg, seed=0, bias=None, device=CPU)
+    assert res.best["val"]["loss"] < 0.05 and res.best["val"]["accuracy"] == 1.0
+
+
+def test_early_stopping_restores_the_best_epoch():
+    rng = np.random.default_rng(0)
+    train = p2.Split(torch.randn(400, 4), torch.as_tensor(rng.integers(0, 50, 400)))
+    val = p2.Split(torch.randn(200, 4), torch.as_tensor(rng.integers(0, 50, 200)))  # unrelated: overfits
+    cfg = Phase2Settings(lr=0.05, epochs=30, batch_size=16, patience=2)
+    res = p2.train_head(train, val, 50, cfg, seed=0, bias=None, device=CPU)
+    assert len(res.epochs) < 30  # stopped early
+    best = min([res.best] + [{"val": e["val"]} for e in res.epochs], key=lambda r: r["val"]["loss"])
+    assert p2.evaluate(res.head, val)["loss"] == pytest.approx(best["val"]["loss"], rel=1e-6)
+
+
+def test_unigram_bias_starts_at_the_baseline():
+    tokens = np.array([0, 1, 1, 2, 2, 2, 3])
+    bias = p2.unigram_log_probs(tokens, 5)
+    head = p2.Head(2, 5)
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    targets = np.array([2, 4, 1])
+    split = p2.Split(torch.randn(3, 2), torch.as_tensor(targets))
+    assert p2.evaluate(head, split)["perplexity"] == pytest.approx(p2.unigram_perplexity(tokens, targets, 5), rel=1e-5)
