@@ -31,11 +31,11 @@ def settings_parameters() -> list[inspect.Parameter]:
             flag = cli_name(section, name)
             panel = f"{section.title()} settings"
             if f.annotation is bool:
-                option = typer.Option(None, f"--{flag}/--no-{flag}", help=f.description, rich_help_panel=panel,
+                option = typer.Option(None, f"--{flag}/--no-{flag}", help=f"{f.description} (default: {'on' if f.default else 'off'})", rich_help_panel=panel,
                                       show_default=False)
                 annotation = Optional[bool]
             else:
-                option = typer.Option(None, f"--{flag}", help=f"{f.description} [default: {f.default}]",
+                option = typer.Option(None, f"--{flag}", help=f"{f.description} (default: {f.default})",
                                       metavar=_metavar(f.annotation), rich_help_panel=panel, show_default=False)
                 annotation = Optional[str]
             params.append(inspect.Parameter(f"{section}{SEP}{name}", inspect.Parameter.KEYWORD_ONLY,

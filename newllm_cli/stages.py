@@ -30,11 +30,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def open_run(s: Settings) -> tuple[Workspace, dict]:
-    """The run's workspace and its prepared dataset; saves the settings in force as settings.json."""
+    """The run's workspace and its prepared dataset."""
     ws, meta = dataset.load_meta(s)
     ws.ensure()
-    write_json(ws.settings(), s.model_dump())
     return ws, meta
+
+
+def save_settings(ws: Workspace, s: Settings) -> None:
+    """Only a stage that succeeded records its settings: a refused one must not change the run."""
+    write_json(ws.settings(), s.model_dump())
 
 
 def model_id(model: NewLLM) -> str:
@@ -62,10 +66,11 @@ def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.devi
 
 
 def prepare_data(s: Settings) -> dict:
+    """Read the sources, build or load the tokenizer, write train and val token arrays (cached)."""
     out = dataset.prepare(s)
     ws = dataset.workspace_for(s)
     ws.ensure()
-    write_json(ws.settings(), s.model_dump())
+    save_settings(ws, s)
     return out
 
 
@@ -115,6 +120,7 @@ def phase1(s: Settings, split: str = "train") -> dict:
         "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
     }
     write_json(ws.phase1_report(split), report)
+    save_settings(ws, s)
     return report
 
 
@@ -151,6 +157,7 @@ def analyze(s: Settings) -> dict:
            "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
            "path": str(ws.analysis())}
     write_json(ws.analysis(), out)
+    save_settings(ws, s)
     return out
 
 
@@ -201,6 +208,7 @@ def phase2(s: Settings, force: bool = False) -> dict:
                                              "beaten": best_val["perplexity"] < unigram}},
            "gate": ana["gate"], "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
     write_json(ws.phase2_report(), out)
+    save_settings(ws, s)
     return out
 
 

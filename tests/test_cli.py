@@ -94,6 +94,9 @@ def test_val_with_another_model_size_is_refused(cli, base_args):
     assert cli("phase1", *base_args).code == 0
     r = cli("phase1", *base_args, "--split", "val", "--context-dim", "8")
     assert r.code == 3 and "context_dim" in r.err and "16" in r.err and "8" in r.err
+    saved = Settings.model_validate_json((run_dir(base_args) / "settings.json").read_text())
+    assert saved.model.context_dim == 16  # a refused stage leaves the run's settings alone
+    assert cli("phase1", "--workspace", base_args[1], "--split", "val").code == 0
 
 
 def test_settings_precedence(cli, base_args, tmp_path):
