@@ -105,6 +105,7 @@ class Settings(Section):
         return self
 
 
+SOURCE_GROUPS = (("source", "path", "pattern"), ("val_source", "val_path"))
 SECTIONS = {name: f.annotation for name, f in Settings.model_fields.items()}
 
 
@@ -162,4 +163,9 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
         saved = json.loads(saved_file.read_text())
         for key in ("workspace", "run"):  # where a run lives is never read from the run itself
             saved.get("runtime", {}).pop(key, None)
+        given = {**file_layer.get("data", {}), **options.get("data", {})}
+        for group in SOURCE_GROUPS:  # a new source must not inherit the old source's path
+            if any(k in given for k in group):
+                for k in group:
+                    saved.get("data", {}).pop(k, None)
     return validate(merge(saved, file_layer, options))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlparse
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +32,23 @@ def _existing(path: str | None, what: str) -> Path:
     return p
 
 
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers, decided in seconds (the hub clients retry for minutes)."""
+    if any(os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def quiet_hub_logs() -> None:
+    for name in ("datasets", "huggingface_hub", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def conversation_text(record: dict, where: str) -> str:
     """UltraChat's schema: the `content` of each message, joined with newlines."""
     messages = record.get("messages")
@@ -40,7 +59,10 @@ def conversation_text(record: dict, where: str) -> str:
 
 def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int | None) -> Iterator[str]:
     """Streamed through `datasets`, so 10 samples read 10 conversations, from the hub or a local export."""
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    quiet_hub_logs()
+    if not path and not hub_reachable():
+        raise UsageError(f"cannot reach {dataset} on the hub (offline?); download an export and pass "
+                         "--source ultrachat --path FILE.jsonl|.parquet")
     import datasets
 
     datasets.disable_progress_bars()

@@ -60,6 +60,11 @@ def pretrained(name: str) -> Tokenizer:
             raise UsageError(f"{path} is not a tokenizer.json ({str(e).splitlines()[0]})") from None
     if name != "gpt2":
         raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
+    from .sources import hub_reachable, quiet_hub_logs
+    quiet_hub_logs()
+    if not hub_reachable():
+        raise UsageError("cannot reach the hub for the gpt2 tokenizer (offline?); pass a local "
+                         "tokenizer.json path with --tokenizer PATH")
     try:
         return Tokenizer.from_pretrained("gpt2")
     except Exception:

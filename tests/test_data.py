@@ -138,3 +138,37 @@ def test_bundled_sample_has_forty_dialogues_in_ultrachat_schema():
     for line in lines:
         msgs = json.loads(line)["messages"]
         assert {m["role"] for m in msgs} == {"user", "assistant"} and all(m["content"] for m in msgs)
+
+
+def test_hub_unreachable_says_how_to_use_a_local_export(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "ultrachat", "--num-samples", "3")
+    assert r.code == 2 and "--path" in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path",
+            make_text(tmp_path), "--tokenizer", "gpt2")
+    assert r.code == 2 and "tokenizer.json" in r.err
+
+
+def make_text(tmp_path: Path) -> Path:
+    p = tmp_path / "t.txt"
+    p.write_text("first document here\n\nsecond document there\n\nthird one\n")
+    return p
+
+
+def test_a_local_tokenizer_json_is_used_and_stored(cli, tmp_path):
+    from newllm_cli.tokenizer import train_bpe
+    tok_path = tmp_path / "mine.json"
+    train_bpe(["some words for a tokenizer", "more words"], 300).save(str(tok_path))
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path",
+            make_text(tmp_path), "--tokenizer", tok_path, "--json")
+    assert r.code == 0, r.err
+    stored = Path(r.json()["dataset_dir"]) / "tokenizer.json"
+    assert json.loads(stored.read_text())["model"]["vocab"] == json.loads(tok_path.read_text())["model"]["vocab"]
+
+
+def test_a_new_source_does_not_inherit_the_old_path(cli, tmp_path):
+    ws = ["--workspace", tmp_path / "ws"]
+    assert cli("prepare-data", *ws, "--source", "text_file", "--path", make_text(tmp_path), "--tokenizer", "byte").code == 0
+    r = cli("prepare-data", *ws, "--source", "sample", "--num-samples", "4", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["data"]["path"] is None and r.json()["data"]["tokenizer"] == "byte"
