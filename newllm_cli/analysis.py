@@ -8,10 +8,43 @@ from __future__ import annotations
 
 import numpy as np
 
-ROWS = 1 << 20          # contexts per streamed chunk
+ROWS = 1 << 18          # contexts per streamed chunk (16 MB of float32 at C = 16)
 PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)
 TOP_DIRECTIONS = 3
 TOP_TOKENS = 5
+
+
+def chunks(contexts: np.ndarray, rows: int):
+    """(start, float64 block) over the rows. A memory-mapped .npy is read with plain file reads, so
+    the whole file never becomes resident memory of this process."""
+    n, c = contexts.shape
+    name = getattr(contexts, "filename", None)
+    if isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous:
+        with open(name, "rb") as f:
+            f.seek(contexts.offset)
+            for s in range(0, n, rows):
+                m = min(rows, n - s)
+                block = np.fromfile(f, dtype=contexts.dtype, count=m * c).reshape(m, c)
+                yield s, block.astype(np.float64)
+        return
+    for s in range(0, n, rows):
+        yield s, np.asarray(contexts[s:s + rows], dtype=np.float64)
+
+
+def sample_rows(contexts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows at sorted positions `idx`; from a memory-mapped file by seek and read (indexing the map
+    would fault in read-ahead around every row: hundreds of MB for a few thousand rows)."""
+    name = getattr(contexts, "filename", None)
+    if not (isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous):
+        return np.asarray(contexts[idx])
+    c = contexts.shape[1]
+    row = c * contexts.dtype.itemsize
+    out = np.empty((len(idx), c), dtype=contexts.dtype)
+    with open(name, "rb") as f:
+        for k, i in enumerate(idx):
+            f.seek(contexts.offset + int(i) * row)
+            out[k] = np.frombuffer(f.read(row), dtype=contexts.dtype)
+    return out
 
 
 def spectrum(eigenvalues: np.ndarray, scale: float | None = None) -> dict:
@@ -65,8 +98,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     total = np.zeros(c)
     norms = np.empty(n, dtype=np.float32)
     near_zero = 0
-    for s in range(0, n, ROWS):
-        x = np.asarray(contexts[s:s + ROWS], dtype=np.float64)
+    for s, x in chunks(contexts, ROWS):
         gram += x.T @ x
         total += x.sum(0)
         norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))
@@ -75,7 +107,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     centred = gram - n * np.outer(mean, mean)
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, size=min(n, PAIR_SAMPLE), replace=False))
-    pairs = pairwise(np.asarray(contexts[idx]))
+    pairs = pairwise(sample_rows(contexts, idx))
     raw = spectrum(np.linalg.eigvalsh(gram))
     cen = spectrum(np.linalg.eigvalsh(centred), scale=raw["singular_values"][0])
     norm64 = norms.astype(np.float64)
@@ -100,8 +132,8 @@ def top_tokens(contexts: np.ndarray, gram: np.ndarray, tokens, decode) -> list[d
     _, vecs = np.linalg.eigh(gram)
     dirs = vecs[:, ::-1][:, :TOP_DIRECTIONS]
     best = [(np.empty(0), np.empty(0, dtype=np.int64)) for _ in range(dirs.shape[1])]
-    for s in range(0, len(contexts), ROWS):
-        proj = np.asarray(contexts[s:s + ROWS], dtype=np.float64) @ dirs
+    for s, x in chunks(contexts, ROWS):
+        proj = x @ dirs
         for j in range(dirs.shape[1]):
             vals = np.concatenate([best[j][0], proj[:, j]])
             pos = np.concatenate([best[j][1], np.arange(s, s + len(proj))])

@@ -5,7 +5,6 @@ import inspect
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -13,7 +12,7 @@ import typer
 from . import report, stages
 from .artifacts import Workspace
 from .errors import NewLLMError
-from .options import COMMON, settings_parameters, split_kwargs
+from .options import ANALYZE, COMMON, FORCE, SPLIT, settings_parameters, split_kwargs
 from .settings import resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -24,12 +23,6 @@ except ImportError:  # pragma: no cover
 app = typer.Typer(help="New-LLM research toolkit: CVFP context training (Phase 1), analysis and "
                        "next-token heads (Phase 2), stage by stage on disk.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-SPLIT = inspect.Parameter("split", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-                          default=typer.Option("train", "--split", help="train (learns) or val (weights frozen)."))
-FORCE = inspect.Parameter("force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--force", help="Run Phase 2 even if the Phase-1 gate fails."))
-
 
 def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
     """Register `stage(settings, **extra)` as a command whose options come from the settings model."""
@@ -47,7 +40,7 @@ def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Pa
 
 command("prepare-data", stages.prepare_data, report.prepare)
 command("phase1", stages.phase1, report.phase1, [SPLIT])
-command("analyze", stages.analyze, report.analysis)
+command("analyze", stages.analyze, report.analysis, ANALYZE)
 command("phase2", stages.phase2, report.phase2, [FORCE])
 command("full", stages.full, report.full, [FORCE])
 

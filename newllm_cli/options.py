@@ -43,11 +43,23 @@ def settings_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def extra(name: str, annotation, default, flag: str, help: str) -> inspect.Parameter:
+    """A command-specific option that is not a setting (what to do now, not how a run is made)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, flag, help=help))
+
+
 COMMON = [
-    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                      default=typer.Option(None, "--config", help="Settings file (JSON or TOML), by section.")),
-    inspect.Parameter("json_output", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--json", help="Print the result as JSON on stdout.")),
+    extra("config", Optional[Path], None, "--config", "Settings file (JSON or TOML), by section."),
+    extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
+]
+SPLIT = extra("split", str, "train", "--split", "train (learns) or val (weights frozen).")
+FORCE = extra("force", bool, False, "--force", "Run Phase 2 even if the Phase-1 gate fails.")
+ANALYZE = [
+    extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
+    extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
+    extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
+    extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs newllm[plot])."),
 ]
 
 

@@ -40,34 +40,53 @@ def _flag(value: bool) -> str:
     return "[bold red]YES[/]" if value else "no"
 
 
-def analysis(r: dict) -> None:
-    splits = [s for s in ("train", "val") if s in r]
-    rows = [
+SECTIONS = {
+    "collapse": [
         ("global attractor", lambda a: _flag(a["global_attractor"]["degenerate"])),
-        ("zero solution", lambda a: _flag(a["zero_solution"]["degenerate"])),
         ("pairwise L2 mean", lambda a: f"{a['global_attractor']['mean_l2']:.4f}"),
         ("pairwise cosine mean", lambda a: f"{a['global_attractor']['mean_cosine']:.4f}"),
+        ("zero solution", lambda a: _flag(a["zero_solution"]["degenerate"])),
+    ],
+    "distribution": [
         ("norm mean / median / std", lambda a: "{norm_mean:.3f} / {norm_median:.3f} / {norm_std:.3f}".format(**a["distribution"])),
-        ("sparsity (|v|<0.01)", lambda a: f"{a['distribution']['sparsity']:.3%}"),
+        ("pairwise L2 median", lambda a: f"{a['distribution']['pairwise_l2_median']:.4f}"),
+        ("sparsity (|v| < 0.01)", lambda a: f"{a['distribution']['sparsity']:.3%}"),
+    ],
+    "information": [
         ("actual rank", lambda a: f"{a['information']['actual_rank']} / {a['dim']}"),
-        ("effective rank", lambda a: f"{a['information']['effective_rank']:.2f} / {a['dim']}"),
-        ("effective rank (centred)", lambda a: f"{a['centred']['effective_rank']:.2f} / {a['dim']}"),
+        ("effective rank", lambda a: _rank(a["information"]["effective_rank"], a["dim"])),
+        ("effective rank, centred", lambda a: f"{a['centred']['effective_rank']:.2f} / {a['dim']}"),
         ("top singular values", lambda a: ", ".join(f"{v:.1f}" for v in a["information"]["top_singular_values"][:3])),
-    ]
-    t = Table(title="fixed-point analysis")
-    t.add_column("figure")
-    for s in splits:
-        t.add_column(f"{s} ({r[s]['n']:,})", justify="right")
-    for name, get in rows:
-        t.add_row(name, *(get(r[s]) for s in splits))
-    console().print(t)
+    ],
+}
+
+
+def _rank(eff: float, dim: int) -> str:
+    text = f"{eff:.2f} / {dim}"
+    return f"[bold red]{text}[/]" if eff < 0.2 * dim else text
+
+
+def analysis(r: dict) -> None:
+    """One table per section, one column per split; degenerate figures in red."""
+    splits = [s for s in ("train", "val", "contexts") if s in r]
+    con = console()
+    for title, rows in SECTIONS.items():
+        t = Table(title=title, title_justify="left")
+        t.add_column("figure")
+        for s in splits:
+            t.add_column(f"{s} ({r[s]['n']:,})", justify="right")
+        for name, get in rows:
+            t.add_row(name, *(get(r[s]) for s in splits))
+        con.print(t)
     for s in splits:
         for d in r[s]["directions"]:
             if "tokens" in d:
-                console().print(f"  {s} direction {d['direction']}: " + " ".join(repr(x) for x in d["tokens"]))
+                con.print(f"  {s} direction {d['direction']}: " + " ".join(repr(x) for x in d["tokens"]))
     gate = r["gate"]
-    console().print("Phase-1 gate: " + ("[green]passed[/]" if gate["passed"] else
-                                        "[bold red]failed[/]: " + "; ".join(gate["problems"])))
+    con.print("Phase-1 gate: " + ("[green]passed[/]" if gate["passed"] else
+                                  "[bold red]failed[/]: " + "; ".join(gate["problems"])))
+    for p in r.get("plots", []):
+        con.print(f"wrote {p}")
 
 
 def phase2(r: dict) -> None:

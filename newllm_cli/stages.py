@@ -6,11 +6,12 @@ rerun alone and nothing produced under other settings is silently mixed in.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import analysis, dataset, phase2 as p2, tokenizer as tokenizers
+from . import analysis, dataset, phase2 as p2, plots, tokenizer as tokenizers
 from .artifacts import Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
@@ -136,8 +137,11 @@ def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | N
     return ctx, rep
 
 
-def analyze(s: Settings) -> dict:
-    """Analyse the run's train and val contexts (those that exist) and apply the Phase-1 gate."""
+def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = None,
+            tokenizer_file: Path | None = None, plot: Path | None = None) -> dict:
+    """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate."""
+    if contexts is not None:
+        return analyze_file(s, contexts, tokens, tokenizer_file, plot)
     ws, meta = open_run(s)
     tok = tokenizers.load(ws.tokenizer())
     reports, ids = {}, {}
@@ -145,8 +149,8 @@ def analyze(s: Settings) -> dict:
         if not ws.phase1_report(split).exists():
             continue
         ctx, rep = load_contexts(ws, split, meta)
-        tokens, _ = dataset.load_split(ws, split)
-        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=tokens, decode=tok.decode)
+        toks, _ = dataset.load_split(ws, split)
+        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode)
         ids[split] = rep["provenance"]["model_id"]
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
@@ -156,8 +160,45 @@ def analyze(s: Settings) -> dict:
     out = {**reports, "gate": {"passed": not gate, "problems": gate},
            "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
            "path": str(ws.analysis())}
+    if plot is not None:
+        out["plots"] = [str(plots.spectrum(reports, plot))]
+        if ws.phase1_report("train").exists():
+            history = read_json(ws.phase1_report("train"), "train Phase 1 report")["history"]
+            out["plots"].append(str(plots.convergence(history, plot)))
     write_json(ws.analysis(), out)
     save_settings(ws, s)
+    return out
+
+
+def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_file: Path | None,
+                 plot: Path | None) -> dict:
+    """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
+    try:
+        ctx = np.load(contexts, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read contexts {contexts}: {e}") from None
+    if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
+        raise UsageError(f"{contexts}: expected a non-empty N x C float array, found {ctx.dtype} {ctx.shape}")
+    ids = None
+    if tokens is not None:
+        try:
+            ids = np.load(tokens, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read tokens {tokens}: {e}") from None
+        if ids.ndim != 1 or len(ids) != len(ctx):
+            raise UsageError(f"{tokens}: expected {len(ctx)} token ids (one per context row), found shape {ids.shape}")
+    decode = None
+    if tokenizer_file is not None:
+        if ids is None:
+            raise UsageError("--tokenizer-file needs --tokens")
+        decode = tokenizers.pretrained(str(tokenizer_file)).decode
+    rep = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=ids, decode=decode)
+    gate = analysis.gate(rep, None, ctx.shape[1])
+    out_path = contexts.with_name(contexts.stem + ".analysis.json")
+    out = {"contexts": rep, "gate": {"passed": not gate, "problems": gate}, "path": str(out_path)}
+    if plot is not None:
+        out["plots"] = [str(plots.spectrum({"contexts": rep}, plot))]
+    write_json(out_path, out)
     return out
 
 
@@ -175,10 +216,11 @@ def phase2(s: Settings, force: bool = False) -> dict:
     ana = read_json(ws.analysis(), "analysis") if ws.analysis().exists() else None
     if ana is None or ana.get("provenance", {}).get("model_id") != mid or "val" not in ana:
         ana = analyze(s)
-    if ana["gate"]["problems"]:
+    problems = analysis.gate(ana.get("train"), ana.get("val"), s.model.context_dim)
+    if problems:
         if not force:
-            raise RefusedError("Phase-1 gate: " + "; ".join(ana["gate"]["problems"]) + " (--force to train anyway)")
-        warn("Phase-1 gate overridden: " + "; ".join(ana["gate"]["problems"]))
+            raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
+        warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
     features = None
     if cfg.head_input == "context+token":
@@ -206,7 +248,7 @@ def phase2(s: Settings, force: bool = False) -> dict:
     out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs,
            "baselines": {"unigram_add_one": {"val_perplexity": unigram,
                                              "beaten": best_val["perplexity"] < unigram}},
-           "gate": ana["gate"], "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
+           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)}, "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
     write_json(ws.phase2_report(), out)
     save_settings(ws, s)
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +92,56 @@ def test_gate_thresholds():
     assert analysis.gate(rep(3.3), rep(1.3), 16) == []
     assert "train effective rank" in analysis.gate(rep(3.1), rep(1.3), 16)[0]
     assert "val effective rank" in analysis.gate(rep(3.3), rep(1.2), 16)[0]
+
+
+def test_file_backed_streaming_equals_in_memory(tmp_path, monkeypatch):
+    x = np.random.default_rng(5).normal(size=(3001, 6)).astype(np.float32) * 2 + 1
+    np.save(tmp_path / "c.npy", x)
+    monkeypatch.setattr(analysis, "ROWS", 500)
+    a = analysis.analyze_contexts(np.load(tmp_path / "c.npy", mmap_mode="r"), seed=1)
+    b = analysis.analyze_contexts(x, seed=1)
+    assert a == b
+
+
+def test_analyze_any_contexts_file(cli, tmp_path):
+    from newllm_cli.tokenizer import byte_tokenizer
+    x = np.random.default_rng(6).normal(size=(400, 8)).astype(np.float32)
+    np.save(tmp_path / "ctx.npy", x)
+    ids = (np.arange(400) % 26 + 97).astype(np.uint16)
+    np.save(tmp_path / "ids.npy", ids)
+    byte_tokenizer().save(str(tmp_path / "tok.json"))
+    r = cli("analyze", "--contexts", tmp_path / "ctx.npy", "--tokens", tmp_path / "ids.npy",
+            "--tokenizer-file", tmp_path / "tok.json", "--json", "--workspace", tmp_path / "ws")
+    assert r.code == 0, r.err
+    rep = r.json()["contexts"]
+    assert rep["n"] == 400 and 7.0 < rep["information"]["effective_rank"] <= 8.0
+    d = rep["directions"][0]
+    assert d["tokens"] == [chr(ids[p]) for p in d["positions"]]
+    assert (tmp_path / "ctx.analysis.json").exists() and "information" in r.err
+    bad = cli("analyze", "--contexts", tmp_path / "ids.npy", "--workspace", tmp_path / "ws")
+    assert bad.code == 2 and "N x C float" in bad.err
+    short = cli("analyze", "--contexts", tmp_path / "ctx.npy", "--tokens", tmp_path / "tok.json")
+    assert short.code == 2
+
+
+def test_plots_are_valid_pngs(cli, base_args, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    assert cli("full", *base_args, "--force").code == 0
+    r = cli("analyze", *base_args, "--plot", tmp_path / "plots", "--json")
+    assert r.code == 0, r.err
+    names = sorted(Path(p).name for p in r.json()["plots"])
+    assert names == ["convergence.png", "spectrum.png"]
+    for name in names:
+        raw = (tmp_path / "plots" / name).read_bytes()
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+        img = matplotlib.image.imread(tmp_path / "plots" / name)
+        assert img.shape[0] > 200 and img.shape[1] > 300
+
+
+def test_gate_refuses_phase2_unless_forced(cli, base_args, monkeypatch):
+    assert cli("full", *base_args, "--force").code == 0
+    monkeypatch.setattr(analysis, "gate", lambda *a: ["train effective rank 1.00 < 20% of 16"])
+    r = cli("phase2", *base_args)
+    assert r.code == 3 and "train effective rank 1.00" in r.err and "--force" in r.err
+    assert cli("phase2", *base_args, "--force").code == 0
