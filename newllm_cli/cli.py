@@ -12,7 +12,7 @@ import typer
 from . import report, stages
 from .artifacts import Workspace
 from .errors import NewLLMError
-from .options import ANALYZE, COMMON, FORCE, SPLIT, settings_parameters, split_kwargs
+from .options import ANALYZE, COMMON, FORCE, GENERATE, SPLIT, settings_parameters, split_kwargs
 from .settings import resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -43,6 +43,7 @@ command("phase1", stages.phase1, report.phase1, [SPLIT])
 command("analyze", stages.analyze, report.analysis, ANALYZE)
 command("phase2", stages.phase2, report.phase2, [FORCE])
 command("full", stages.full, report.full, [FORCE])
+command("generate", stages.generate, report.generate, GENERATE)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -46,8 +46,7 @@ def dataset_key(s: Settings) -> str:
     d = s.data
     parts = {"data": d.model_dump(), "path": _path_state(d.path, d.pattern),
              "val_path": _path_state(d.val_path, d.pattern),
-             "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None,
-             "seed": s.runtime.seed if d.val_source == "auto_split" else None}
+             "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None}
     return fingerprint(parts)
 
 
@@ -214,7 +213,7 @@ def _build(s: Settings, ws: Workspace, tmp: Path) -> dict:
         if spool.count < 2:
             raise UsageError("auto_split needs at least 2 training documents; give --val-source")
         n_val = min(spool.count - 1, max(1, round(d.val_ratio * spool.count)))
-        keep[np.random.default_rng(s.runtime.seed).permutation(spool.count)[:n_val]] = False
+        keep[np.random.default_rng(d.split_seed).permutation(spool.count)[:n_val]] = False
     tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, spool.read(keep))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)

@@ -55,6 +55,12 @@ COMMON = [
 ]
 SPLIT = extra("split", str, "train", "--split", "train (learns) or val (weights frozen).")
 FORCE = extra("force", bool, False, "--force", "Run Phase 2 even if the Phase-1 gate fails.")
+GENERATE = [
+    extra("prompt", str, ..., "--prompt", "Text to continue."),
+    extra("max_new_tokens", int, 50, "--max-new-tokens", "Tokens to sample."),
+    extra("temperature", float, 1.0, "--temperature", "Softmax temperature (0 = greedy)."),
+    extra("top_k", int, 0, "--top-k", "Sample among the k most likely tokens (0 = all)."),
+]
 ANALYZE = [
     extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),

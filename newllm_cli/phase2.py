@@ -17,30 +17,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .baselines import pair_positions
 from .errors import NumericalError
 from .settings import Phase2Settings
 
 EVAL_BATCH = 8192
-
-
-def pair_positions(offsets: np.ndarray) -> np.ndarray:
-    """Positions t whose next token x_{t+1} is in the same document."""
-    n = int(offsets[-1])
-    last = np.zeros(n, dtype=bool)
-    ends = np.asarray(offsets[1:], dtype=np.int64) - 1
-    last[ends[ends >= 0]] = True
-    return np.nonzero(~last)[0]
-
-
-def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-    """log p(w) = log((count_w + 1) / (N + V)): add-one smoothing of the training counts."""
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
-    return np.log((counts + 1.0) / (counts.sum() + vocab_size))
-
-
-def unigram_perplexity(train_tokens: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
-    logp = unigram_log_probs(train_tokens, vocab_size)
-    return float(math.exp(-logp[np.asarray(targets, dtype=np.int64)].mean()))
+LOGIT_BUDGET = 1 << 21  # logits per chunk (8 MB of float32): beyond cache size the head is memory-bound
 
 
 class Head(nn.Module):
@@ -77,9 +59,10 @@ def evaluate(head: Head, split: Split) -> dict:
     """Mean cross-entropy, perplexity exp(loss) and top-1 accuracy over every pair."""
     total, correct = 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(split.targets), EVAL_BATCH):
-            logits = head(split.inputs[s:s + EVAL_BATCH])
-            y = split.targets[s:s + EVAL_BATCH]
+        step = max(1, min(EVAL_BATCH, LOGIT_BUDGET // head.proj.out_features))
+        for s in range(0, len(split.targets), step):
+            logits = head(split.inputs[s:s + step])
+            y = split.targets[s:s + step]
             total += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
     n = max(len(split.targets), 1)
@@ -101,8 +84,9 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
     """Adam with clipping and shuffled batches; early stopping on val loss; best epoch restored."""
     torch.manual_seed(seed)
     head = Head(train.inputs.shape[1], vocab_size).to(device)
-    if bias is not None:
+    if bias is not None:  # start exactly at the unigram model: W = 0, b = log p(w)
         with torch.no_grad():
+            head.proj.weight.zero_()
             head.proj.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -110,20 +94,31 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
     result = Phase2Result(head=head, best_epoch=0, best={"val": start_val})
     best_state, best_loss, waited = copy.deepcopy(head.state_dict()), start_val["loss"], 0
     n = len(train.targets)
+    rows = max(1, LOGIT_BUDGET // vocab_size)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen).to(device)
+        total, correct = 0.0, 0
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
-            loss = F.cross_entropy(head(train.inputs[idx]), train.targets[idx])
-            if not torch.isfinite(loss):
-                raise NumericalError(f"non-finite Phase 2 loss in epoch {epoch} (--phase2-lr {cfg.lr} may be too high)")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss = 0.0
+            for c in range(0, len(idx), rows):  # same gradient as the whole batch, logits stay in cache
+                part = idx[c:c + rows]
+                logits = head(train.inputs[part])
+                loss = F.cross_entropy(logits, train.targets[part], reduction="sum") / len(idx)
+                loss.backward()
+                batch_loss += float(loss.detach())
+                correct += int((logits.detach().argmax(1) == train.targets[part]).sum())
+            total += batch_loss * len(idx)
+            if not math.isfinite(batch_loss):
+                raise NumericalError(f"non-finite Phase 2 loss in epoch {epoch} (--phase2-lr {cfg.lr} may be too high)")
             if cfg.gradient_clip > 0:
                 nn.utils.clip_grad_norm_(head.parameters(), cfg.gradient_clip)
             opt.step()
-        record = {"epoch": epoch, "train": evaluate(head, train), "val": evaluate(head, val),
+        running = total / max(n, 1)  # the epoch's running mean: no second pass over train
+        record = {"epoch": epoch, "val": evaluate(head, val),
+                  "train": {"loss": running, "perplexity": math.exp(min(running, 700.0)), "accuracy": correct / max(n, 1)},
                   "seconds": time.perf_counter() - t0}
         result.epochs.append(record)
         if on_epoch:

@@ -16,6 +16,8 @@ def primary_path(command: str, result: dict) -> str:
         return result["checkpoint"]
     if command == "full":
         return result["run_dir"]
+    if command == "generate":
+        return result["text"]
     return str(result.get("path", ""))
 
 
@@ -89,16 +91,30 @@ def analysis(r: dict) -> None:
         con.print(f"wrote {p}")
 
 
+NAMES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
+         "untrained_network": "untrained network (control)"}
+
+
 def phase2(r: dict) -> None:
-    best = r["best"]
-    uni = r["baselines"]["unigram_add_one"]
-    t = Table(title=f"phase2 (best epoch {r['best_epoch']})")
+    """The head beside each baseline, and a plain sentence on whether it beats them."""
+    best = r["best"]["val"]
+    t = Table(title=f"phase2: head reads {r['provenance']['head_input']} (best epoch {r['best_epoch']})")
     for col in ("model", "val perplexity", "val accuracy"):
         t.add_column(col, justify="right")
-    t.add_row("head on contexts", f"{best['val']['perplexity']:.2f}", f"{best['val']['accuracy']:.3f}")
-    t.add_row("add-one unigram", f"{uni['val_perplexity']:.2f}", "")
-    console().print(t)
-    console().print("the head " + ("beats" if uni["beaten"] else "[bold red]does not beat[/]") + " the unigram baseline")
+    t.add_row("head on Phase 1 contexts", f"{best['perplexity']:.2f}", f"{best['accuracy']:.3f}")
+    for key, b in r["baselines"].items():
+        extra = f" (k={b['k']:g})" if "k" in b else ""
+        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", "")
+    con = console()
+    con.print(t)
+    for key, b in r["baselines"].items():
+        verdict = ("[green]beats[/]" if b["beaten"] else "[yellow]only matches[/]" if b["ratio"] < 1.001
+                   else "[bold red]does not beat[/]")
+        con.print(f"the head {verdict} the {NAMES.get(key, key)}")
+
+
+def generate(r: dict) -> None:
+    console().print(f"generated {len(r['token_ids'])} tokens after a {len(r['prompt_ids'])}-token prompt")
 
 
 def full(r: dict) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, dataset, phase2 as p2, plots, tokenizer as tokenizers
+from . import analysis, baselines, dataset, generate as gen, phase2 as p2, plots, tokenizer as tokenizers
 from .artifacts import Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
@@ -20,6 +20,7 @@ from .progress import info, warn
 from .settings import Settings
 
 SPLITS = ("train", "val")
+MARGIN = 1e-3  # relative perplexity difference below which the head and a baseline are tied
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,7 +204,7 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
 
 
 def phase2(s: Settings, force: bool = False) -> dict:
-    """Train the head on the saved contexts, behind the Phase-1 gate, beside the unigram baseline."""
+    """Train the head on the saved contexts, behind the Phase-1 gate, beside the baselines."""
     ws, meta = open_run(s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
@@ -222,6 +223,39 @@ def phase2(s: Settings, force: bool = False) -> dict:
             raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
+    info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
+    res = train_head_on(model, splits, s, vocab, device, label="phase1 contexts")
+    train_tokens, train_offsets = splits["train"][1], splits["train"][2]
+    val_tokens, val_offsets = splits["val"][1], splits["val"][2]
+    best = res.best["val"]["perplexity"]
+    targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
+    table = {"unigram_add_one": {"val_perplexity": baselines.unigram_perplexity(train_tokens, targets, vocab)},
+             "bigram_add_k": baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)}
+    if cfg.control:
+        info("control: the same head on the contexts of the untrained network (same seed)")
+        torch.manual_seed(s.runtime.seed)
+        untrained = build_model(s, vocab).to(device)
+        control = {split: (run_cvfp(untrained, tok, off, s.phase1, train=False, device=device)
+                           .contexts.cpu().numpy(), tok, off) for split, (_, tok, off) in splits.items()}
+        ctrl = train_head_on(untrained, control, s, vocab, device, label="untrained contexts")
+        table["untrained_network"] = {"val_perplexity": ctrl.best["val"]["perplexity"], "best_epoch": ctrl.best_epoch}
+    for entry in table.values():  # within 0.1% is a tie, not a win (epoch 0 IS the unigram model)
+        entry["ratio"] = best / entry["val_perplexity"]
+        entry["beaten"] = entry["ratio"] < 1 - MARGIN
+    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
+    write_checkpoint(ws.phase2_checkpoint(), {"state": res.head.state_dict(), "provenance": provenance,
+                                              "best_epoch": res.best_epoch})
+    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs, "baselines": table,
+           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+           "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
+    write_json(ws.phase2_report(), out)
+    save_settings(ws, s)
+    return out
+
+
+def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str):
+    """The head of s.phase2 trained on given (contexts, tokens, offsets) per split."""
+    cfg = s.phase2
     features = None
     if cfg.head_input == "context+token":
         def features(ids: np.ndarray) -> torch.Tensor:
@@ -230,28 +264,38 @@ def phase2(s: Settings, force: bool = False) -> dict:
     data = {k: p2.make_split(*v, device, features) for k, v in splits.items()}
     if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
-    train_tokens = splits["train"][1]
-    bias = p2.unigram_log_probs(train_tokens, vocab) if cfg.head_init == "unigram" else None
-    info(f"phase2: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs, "
-         f"head {cfg.head_input} -> {vocab:,}")
+    bias = baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram" else None
+    info(f"  {label}: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs")
 
     def show(r: dict) -> None:
         info(f"  epoch {r['epoch']:>2}: train loss {r['train']['loss']:.4f}  val loss {r['val']['loss']:.4f}  "
              f"val ppl {r['val']['perplexity']:.1f}  val acc {r['val']['accuracy']:.3f}  {r['seconds']:.1f}s")
-    res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias,
-                        device=device, on_epoch=show)
-    unigram = p2.unigram_perplexity(train_tokens, data["val"].targets.cpu().numpy(), vocab)
-    best_val = res.best["val"]
-    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
-    write_checkpoint(ws.phase2_checkpoint(), {"state": res.head.state_dict(), "provenance": provenance,
-                                              "best_epoch": res.best_epoch})
-    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs,
-           "baselines": {"unigram_add_one": {"val_perplexity": unigram,
-                                             "beaten": best_val["perplexity"] < unigram}},
-           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)}, "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
-    write_json(ws.phase2_report(), out)
-    save_settings(ws, s)
-    return out
+    return p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias,
+                         device=device, on_epoch=show)
+
+
+def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:
+    """Sample text from a run: the prompt's fixed context, then the head and the recurrence."""
+    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+        raise UsageError("--max-new-tokens, --temperature and --top-k must not be negative")
+    ws, meta = open_run(s)
+    device = resolve_device(s.runtime.device)
+    model, ckpt = load_phase1_model(ws, s, meta, device)
+    head_ckpt = read_checkpoint(ws.phase2_checkpoint(), "Phase 2 checkpoint (run `newllm phase2`)")
+    check_same({"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"],
+               "the Phase 2 head")
+    head_input = head_ckpt["provenance"]["head_input"]
+    in_dim = s.model.context_dim + (s.model.embed_dim if head_input == "context+token" else 0)
+    head = p2.Head(in_dim, meta["vocab_size"]).to(device)
+    head.load_state_dict(head_ckpt["state"])
+    tok = tokenizers.load(ws.tokenizer())
+    ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
+    if len(ids) == 0:
+        raise UsageError("--prompt has no tokens")
+    new, _ = gen.sample(model, head, head_input, ids, s.phase1, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, seed=s.runtime.seed, device=device)
+    return {"prompt": prompt, "completion": tok.decode(new), "text": tok.decode(ids.tolist() + new),
+            "prompt_ids": ids.tolist(), "token_ids": new}
 
 
 def full(s: Settings, force: bool = False) -> dict:
