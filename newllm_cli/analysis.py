@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import NumericalError
+
 ROWS = 1 << 18          # contexts per streamed chunk (16 MB of float32 at C = 16)
 PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)
 TOP_DIRECTIONS = 3
@@ -99,6 +101,9 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     norms = np.empty(n, dtype=np.float32)
     near_zero = 0
     for s, x in chunks(contexts, ROWS):
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            raise NumericalError(f"contexts contain NaN or Inf (first at row {s + int(np.argmax(bad))}); rerun phase1")
         gram += x.T @ x
         total += x.sum(0)
         norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))

@@ -135,3 +135,28 @@ class Workspace:
     def phase2_checkpoint(self) -> Path: return self.run_dir / "phase2.pt"
     def phase2_report(self) -> Path: return self.run_dir / "phase2.json"
     def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"
+
+
+class Resumable:
+    """A resume checkpoint valid only for the settings and inputs that made it (by fingerprint)."""
+
+    def __init__(self, path: Path, key: dict):
+        self.path, self.fingerprint = path, fingerprint(key)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        payload = read_checkpoint(self.path, "resume checkpoint")
+        if payload["provenance"].get("fingerprint") != self.fingerprint:
+            from .progress import warn
+            warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
+            return None
+        from .progress import info
+        info(f"resuming from {self.path}")
+        return payload["state"]
+
+    def save(self, state: dict) -> None:
+        write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)

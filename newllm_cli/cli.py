@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import typer
 
-from . import report, stages
+from . import interrupt, report, stages
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .options import ANALYZE, COMMON, FORCE, GENERATE, SPLIT, settings_parameters, split_kwargs
@@ -30,7 +30,8 @@ def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Pa
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
-        result = stage(settings, **rest)
+        with interrupt.graceful():
+            result = stage(settings, **rest)
         render(result)
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters()])
@@ -65,6 +66,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # full disk, permissions, a path that is a file: the user's to fix
+        if os.environ.get("NEWLLM_DEBUG"):
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"Error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import NumericalError
+from . import interrupt
+from .errors import Interrupted, NumericalError
 from .model import NewLLM
 from .recurrence import CHUNK, batched_step, incoming_contexts, last_contexts, resolve_kernel, sweep
 from .settings import Phase1Settings
@@ -79,8 +80,13 @@ class CVFPResult:
 
 def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1Settings, *,
              train: bool, device: torch.device, optimizer: torch.optim.Optimizer | None = None,
-             on_iteration: Callable[[dict], None] | None = None) -> CVFPResult:
-    """Iterate to the fixed point; train=True also updates the context blocks (only them)."""
+             on_iteration: Callable[[dict], None] | None = None, resume: dict | None = None,
+             save_resume: Callable[[dict], None] | None = None) -> CVFPResult:
+    """Iterate to the fixed point; train=True also updates the context blocks (only them).
+
+    On Ctrl-C (see interrupt.py) the state after the current iteration goes to `save_resume`;
+    passing that state back as `resume` continues exactly where it stopped.
+    """
     offsets = np.array([0, len(tokens)], dtype=np.int64) if cfg.concat else np.asarray(offsets, np.int64)
     kernel = resolve_kernel(cfg.kernel, device)
     tok_emb = embed_all(model, tokens, device)
@@ -89,7 +95,14 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         optimizer = torch.optim.Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup)
     result = CVFPResult(contexts=torch.zeros(0))
     prev: torch.Tensor | None = None
-    for k in range(cfg.max_iterations):
+    first = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if train:
+            optimizer.load_state_dict(resume["optimizer"])
+        prev = resume["prev"].to(device)
+        result.history, result.optimizer_steps, first = list(resume["history"]), resume["optimizer_steps"], resume["next"]
+    for k in range(first, cfg.max_iterations):
         start = time.perf_counter()
         if prev is None:
             c0 = torch.zeros(n_docs, model.context_dim, device=device)
@@ -133,6 +146,11 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         prev = q
         if stop:
             break
+        if interrupt.requested() and save_resume is not None:
+            save_resume({"next": k + 1, "prev": prev.cpu(), "history": result.history,
+                         "optimizer_steps": result.optimizer_steps, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict() if train else {}})
+            raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
     result.contexts = prev
     result.stopped_by = _stop_reason(result, cfg, train)
     if train and result.optimizer_steps == 0:

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .baselines import pair_positions
-from .errors import NumericalError
+from . import interrupt
+from .errors import Interrupted, NumericalError
 from .settings import Phase2Settings
 
 EVAL_BATCH = 8192
@@ -49,6 +50,9 @@ def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, de
                token_features: Callable[[np.ndarray], torch.Tensor] | None = None) -> Split:
     pos = pair_positions(offsets)
     x = torch.from_numpy(np.asarray(contexts[pos], dtype=np.float32)).to(device)
+    if not torch.isfinite(x).all():
+        raise NumericalError("the saved contexts contain NaN or Inf; rerun phase1 (a lower learning rate "
+                             "may be needed)")
     if token_features is not None:
         x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
     y = torch.from_numpy(np.asarray(tokens[pos + 1], dtype=np.int64)).to(device)
@@ -80,8 +84,13 @@ class Phase2Result:
 
 def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *, seed: int,
                bias: np.ndarray | None, device: torch.device,
-               on_epoch: Callable[[dict], None] | None = None) -> Phase2Result:
-    """Adam with clipping and shuffled batches; early stopping on val loss; best epoch restored."""
+               on_epoch: Callable[[dict], None] | None = None, resume: dict | None = None,
+               save_resume: Callable[[dict], None] | None = None) -> Phase2Result:
+    """Adam with clipping and shuffled batches; early stopping on val loss; best epoch restored.
+
+    On Ctrl-C the state after the current epoch (weights, Adam, shuffling RNG, best so far) goes to
+    `save_resume`; passing it back as `resume` gives exactly the uninterrupted result.
+    """
     torch.manual_seed(seed)
     head = Head(train.inputs.shape[1], vocab_size).to(device)
     if bias is not None:  # start exactly at the unigram model: W = 0, b = log p(w)
@@ -95,7 +104,15 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
     best_state, best_loss, waited = copy.deepcopy(head.state_dict()), start_val["loss"], 0
     n = len(train.targets)
     rows = max(1, LOGIT_BUDGET // vocab_size)
-    for epoch in range(1, cfg.epochs + 1):
+    first = 1
+    if resume is not None:
+        head.load_state_dict(resume["head"])
+        opt.load_state_dict(resume["optimizer"])
+        gen.set_state(resume["rng"])
+        best_state, best_loss, waited = resume["best_state"], resume["best_loss"], resume["waited"]
+        result.epochs, result.best_epoch, result.best = list(resume["epochs"]), resume["best_epoch"], resume["best"]
+        first = resume["next"]
+    for epoch in range(first, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = torch.randperm(n, generator=gen).to(device)
         total, correct = 0.0, 0
@@ -131,5 +148,11 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
             waited += 1
             if waited >= cfg.patience:
                 break
+        if interrupt.requested() and save_resume is not None and epoch < cfg.epochs:
+            save_resume({"next": epoch + 1, "head": head.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": gen.get_state(), "best_state": best_state, "best_loss": best_loss,
+                         "waited": waited, "epochs": result.epochs, "best_epoch": result.best_epoch,
+                         "best": result.best})
+            raise Interrupted(f"interrupted after Phase 2 epoch {epoch}; rerun the same command to resume")
     head.load_state_dict(best_state)
     return result

@@ -151,19 +151,25 @@ def validate(data: dict) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"invalid setting {loc or 'settings'}: {err['msg']}")
-        raise UsageError("; ".join(lines)) from None
+        raise UsageError(_one_line(e)) from None
+
+
+def _one_line(e: ValidationError, prefix: str = "") -> str:
+    parts = [f"invalid setting {prefix}{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+             for err in e.errors()]
+    return "; ".join(parts)
 
 
 def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
     """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json."""
     file_layer = read_config_file(config) if config else {}
-    runtime = merge({"runtime": RuntimeSettings().model_dump()}, file_layer, options).get("runtime", {})
+    # where the run lives must be valid before its saved settings can be read
+    try:
+        runtime = RuntimeSettings.model_validate(merge(file_layer, options).get("runtime", {}))
+    except ValidationError as e:
+        raise UsageError(_one_line(e, "runtime.")) from None
     saved = {}
-    saved_file = saved_path_for(runtime.get("workspace", "cache"), runtime.get("run", "default"))
+    saved_file = saved_path_for(runtime.workspace, runtime.run)
     if saved_file is not None and saved_file.exists():
         saved = json.loads(saved_file.read_text())
         for key in ("workspace", "run"):  # where a run lives is never read from the run itself

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import analysis, baselines, dataset, generate as gen, phase2 as p2, plots, tokenizer as tokenizers
-from .artifacts import Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
+from .artifacts import Resumable, Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
 from .phase1 import run_cvfp
@@ -100,7 +100,11 @@ def phase1(s: Settings, split: str = "train") -> dict:
             info(f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
                  f"converged {r['converged_ratio']:6.1%}  lr {r['lr'] or 0:.0e}  {r['seconds']:.2f}s")
     t0 = time.perf_counter()
-    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show)
+    resumable = Resumable(ws.resume(f"phase1_{split}"), {
+        "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
+        "seed": s.runtime.seed, "split": split, "network": None if train else model_id(model)})
+    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
+                   resume=resumable.load(), save_resume=resumable.save)
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
@@ -122,6 +126,7 @@ def phase1(s: Settings, split: str = "train") -> dict:
         "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
     }
     write_json(ws.phase1_report(split), report)
+    resumable.clear()
     save_settings(ws, s)
     return report
 
@@ -224,7 +229,7 @@ def phase2(s: Settings, force: bool = False) -> dict:
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
-    res = train_head_on(model, splits, s, vocab, device, label="phase1 contexts")
+    res = train_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
     best = res.best["val"]["perplexity"]
@@ -237,7 +242,8 @@ def phase2(s: Settings, force: bool = False) -> dict:
         untrained = build_model(s, vocab).to(device)
         control = {split: (run_cvfp(untrained, tok, off, s.phase1, train=False, device=device)
                            .contexts.cpu().numpy(), tok, off) for split, (_, tok, off) in splits.items()}
-        ctrl = train_head_on(untrained, control, s, vocab, device, label="untrained contexts")
+        ctrl = train_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
+                             network=model_id(untrained))
         table["untrained_network"] = {"val_perplexity": ctrl.best["val"]["perplexity"], "best_epoch": ctrl.best_epoch}
     for entry in table.values():  # within 0.1% is a tie, not a win (epoch 0 IS the unigram model)
         entry["ratio"] = best / entry["val_perplexity"]
@@ -253,8 +259,9 @@ def phase2(s: Settings, force: bool = False) -> dict:
     return out
 
 
-def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str):
-    """The head of s.phase2 trained on given (contexts, tokens, offsets) per split."""
+def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str,
+                  ws: Workspace, network: str):
+    """The head of s.phase2 trained on given (contexts, tokens, offsets) per split; resumable."""
     cfg = s.phase2
     features = None
     if cfg.head_input == "context+token":
@@ -270,8 +277,13 @@ def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: 
     def show(r: dict) -> None:
         info(f"  epoch {r['epoch']:>2}: train loss {r['train']['loss']:.4f}  val loss {r['val']['loss']:.4f}  "
              f"val ppl {r['val']['perplexity']:.1f}  val acc {r['val']['accuracy']:.3f}  {r['seconds']:.1f}s")
-    return p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias,
-                         device=device, on_epoch=show)
+    resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
+        "network": network, "phase2": cfg.model_dump(), "seed": s.runtime.seed, "vocab": vocab,
+        "pairs": [len(data["train"].targets), len(data["val"].targets)]})
+    res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias, device=device,
+                        on_epoch=show, resume=resumable.load(), save_resume=resumable.save)
+    resumable.clear()
+    return res
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:

@@ -1,0 +1,174 @@
+"""Interrupted, corrupted, mismatched or non-finite runs: nothing lost, nothing mixed, one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from newllm_cli import interrupt
+from newllm_cli.errors import Interrupted
+from newllm_cli.model import NewLLM
+from newllm_cli.phase1 import run_cvfp
+from newllm_cli.settings import Phase1Settings
+
+
+def prepared(cli, base_args) -> None:
+    for stage in (["prepare-data"], ["phase1"], ["phase1", "--split", "val"]):
+        r = cli(*stage, *base_args)
+        assert r.code == 0, r.err
+
+
+def test_sigint_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args):
+    prepared(cli, base_args)
+    slow = ["--phase2-epochs", "5", "--phase2-patience", "5", "--phase2-batch-size", "8",
+            "--phase2-lr", "0.001", "--no-control", "--force"]
+    cmd = [sys.executable, "-m", "newllm_cli", "phase2", *base_args, *slow]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "epoch  1:" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=120)[1], None
+    err = "".join(lines) + (rest or "")
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    run = Path(base_args[1]) / "runs" / "default"
+    assert (run / "phase2_phase1.resume.pt").exists() and not (run / "phase2.json").exists()
+    resumed = cli("phase2", *base_args, *slow)
+    assert resumed.code == 0 and "resuming from" in resumed.err
+    assert not (run / "phase2_phase1.resume.pt").exists()
+    first = json.loads((run / "phase2.json").read_text())
+    again = cli("phase2", *base_args, *slow)  # uninterrupted, same settings
+    assert again.code == 0 and "resuming" not in again.err
+    second = json.loads((run / "phase2.json").read_text())
+    assert first["best"] == second["best"] and first["epochs"] == [
+        {**e, "seconds": f["seconds"]} for e, f in zip(second["epochs"], first["epochs"])]
+
+
+def test_phase1_resume_is_exact(monkeypatch):
+    tokens = np.random.default_rng(0).integers(0, 40, 200)
+    offsets = np.array([0, 80, 200])
+    cfg = Phase1Settings(max_iterations=6, min_converged_ratio=1.0)
+
+    def fresh():
+        torch.manual_seed(1)
+        return NewLLM(40, 6, 5, 2)
+    whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
+    saved = {}
+    with pytest.raises(Interrupted, match="iteration 3"):
+        _interrupt_at(3, fresh(), tokens, offsets, cfg, saved, monkeypatch)
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    model = fresh()  # a new process: fresh weights, then the saved state
+    resumed = run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"), resume=saved)
+    assert torch.equal(resumed.contexts, whole.contexts)
+    assert resumed.optimizer_steps == whole.optimizer_steps
+    assert [h["cvfp_loss"] for h in resumed.history] == [h["cvfp_loss"] for h in whole.history]
+
+
+def _interrupt_at(iteration, model, tokens, offsets, cfg, saved, monkeypatch):
+    seen = []
+    monkeypatch.setattr(interrupt, "requested", lambda: len(seen) >= iteration)
+    run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"),
+             on_iteration=seen.append, save_resume=saved.update)
+
+
+def test_truncated_and_foreign_checkpoints_give_one_line(cli, base_args):
+    prepared(cli, base_args)
+    ckpt = Path(base_args[1]) / "runs" / "default" / "phase1.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    r = cli("phase1", *base_args, "--split", "val")
+    assert r.code == 3 and "cannot be loaded" in r.err and len(r.err.strip().splitlines()) == 1
+    torch.save({"weights": torch.zeros(3)}, ckpt)
+    r = cli("phase1", *base_args, "--split", "val")
+    assert r.code == 3 and "not a newllm checkpoint" in r.err
+
+
+def test_val_contexts_from_another_run_are_refused(cli, base_args):
+    prepared(cli, base_args)
+    other = base_args + ["--run", "other", "--seed", "5"]
+    assert cli("phase1", *other).code == 0 and cli("phase1", *other, "--split", "val").code == 0
+    runs = Path(base_args[1]) / "runs"
+    for name in ("contexts_val.npy", "phase1_val.json"):
+        shutil.copy(runs / "other" / name, runs / "default" / name)
+    r = cli("phase2", *base_args, "--force")
+    assert r.code == 3 and "val contexts" in r.err and "model_id" in r.err
+
+
+def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monkeypatch):
+    prepared(cli, base_args)
+    run = Path(base_args[1]) / "runs" / "default"
+    ctx = np.load(run / "contexts_train.npy")
+    ctx[5, 3] = np.nan
+    np.save(run / "contexts_train.npy", ctx)
+    r = cli("phase2", *base_args, "--force")
+    assert r.code == 4 and "NaN" in r.err and not (run / "phase2.pt").exists()
+    import newllm_cli.phase1 as p1
+    real = p1.phase1_losses
+    monkeypatch.setattr(p1, "phase1_losses", lambda q, p, cfg: {**real(q, p, cfg), "loss": torch.tensor(float("nan"))})
+    before = (run / "phase1.pt").read_bytes()
+    r = cli("phase1", *base_args)
+    assert r.code == 4 and "iteration 2" in r.err and "learning rate" in r.err
+    assert (run / "phase1.pt").read_bytes() == before
+
+
+def test_unusable_workspace_gives_one_line(cli, tmp_path, corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = cli("prepare-data", "--workspace", blocker / "ws", "--source", "text_file", "--path", corpus)
+    assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        r = cli("prepare-data", "--workspace", ro, "--source", "text_file", "--path", corpus)
+        assert r.code != 0 and len(r.err.strip().splitlines()) == 1
+
+
+KEYS = {"model": ["context_dim", "embed_dim", "num_layers", "bogus"],
+        "phase1": ["max_iterations", "dist_reg_weight", "scheme", "convergence_threshold"],
+        "data": ["source", "path", "val_ratio", "tokenizer"], "runtime": ["seed", "device", "run"], "extra": ["x"]}
+values = st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                   st.booleans(), st.none(), st.lists(st.integers(), max_size=3))
+configs = st.dictionaries(st.sampled_from(sorted(KEYS)), st.dictionaries(
+    st.sampled_from(sorted({k for ks in KEYS.values() for k in ks})), values, max_size=4), max_size=4)
+
+
+def assert_clean(r) -> None:
+    assert "Traceback" not in r.err
+    if r.code != 0:
+        lines = r.err.strip().splitlines()
+        assert lines and lines[-1].startswith("Error:") and len([l for l in lines if l.startswith("Error:")]) == 1
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.one_of(configs, st.text(max_size=40)))
+def test_random_settings_files_never_crash(cli, tmp_path, config):
+    path = tmp_path / "cfg.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    r = cli("phase1", "--config", path, "--workspace", tmp_path / "empty")
+    assert_clean(r)
+    assert r.code in (2, 3)
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(suffix=st.sampled_from([".json", ".txt", ".npy", ".pt"]), blob=st.binary(max_size=64))
+def test_malformed_token_files_never_crash(cli, tmp_path, corpus, suffix, blob):
+    path = tmp_path / f"val{suffix}"
+    path.write_bytes(blob)
+    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path", corpus,
+            "--tokenizer", "byte", "--val-source", "manual", "--val-path", path)
+    assert_clean(r)
+    assert r.code in (0, 2)
