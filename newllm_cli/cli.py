@@ -12,7 +12,7 @@ import typer
 from . import interrupt, report, stages
 from .artifacts import Workspace
 from .errors import NewLLMError
-from .options import ANALYZE, COMMON, FORCE, GENERATE, SPLIT, settings_parameters, split_kwargs
+from .options import ANALYZE, COMMON, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
 from .settings import resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -40,9 +40,9 @@ def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Pa
 
 
 command("prepare-data", stages.prepare_data, report.prepare)
-command("phase1", stages.phase1, report.phase1, [SPLIT])
+command("phase1", stages.phase1, report.phase1, [SPLIT, REBUILD])
 command("analyze", stages.analyze, report.analysis, ANALYZE)
-command("phase2", stages.phase2, report.phase2, [FORCE])
+command("phase2", stages.phase2, report.phase2, [FORCE, REBUILD])
 command("full", stages.full, report.full, [FORCE])
 command("generate", stages.generate, report.generate, GENERATE)
 

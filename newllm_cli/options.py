@@ -54,6 +54,7 @@ COMMON = [
     extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
 ]
 SPLIT = extra("split", str, "train", "--split", "train (learns) or val (weights frozen).")
+REBUILD = extra("rebuild", bool, False, "--rebuild", "Rerun the upstream stages first instead of refusing mismatched inputs.")
 FORCE = extra("force", bool, False, "--force", "Run Phase 2 even if the Phase-1 gate fails.")
 GENERATE = [
     extra("prompt", str, ..., "--prompt", "Text to continue."),
@@ -66,6 +67,7 @@ ANALYZE = [
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
     extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
     extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs newllm[plot])."),
+    REBUILD,
 ]
 
 

@@ -76,10 +76,22 @@ def prepare_data(s: Settings) -> dict:
     return out
 
 
-def phase1(s: Settings, split: str = "train") -> dict:
+def rebuild_upstream(s: Settings, upto: str) -> None:
+    """--rebuild: rerun every stage before `upto`, so mismatched inputs are replaced, not refused."""
+    order = ["prepare", "phase1_train", "phase1_val", "analyze"]
+    steps = {"prepare": lambda: prepare_data(s), "phase1_train": lambda: phase1(s, "train"),
+             "phase1_val": lambda: phase1(s, "val"), "analyze": lambda: analyze(s)}
+    for name in order[:order.index(upto)] if upto in order else order:
+        info(f"rebuild: {name}")
+        steps[name]()
+
+
+def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     """Train the context blocks on `train`, or find the val fixed points with the trained network."""
     if split not in SPLITS:
         raise UsageError(f"--split must be train or val, not {split!r}")
+    if rebuild:
+        rebuild_upstream(s, f"phase1_{split}")
     ws, meta = open_run(s)
     tokens, offsets = dataset.load_split(ws, split)
     device = resolve_device(s.runtime.device)
@@ -144,10 +156,12 @@ def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | N
 
 
 def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = None,
-            tokenizer_file: Path | None = None, plot: Path | None = None) -> dict:
+            tokenizer_file: Path | None = None, plot: Path | None = None, rebuild: bool = False) -> dict:
     """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate."""
     if contexts is not None:
         return analyze_file(s, contexts, tokens, tokenizer_file, plot)
+    if rebuild:
+        rebuild_upstream(s, "analyze")
     ws, meta = open_run(s)
     tok = tokenizers.load(ws.tokenizer())
     reports, ids = {}, {}
@@ -208,8 +222,10 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     return out
 
 
-def phase2(s: Settings, force: bool = False) -> dict:
+def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
     """Train the head on the saved contexts, behind the Phase-1 gate, beside the baselines."""
+    if rebuild:
+        rebuild_upstream(s, "phase2")
     ws, meta = open_run(s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)

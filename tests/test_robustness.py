@@ -105,6 +105,10 @@ def test_val_contexts_from_another_run_are_refused(cli, base_args):
         shutil.copy(runs / "other" / name, runs / "default" / name)
     r = cli("phase2", *base_args, "--force")
     assert r.code == 3 and "val contexts" in r.err and "model_id" in r.err
+    r = cli("phase2", *base_args, "--force", "--rebuild")  # the user asks to rebuild instead
+    assert r.code == 0, r.err
+    assert json.loads((runs / "default" / "phase1_val.json").read_text())["provenance"]["model_id"] == \
+        json.loads((runs / "default" / "phase1_train.json").read_text())["provenance"]["model_id"]
 
 
 def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monkeypatch):
@@ -172,3 +176,20 @@ def test_malformed_token_files_never_crash(cli, tmp_path, corpus, suffix, blob):
             "--tokenizer", "byte", "--val-source", "manual", "--val-path", path)
     assert_clean(r)
     assert r.code in (0, 2)
+
+
+@pytest.mark.parametrize("errno, text", [(13, "Permission denied"), (28, "No space left on device")])
+def test_write_failures_give_one_line_and_keep_old_artifacts(cli, base_args, monkeypatch, errno, text):
+    prepared(cli, base_args)
+    run = Path(base_args[1]) / "runs" / "default"
+    before = (run / "contexts_train.npy").read_bytes()
+    import newllm_cli.artifacts as artifacts
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno, text, str(run))
+    monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
+    r = cli("phase1", *base_args)
+    assert r.code != 0 and text in r.err.strip().splitlines()[-1]
+    assert_clean(r)
+    assert (run / "contexts_train.npy").read_bytes() == before
+    assert not list(run.glob(".*.tmp"))
