@@ -61,7 +61,6 @@ def sweep_torch(model: NewLLM, tok_emb: torch.Tensor, offsets: np.ndarray,
     with torch.no_grad():
         for t in range(int(sorted_len[0]) if len(sorted_len) else 0):
             active = int(np.searchsorted(-sorted_len, -t, side="left"))  # docs with length > t
-            active = int((sorted_len > t).sum()) if active == 0 else active
             rows = starts[:active] + t
             ctx = model.step(tok_emb[rows], ctx[:active])
             out[rows] = ctx
