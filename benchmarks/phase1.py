@@ -70,10 +70,10 @@ def main() -> None:
     rows = [("naive loop (original)", "naive", a.naive_tokens, 1, "torch")]
     for n in a.sizes:
         for docs in (1, 64):
-            rows.append((f"sequential numba", "sequential", n, docs, "numba"))
-            rows.append((f"parallel (Jacobi)", "parallel", n, docs, "torch"))
+            rows.append(("sequential numba", "sequential", n, docs, "numba"))
+            rows.append(("parallel (Jacobi)", "parallel", n, docs, "torch"))
             if n <= 20000 or docs == 64:
-                rows.append((f"sequential torch", "sequential", n, docs, "torch"))
+                rows.append(("sequential torch", "sequential", n, docs, "torch"))
     print(f"{'implementation':24} {'tokens':>8} {'docs':>5} {'tok-iter/s':>12} {'seconds':>8} {'peak MB':>8}")
     for label, scheme, n, docs, kernel in rows:
         out = subprocess.run([sys.executable, __file__, "--one", scheme, str(n), str(docs), kernel],

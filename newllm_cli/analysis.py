@@ -16,12 +16,18 @@ TOP_DIRECTIONS = 3
 TOP_TOKENS = 5
 
 
+def _backing_file(contexts: np.ndarray) -> str | None:
+    """The .npy file behind a C-ordered memmap, read with plain file I/O (see chunks)."""
+    name = getattr(contexts, "filename", None)
+    return name if isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous else None
+
+
 def chunks(contexts: np.ndarray, rows: int):
     """(start, float64 block) over the rows. A memory-mapped .npy is read with plain file reads, so
     the whole file never becomes resident memory of this process."""
     n, c = contexts.shape
-    name = getattr(contexts, "filename", None)
-    if isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous:
+    name = _backing_file(contexts)
+    if name:
         with open(name, "rb") as f:
             f.seek(contexts.offset)
             for s in range(0, n, rows):
@@ -36,8 +42,8 @@ def chunks(contexts: np.ndarray, rows: int):
 def sample_rows(contexts: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Rows at sorted positions `idx`; from a memory-mapped file by seek and read (indexing the map
     would fault in read-ahead around every row: hundreds of MB for a few thousand rows)."""
-    name = getattr(contexts, "filename", None)
-    if not (isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous):
+    name = _backing_file(contexts)
+    if not name:
         return np.asarray(contexts[idx])
     c = contexts.shape[1]
     row = c * contexts.dtype.itemsize
@@ -113,7 +119,8 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(n, size=min(n, PAIR_SAMPLE), replace=False))
     pairs = pairwise(sample_rows(contexts, idx))
-    raw = spectrum(np.linalg.eigvalsh(gram))
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    raw = spectrum(eigenvalues)
     cen = spectrum(np.linalg.eigvalsh(centred), scale=raw["singular_values"][0])
     norm64 = norms.astype(np.float64)
     report = {
@@ -128,14 +135,14 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
         "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
         "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
     }
-    report["directions"] = top_tokens(contexts, gram, tokens, decode)
+    report["directions"] = top_tokens(contexts, eigenvectors, tokens, decode)
     return report
 
 
-def top_tokens(contexts: np.ndarray, gram: np.ndarray, tokens, decode) -> list[dict]:
-    """For the top singular directions, the positions (and tokens) whose contexts project most."""
-    _, vecs = np.linalg.eigh(gram)
-    dirs = vecs[:, ::-1][:, :TOP_DIRECTIONS]
+def top_tokens(contexts: np.ndarray, eigenvectors: np.ndarray, tokens, decode) -> list[dict]:
+    """For the top singular directions (Gram eigenvectors, ascending), the positions (and tokens)
+    whose contexts project most."""
+    dirs = eigenvectors[:, ::-1][:, :TOP_DIRECTIONS]
     best = [(np.empty(0), np.empty(0, dtype=np.int64)) for _ in range(dirs.shape[1])]
     for s, x in chunks(contexts, ROWS):
         proj = x @ dirs

@@ -8,6 +8,7 @@ it with what they expect, so artifacts from different settings are never silentl
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from .errors import RefusedError, UsageError
+from .progress import info, warn
 
 
 def fingerprint(obj: Any) -> str:
@@ -111,6 +113,12 @@ class Workspace:
         self.run_dir = self.root / "runs" / run
         self.data_dir = self.root / "datasets" / dataset_key if dataset_key else None
 
+    def staged(self, directory: Path) -> "Workspace":
+        """The same layout with the dataset files in `directory` (built there, then renamed)."""
+        other = copy.copy(self)
+        other.data_dir = Path(directory)
+        return other
+
     def ensure(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,10 +156,8 @@ class Resumable:
             return None
         payload = read_checkpoint(self.path, "resume checkpoint")
         if payload["provenance"].get("fingerprint") != self.fingerprint:
-            from .progress import warn
             warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
             return None
-        from .progress import info
         info(f"resuming from {self.path}")
         return payload["state"]
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from . import sources, tokenizer as tokenizers
-from .artifacts import Workspace, fingerprint, read_array, read_json, write_array, write_json
-from .errors import RefusedError, UsageError
+from .artifacts import Workspace, fingerprint, read_array, read_json, write_json
+from .errors import RefusedError, UsageError, first_line
 from .progress import info, progress, warn
 from .settings import Settings
 
@@ -139,7 +139,7 @@ def read_manual(path: str, vocab_size: int) -> list[np.ndarray]:
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"{p}: cannot read token ids ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UsageError(f"{p}: cannot read token ids ({type(e).__name__}: {first_line(e)})") from None
     docs = _as_documents(data, p)
     for i, doc in enumerate(docs):
         bad = np.nonzero((doc < 0) | (doc >= vocab_size))[0]
@@ -186,8 +186,9 @@ def prepare(s: Settings) -> dict:
     ws.data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.", dir=ws.data_dir.parent))
     try:
-        meta = _build(s, Workspace(ws.root, s.runtime.run, ws.data_dir.name), tmp)
-        write_json(tmp / "dataset.json", meta)
+        staged = ws.staged(tmp)
+        meta = _build(s, ws.data_dir.name, staged)
+        write_json(staged.dataset_meta(), meta)
         if ws.data_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
         else:
@@ -200,8 +201,10 @@ def prepare(s: Settings) -> dict:
     return {**meta, "cache_hit": False, "dataset_dir": str(ws.data_dir)}
 
 
-def _build(s: Settings, ws: Workspace, tmp: Path) -> dict:
+def _build(s: Settings, key: str, ws: Workspace) -> dict:
+    """Write tokenizer and token arrays into ws's (temporary) dataset directory."""
     d = s.data
+    tmp = ws.data_dir
     spool = Spool(tmp / "train.docs.jsonl")
     spool.fill(sources.documents(d.source, d.path, d, d.num_samples))
     if spool.count == 0:
@@ -217,9 +220,8 @@ def _build(s: Settings, ws: Workspace, tmp: Path) -> dict:
     tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, spool.read(keep))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    tok.save(str(tmp / "tokenizer.json"))
-    names = {"train": (tmp / "train.tokens.npy", tmp / "train.offsets.npy"),
-             "val": (tmp / "val.tokens.npy", tmp / "val.offsets.npy")}
+    tok.save(str(ws.tokenizer()))
+    names = {split: (ws.tokens(split), ws.offsets(split)) for split in ("train", "val")}
     train = write_tokens(tok, spool.read(keep), dtype, *names["train"], int(keep.sum()), "train")
     if d.val_source == "auto_split":
         val = write_tokens(tok, spool.read(~keep), dtype, *names["val"], int((~keep).sum()), "val")
@@ -238,7 +240,7 @@ def _build(s: Settings, ws: Workspace, tmp: Path) -> dict:
             raise UsageError(f"the {name} set is empty after tokenization")
     for f in tmp.glob("*.docs.jsonl"):
         f.unlink()
-    return {"key": ws.data_dir.name, "data": d.model_dump(), "tokenizer": d.tokenizer,
+    return {"key": key, "data": d.model_dump(), "tokenizer": d.tokenizer,
             "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val}
 
 

@@ -1,6 +1,12 @@
 """Typed errors: the core raises them, the CLI's one error boundary turns each into a line + code."""
 
 
+def first_line(e: BaseException) -> str:
+    """A library exception's message reduced to one line (its type name when it has none)."""
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class NewLLMError(Exception):
     """A problem the user can fix; printed as one line."""
     exit_code = 1

@@ -117,7 +117,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
             q = batched_step(model, tok_emb, incoming)
         record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
                   "converged_ratio": None, "residual": None}
-        stop = k == cfg.max_iterations - 1
+        reason = None
         if prev is not None:
             with torch.no_grad():
                 losses = {name: float(v) for name, v in phase1_losses(q, prev, cfg).items()}
@@ -127,8 +127,11 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
             if not all(np.isfinite(v) for v in losses.values()):
                 raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
                                      f"(learning rate {learning_rate(k, cfg)} may be too high)")
-            stop = stop or _should_stop(result.history, ratio, cfg, train, result.optimizer_steps)
-            if train and not stop:
+            reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
+        if k == cfg.max_iterations - 1 and reason != "converged":
+            reason = "max_iterations"
+        if prev is not None:
+            if train and reason is None:
                 lr = learning_rate(k, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -144,7 +147,8 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         if on_iteration:
             on_iteration(record)
         prev = q
-        if stop:
+        if reason is not None:
+            result.stopped_by = reason
             break
         if interrupt.requested() and save_resume is not None:
             save_resume({"next": k + 1, "prev": prev.cpu(), "history": result.history,
@@ -152,27 +156,19 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                          "optimizer": optimizer.state_dict() if train else {}})
             raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
     result.contexts = prev
-    result.stopped_by = _stop_reason(result, cfg, train)
     if train and result.optimizer_steps == 0:
         result.warnings.append("Phase 1 stopped before any optimizer step: the contexts are those of "
                                "the untrained network (raise --phase1-min-iterations)")
     return result
 
 
-def _should_stop(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> bool:
+def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> str | None:
+    """'converged', 'diverging' (training: the converged share fell by more than one point twice in
+    a row), or None to go on; SPEC §2.4."""
     if ratio >= cfg.min_converged_ratio and (not train or steps >= cfg.min_iterations):
-        return True
-    if train:  # the converged share fell by more than one point twice in a row
+        return "converged"
+    if train:
         ratios = [h["converged_ratio"] for h in history if h["converged_ratio"] is not None] + [ratio]
         if len(ratios) >= 3 and ratios[-1] < ratios[-2] - 0.01 and ratios[-2] < ratios[-3] - 0.01:
-            return True
-    return False
-
-
-def _stop_reason(result: CVFPResult, cfg: Phase1Settings, train: bool) -> str:
-    ratio = result.converged_ratio
-    if ratio is not None and ratio >= cfg.min_converged_ratio and (not train or result.optimizer_steps >= cfg.min_iterations):
-        return "converged"
-    if len(result.history) < cfg.max_iterations:
-        return "diverging"
-    return "max_iterations"
+            return "diverging"
+    return None

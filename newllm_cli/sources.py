@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .progress import warn
 
 SAMPLE_FILE = "dialogues.jsonl"
@@ -75,7 +75,7 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
         try:
             stream = datasets.load_dataset(kind, data_files=str(p), split="train", streaming=True)
         except Exception as e:  # datasets raises many types for a bad file
-            raise UsageError(f"{p}: cannot read as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UsageError(f"{p}: cannot read as {kind}: {first_line(e)}") from None
     else:
         where = f"{dataset} ({split})"
         try:
@@ -93,7 +93,7 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"{where}: reading failed after {count} records: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(f"{where}: reading failed after {count} records: {first_line(e)}") from None
 
 
 def _decode(raw: bytes, path: Path, offset: int) -> str:

@@ -5,6 +5,7 @@ rerun alone and nothing produced under other settings is silently mixed in.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from . import analysis, baselines, dataset, generate as gen, phase2 as p2, plots, tokenizer as tokenizers
-from .artifacts import Resumable, Workspace, check_same, fingerprint, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
+from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
 from .phase1 import run_cvfp
@@ -45,7 +46,6 @@ def save_settings(ws: Workspace, s: Settings) -> None:
 
 def model_id(model: NewLLM) -> str:
     """A content hash of the weights: what every context artifact records as its producer."""
-    import hashlib
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -70,7 +70,7 @@ def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.devi
 def prepare_data(s: Settings) -> dict:
     """Read the sources, build or load the tokenizer, write train and val token arrays (cached)."""
     out = dataset.prepare(s)
-    ws = dataset.workspace_for(s)
+    ws = Workspace(s.runtime.workspace, s.runtime.run)  # the run's settings need no dataset key
     ws.ensure()
     save_settings(ws, s)
     return out
@@ -99,8 +99,10 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     if train:
         torch.manual_seed(s.runtime.seed)
         model = build_model(s, meta["vocab_size"]).to(device)
+        mid = None  # known after training
     else:
-        model, _ = load_phase1_model(ws, s, meta, device)
+        model, ckpt = load_phase1_model(ws, s, meta, device)
+        mid = ckpt["model_id"]  # validation never changes the weights
     cfg = s.phase1
     info(f"phase1 {split}: {len(tokens):,} tokens in {len(offsets) - 1:,} documents, "
          f"{cfg.scheme} scheme{' (concat)' if cfg.concat else ''}")
@@ -114,14 +116,14 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     t0 = time.perf_counter()
     resumable = Resumable(ws.resume(f"phase1_{split}"), {
         "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
-        "seed": s.runtime.seed, "split": split, "network": None if train else model_id(model)})
+        "seed": s.runtime.seed, "split": split, "network": mid})
     res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
                    resume=resumable.load(), save_resume=resumable.save)
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
-    mid = model_id(model)
     if train:
+        mid = model_id(model)
         write_checkpoint(ws.phase1_checkpoint(), {
             "state": model.state_dict(), "vocab_size": meta["vocab_size"], "model_id": mid,
             "provenance": {"dataset": meta["key"], "model": s.model.model_dump(),
@@ -279,11 +281,11 @@ def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: 
                   ws: Workspace, network: str):
     """The head of s.phase2 trained on given (contexts, tokens, offsets) per split; resumable."""
     cfg = s.phase2
-    features = None
-    if cfg.head_input == "context+token":
-        def features(ids: np.ndarray) -> torch.Tensor:
-            with torch.no_grad():
-                return model.embed_tokens(torch.as_tensor(ids, device=device))
+
+    def embed(ids: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return model.embed_tokens(torch.as_tensor(ids, device=device))
+    features = embed if cfg.head_input == "context+token" else None
     data = {k: p2.make_split(*v, device, features) for k, v in splits.items()}
     if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")

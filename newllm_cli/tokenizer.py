@@ -11,7 +11,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 
 def _byte_level(model: models.Model) -> Tokenizer:
@@ -57,7 +57,7 @@ def pretrained(name: str) -> Tokenizer:
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:
-            raise UsageError(f"{path} is not a tokenizer.json ({str(e).splitlines()[0]})") from None
+            raise UsageError(f"{path} is not a tokenizer.json ({first_line(e)})") from None
     if name != "gpt2":
         raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
     from .sources import hub_reachable, quiet_hub_logs

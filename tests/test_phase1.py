@@ -209,7 +209,7 @@ def test_concat_is_one_stream():
 
 
 def test_diverging_training_stops_after_two_drops():
-    from newllm_cli.phase1 import _should_stop
+    from newllm_cli.phase1 import _stop_reason as _should_stop  # a reason is truthy, None is not
     cfg = Phase1Settings()
     hist = [{"converged_ratio": None}, {"converged_ratio": 0.9}, {"converged_ratio": 0.8}]
     assert _should_stop(hist, 0.7, cfg, train=True, steps=3)

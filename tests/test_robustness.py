@@ -40,7 +40,7 @@ def test_sigint_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args
         if "epoch  1:" in line:
             proc.send_signal(signal.SIGINT)
             break
-    rest, _ = proc.communicate(timeout=120)[1], None
+    rest = proc.communicate(timeout=120)[1]
     err = "".join(lines) + (rest or "")
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err and "Traceback" not in err
