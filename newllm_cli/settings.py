@@ -81,7 +81,7 @@ class Phase2Settings(Section):
     batch_size: int = opt(512, "Phase 2 batch size.", cli="phase2-batch-size", gt=0)
     gradient_clip: float = opt(1.0, "Gradient norm clip (0 disables).", cli="phase2-gradient-clip", ge=0)
     patience: int = opt(3, "Epochs without val improvement before early stopping.", cli="phase2-patience", gt=0)
-    head_init: Literal["zero", "unigram"] = opt("unigram", "Head bias start: zero or log-unigram.")
+    head_init: Literal["zero", "unigram"] = opt("unigram", "Head start: W = 0 and bias zero or log-unigram.")
     head_input: Literal["context", "context+token"] = opt("context", "What the head reads.")
     control: bool = opt(True, "Also train the head on an untrained network's contexts (the control).")
 

@@ -296,7 +296,7 @@ def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: 
         info(f"  epoch {r['epoch']:>2}: train loss {r['train']['loss']:.4f}  val loss {r['val']['loss']:.4f}  "
              f"val ppl {r['val']['perplexity']:.1f}  val acc {r['val']['accuracy']:.3f}  {r['seconds']:.1f}s")
     resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
-        "network": network, "phase2": cfg.model_dump(), "seed": s.runtime.seed, "vocab": vocab,
+        "network": network, "format": "class-rows", "phase2": cfg.model_dump(), "seed": s.runtime.seed, "vocab": vocab,
         "pairs": [len(data["train"].targets), len(data["val"].targets)]})
     res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias, device=device,
                         on_epoch=show, resume=resumable.load(), save_resume=resumable.save)

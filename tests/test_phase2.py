@@ -94,3 +94,59 @@ def test_unigram_head_starts_exactly_at_the_baseline():
     cfg = Phase2Settings(epochs=1, lr=1e-12)
     res = p2.train_head(split, split, 5, cfg, seed=0, bias=baselines.unigram_log_probs(tokens, 5), device=CPU)
     assert res.best["val"]["perplexity"] == pytest.approx(baselines.unigram_perplexity(tokens, tokens, 5), rel=1e-5)
+
+
+def test_vocab_classes_tie_untargeted_tokens_with_equal_start():
+    # targets 1 and 3; tokens 0, 2, 4 share a starting bias, token 5 starts elsewhere
+    bias = np.array([-5.0, -1.0, -5.0, -2.0, -5.0, -4.0])
+    classes = p2.VocabClasses.build(np.array([3, 1, 3]), bias, CPU)
+    assert classes.representative.tolist() == [0, 1, 3, 5]
+    assert classes.multiplicity.tolist() == [3.0, 1.0, 1.0, 1.0]
+    assert classes.token_class.tolist() == [0, 1, 0, 2, 0, 3]
+
+
+def _reference_training(train, val, vocab, cfg, seed, bias):
+    """The plain full-vocabulary loop: Linear(in, V) from W = 0, autograd, clip_grad_norm_, Adam."""
+    head = torch.nn.Linear(train.inputs.shape[1], vocab)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    val_losses = []
+    with torch.no_grad():
+        best = (F.cross_entropy(head(val.inputs), val.targets).item(), torch.cat([head.weight, head.bias[:, None]], 1))
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(train.targets), generator=gen)
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            loss = F.cross_entropy(head(train.inputs[idx]), train.targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.gradient_clip)
+            opt.step()
+        with torch.no_grad():
+            val_losses.append(F.cross_entropy(head(val.inputs), val.targets).item())
+        if val_losses[-1] < best[0]:
+            best = (val_losses[-1], torch.cat([head.weight, head.bias[:, None]], 1).detach().clone())
+    return val_losses, best[1]
+
+
+def test_tied_class_training_equals_full_vocabulary_training(monkeypatch):
+    """Tied rows, the hand-written gradient, chunking and the counted clipping norm change nothing."""
+    monkeypatch.setattr(p2, "LOGIT_BUDGET", 100)  # several chunks per batch
+    vocab, rng = 40, np.random.default_rng(1)  # rows 23-39 never counted: one tied class
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(1))
+    noise = torch.as_tensor(rng.integers(0, 2, 300))
+    y = (((x[:, 0] + 2) * 3).long() + noise).clamp(0, 14)  # learnable targets among 0..14
+    stream = np.concatenate([y.numpy(), [20, 21, 22, 22]])  # 20-22: counted, never targets
+    bias = baselines.unigram_log_probs(stream, vocab)
+    train = p2.Split(x[:240], y[:240])
+    val = p2.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
+    cfg = Phase2Settings(lr=0.05, epochs=4, batch_size=16, patience=10, gradient_clip=0.5)
+    res = p2.train_head(train, val, vocab, cfg, seed=3, bias=bias, device=CPU)
+    ref_losses, ref_best = _reference_training(train, val, vocab, cfg, 3, bias)
+    assert [e["val"]["loss"] for e in res.epochs] == pytest.approx(ref_losses, rel=1e-5)
+    got = torch.cat([res.head.proj.weight, res.head.proj.bias[:, None]], 1)
+    assert torch.allclose(got, ref_best, atol=1e-5)
+    assert res.best_epoch > 0 and torch.equal(got[23], got[39]) and not torch.equal(got[22], got[23])
