@@ -155,6 +155,7 @@ class Phase2Result:
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best: dict = field(default_factory=dict)
+    head_rows: int = 0  # rows trained: one per class of tied tokens
 
 
 def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *, seed: int,
@@ -179,7 +180,8 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
     gen = torch.Generator().manual_seed(seed)
     xa, val_xa, scores = _with_ones(train.inputs), _with_ones(val.inputs), _Scores(classes, device)
     start_val = _evaluate_cols(cols.detach(), scores, val, val_xa)
-    result = Phase2Result(head=Head(in_dim, vocab_size), best_epoch=0, best={"val": start_val})
+    result = Phase2Result(head=Head(in_dim, vocab_size), best_epoch=0, best={"val": start_val},
+                          head_rows=len(classes.representative))
     best_cols, best_loss, waited = cols.detach().clone(), start_val["loss"], 0
     n, first = len(train.targets), 1
     if resume is not None:

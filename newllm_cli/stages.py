@@ -269,7 +269,8 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
     provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
     write_checkpoint(ws.phase2_checkpoint(), {"state": res.head.state_dict(), "provenance": provenance,
                                               "best_epoch": res.best_epoch})
-    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs, "baselines": table,
+    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs, "head_rows": res.head_rows,
+           "baselines": table,
            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
            "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
     write_json(ws.phase2_report(), out)
@@ -301,6 +302,7 @@ def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: 
     res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias, device=device,
                         on_epoch=show, resume=resumable.load(), save_resume=resumable.save)
     resumable.clear()
+    info(f"  {label}: {res.head_rows:,} head rows trained for {vocab:,} tokens (never-target tokens tied)")
     return res
 
 

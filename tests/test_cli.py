@@ -53,6 +53,9 @@ def test_full_leaves_every_artifact(cli, base_args):
     assert ctx.dtype == np.float32 and ctx.shape == (out["phase1_train"]["tokens"], 16)
     hist = out["phase1_train"]["history"]
     assert hist[1]["cvfp_loss"] > 0  # carry-over: iteration 2 is not a copy of iteration 1
+    train_tokens = np.load(data_dir / "train.tokens.npy")
+    report = json.loads((run / "phase2.json").read_text())  # a row per target; unseen tokens share one
+    assert 1 < report["head_rows"] <= len(np.unique(train_tokens)) + 1
     assert set(hist[1]) >= {"cvfp_loss", "dist_loss", "loss", "converged_ratio", "lr", "seconds"}
 
 
