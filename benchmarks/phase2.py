@@ -73,7 +73,7 @@ def text_tokens(path: str, vocab: int, name: str) -> np.ndarray:
     if tok.get_vocab_size() > vocab:
         raise SystemExit(f"the {name} tokenizer has {tok.get_vocab_size():,} tokens, more than V = {vocab:,}")
     ids = np.asarray(tok.encode(body).ids, dtype=np.int64)
-    print(f"# {path}: {len(ids):,} tokens, BPE vocabulary {tok.get_vocab_size():,} (head V = {vocab:,})", flush=True)
+    print(f"# {path}: {len(ids):,} tokens, {name} vocabulary {tok.get_vocab_size():,} (head V = {vocab:,})", flush=True)
     return ids
 
 

@@ -138,8 +138,13 @@ def _evaluate_cols(cols: torch.Tensor, scores: _Scores, split: Split, xa: torch.
         for s in range(0, len(split.targets), scores.rows):
             loss, hits, *_ = scores.softmax(cols, xa[s:s + scores.rows], split.targets[s:s + scores.rows])
             total, correct = total + float(loss.sum()), correct + hits
-    n = max(len(split.targets), 1)
-    loss = total / n
+    return _metrics(total, correct, len(split.targets))
+
+
+def _metrics(total_loss: float, correct: int, n: int) -> dict:
+    """Mean cross-entropy, perplexity exp(loss) and top-1 accuracy from sums over n pairs."""
+    n = max(n, 1)
+    loss = total_loss / n
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / n}
 
 
@@ -183,7 +188,7 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
     result = Phase2Result(head=Head(in_dim, vocab_size), best_epoch=0, best={"val": start_val},
                           head_rows=len(classes.representative))
     best_cols, best_loss, waited = cols.detach().clone(), start_val["loss"], 0
-    n, first = len(train.targets), 1
+    n, first, grad = len(train.targets), 1, torch.zeros_like(cols)  # grad: reused, like the score buffer
     if resume is not None:
         with torch.no_grad():
             cols.copy_(resume["cols"])
@@ -198,7 +203,7 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
         total, correct = 0.0, 0
         for s in range(0, n, cfg.batch_size):
             idx = order[s:s + cfg.batch_size]
-            grad = torch.zeros_like(cols)
+            grad.zero_()
             batch_loss = 0.0
             with torch.no_grad():
                 for c in range(0, len(idx), scores.rows):  # the whole batch's gradient, chunk by chunk
@@ -217,9 +222,8 @@ def train_head(train: Split, val: Split, vocab_size: int, cfg: Phase2Settings, *
                 grad.mul_(min(1.0, cfg.gradient_clip / (norm + 1e-6)))
             cols.grad = grad
             opt.step()
-        running = total / max(n, 1)  # the epoch's running mean: no second pass over train
         record = {"epoch": epoch, "val": _evaluate_cols(cols.detach(), scores, val, val_xa),
-                  "train": {"loss": running, "perplexity": math.exp(min(running, 700.0)), "accuracy": correct / max(n, 1)},
+                  "train": _metrics(total, correct, n),  # the epoch's running means: no second pass over train
                   "seconds": time.perf_counter() - t0}
         result.epochs.append(record)
         if on_epoch:

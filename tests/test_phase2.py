@@ -113,7 +113,7 @@ def _reference_training(train, val, vocab, cfg, seed, bias):
         head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
-    val_losses = []
+    val_losses, val_accuracy = [], []
     with torch.no_grad():
         best = (F.cross_entropy(head(val.inputs), val.targets).item(), torch.cat([head.weight, head.bias[:, None]], 1))
     for _ in range(cfg.epochs):
@@ -126,10 +126,12 @@ def _reference_training(train, val, vocab, cfg, seed, bias):
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.gradient_clip)
             opt.step()
         with torch.no_grad():
-            val_losses.append(F.cross_entropy(head(val.inputs), val.targets).item())
+            logits = head(val.inputs)
+            val_losses.append(F.cross_entropy(logits, val.targets).item())
+            val_accuracy.append((logits.argmax(1) == val.targets).float().mean().item())
         if val_losses[-1] < best[0]:
             best = (val_losses[-1], torch.cat([head.weight, head.bias[:, None]], 1).detach().clone())
-    return val_losses, best[1]
+    return val_losses, val_accuracy, best[1]
 
 
 def test_tied_class_training_equals_full_vocabulary_training(monkeypatch):
@@ -145,8 +147,20 @@ def test_tied_class_training_equals_full_vocabulary_training(monkeypatch):
     val = p2.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
     cfg = Phase2Settings(lr=0.05, epochs=4, batch_size=16, patience=10, gradient_clip=0.5)
     res = p2.train_head(train, val, vocab, cfg, seed=3, bias=bias, device=CPU)
-    ref_losses, ref_best = _reference_training(train, val, vocab, cfg, 3, bias)
+    ref_losses, ref_accuracy, ref_best = _reference_training(train, val, vocab, cfg, 3, bias)
     assert [e["val"]["loss"] for e in res.epochs] == pytest.approx(ref_losses, rel=1e-5)
+    assert [e["val"]["accuracy"] for e in res.epochs] == pytest.approx(ref_accuracy)
     got = torch.cat([res.head.proj.weight, res.head.proj.bias[:, None]], 1)
     assert torch.allclose(got, ref_best, atol=1e-5)
     assert res.best_epoch > 0 and torch.equal(got[23], got[39]) and not torch.equal(got[22], got[23])
+
+
+def test_accuracy_over_tied_classes_is_the_full_vocabulary_argmax():
+    # tokens 5-9 are never targets and start highest: the full argmax is token 5, never 7
+    bias = np.array([0.0] * 5 + [2.0] * 5)
+    train = p2.Split(torch.randn(20, 2), torch.arange(20) % 5)
+    val = p2.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
+    res = p2.train_head(train, val, 10, Phase2Settings(epochs=1, lr=1e-12), seed=0, bias=bias, device=CPU)
+    with torch.no_grad():
+        expected = (res.head(val.inputs).argmax(1) == val.targets).float().mean().item()
+    assert expected == 0.5 and res.best["val"]["accuracy"] == pytest.approx(expected)
