@@ -2,7 +2,8 @@
 
     WORKSPACE/datasets/<key>/   tokenizer.json, {train,val}.tokens.npy, {train,val}.offsets.npy, dataset.json
     WORKSPACE/runs/<run>/       settings.json, phase1.pt, phase1_{train,val}.json,
-                                contexts_{train,val}.npy, analysis.json, phase2.pt, phase2.json
+                                contexts_{train,val}.npy, control_contexts_{train,val}.npy (the
+                                untrained network's), analysis.json, phase2.pt, phase2.json
 Each JSON artifact carries a `provenance` dict (fingerprints of what produced it), and readers compare
 it with what they expect, so artifacts from different settings are never silently mixed.
 """
@@ -138,6 +139,8 @@ class Workspace:
     def settings(self) -> Path: return self.run_dir / "settings.json"
     def phase1_checkpoint(self) -> Path: return self.run_dir / "phase1.pt"
     def contexts(self, split: str) -> Path: return self.run_dir / f"contexts_{split}.npy"
+    def control_contexts(self, split: str) -> Path: return self.run_dir / f"control_contexts_{split}.npy"
+    def control_report(self, split: str) -> Path: return self.run_dir / f"control_{split}.json"
     def phase1_report(self, split: str) -> Path: return self.run_dir / f"phase1_{split}.json"
     def analysis(self) -> Path: return self.run_dir / "analysis.json"
     def phase2_checkpoint(self) -> Path: return self.run_dir / "phase2.pt"

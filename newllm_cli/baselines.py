@@ -71,10 +71,15 @@ def choose_k(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> float:
     return min(K_GRID, key=lambda k: model.perplexity(tokens[held], tokens[held + 1], k))
 
 
+def training_pairs(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x_t, x_{t+1}) for every pair inside a training document."""
+    pos, tokens = pair_positions(offsets), np.asarray(tokens)
+    return tokens[pos], tokens[pos + 1]
+
+
 def bigram_perplexity(train_tokens: np.ndarray, train_offsets: np.ndarray, val_tokens: np.ndarray,
                       val_offsets: np.ndarray, vocab_size: int) -> dict:
     k = choose_k(np.asarray(train_tokens), train_offsets, vocab_size)
-    tp, vp = pair_positions(train_offsets), pair_positions(val_offsets)
-    train_tokens, val_tokens = np.asarray(train_tokens), np.asarray(val_tokens)
-    model = Bigram(train_tokens[tp], train_tokens[tp + 1], vocab_size)
+    vp, val_tokens = pair_positions(val_offsets), np.asarray(val_tokens)
+    model = Bigram(*training_pairs(train_tokens, train_offsets), vocab_size)
     return {"k": k, "val_perplexity": model.perplexity(val_tokens[vp], val_tokens[vp + 1], k)}

@@ -67,6 +67,7 @@ ANALYZE = [
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
     extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
     extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs newllm[plot])."),
+    extra("probe_rows", int, 10_000, "--probe-rows", "Positions sampled per split for the decodability probes (0: none)."),
     REBUILD,
 ]
 

@@ -72,10 +72,19 @@ class CVFPResult:
     optimizer_steps: int = 0
     stopped_by: str = ""
     warnings: list[str] = field(default_factory=list)
+    solve: list[dict] = field(default_factory=list)  # no-update iterations after unconverged training
 
     @property
     def converged_ratio(self) -> float | None:
-        return self.history[-1]["converged_ratio"] if self.history else None
+        """Of the saved contexts: after the no-update solve when training ended unconverged."""
+        last = (self.solve or self.history or [{"converged_ratio": None}])[-1]
+        return last["converged_ratio"]
+
+    @property
+    def residual(self) -> float | None:
+        """Mean squared change of the saved contexts in their last iteration: distance from a fixed point."""
+        last = (self.solve or self.history or [{"residual": None}])[-1]
+        return last["residual"]
 
 
 def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1Settings, *,
@@ -156,6 +165,15 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                          "optimizer": optimizer.state_dict() if train else {}})
             raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
     result.contexts = prev
+    if train and result.stopped_by != "converged":
+        # The last step moved the fixed point: iterate the final weights, without updates, until the
+        # saved contexts are their fixed point to the same tolerance as validation.
+        settled = run_cvfp(model, tokens, offsets, cfg, train=False, device=device, resume={
+            "next": 0, "prev": prev, "history": [], "optimizer_steps": 0, "model": model.state_dict()})
+        result.contexts, result.solve = settled.contexts, settled.history
+        if settled.stopped_by != "converged":
+            result.warnings.append(f"the final weights' fixed point was not reached in {cfg.max_iterations} "
+                                   f"no-update iterations (converged {settled.converged_ratio:.1%})")
     if train and result.optimizer_steps == 0:
         result.warnings.append("Phase 1 stopped before any optimizer step: the contexts are those of "
                                "the untrained network (raise --phase1-min-iterations)")

@@ -33,9 +33,10 @@ def prepare(r: dict) -> None:
 
 def phase1(r: dict) -> None:
     ratio = r["converged_ratio"]
-    console().print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps, "
-                    f"converged {ratio:.1%} ({r['stopped_by']}), "
-                    f"{r['token_iterations_per_second']:,.0f} token-iterations/s")
+    settled = f", then {len(r['solve'])} no-update iterations" if r.get("solve") else ""
+    console().print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps "
+                    f"({r['stopped_by']}){settled}; saved contexts {ratio:.1%} converged, fixed-point residual "
+                    f"{r['residual']:.2g}; {r['token_iterations_per_second']:,.0f} token-iterations/s")
 
 
 def _flag(value: bool) -> str:
@@ -54,18 +55,28 @@ SECTIONS = {
         ("pairwise L2 median", lambda a: f"{a['distribution']['pairwise_l2_median']:.4f}"),
         ("sparsity (|v| < 0.01)", lambda a: f"{a['distribution']['sparsity']:.3%}"),
     ],
+    "steps along the text": [
+        ("norm spread (std / mean)", lambda a: _num(a["steps"]["norm_spread"])),
+        ("cosine of consecutive contexts", lambda a: _num(a["steps"]["consecutive_cosine"])),
+        *[(f"autocorrelation, lag {k}", lambda a, k=k: _num(a["steps"]["autocorrelation"][f"lag_{k}"]))
+          for k in (1, 10, 100)],
+    ],
     "information": [
         ("actual rank", lambda a: f"{a['information']['actual_rank']} / {a['dim']}"),
-        ("effective rank", lambda a: _rank(a["information"]["effective_rank"], a["dim"])),
-        ("effective rank, centred", lambda a: f"{a['centred']['effective_rank']:.2f} / {a['dim']}"),
+        ("effective rank, centred (gated)", lambda a: _rank(a["centred"]["effective_rank"], a["attainable_rank"])),
+        ("effective rank, uncentred", lambda a: f"{a['information']['effective_rank']:.2f} / {a['dim']}"),
         ("top singular values", lambda a: ", ".join(f"{v:.1f}" for v in a["information"]["top_singular_values"][:3])),
     ],
 }
 
 
-def _rank(eff: float, dim: int) -> str:
-    text = f"{eff:.2f} / {dim}"
-    return f"[bold red]{text}[/]" if eff < 0.2 * dim else text
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _rank(eff: float, top: int) -> str:
+    text = f"{eff:.2f} / {top} ({eff / top:.0%})"
+    return f"[bold red]{text}[/]" if eff < 0.2 * top else text
 
 
 def analysis(r: dict) -> None:
@@ -84,6 +95,8 @@ def analysis(r: dict) -> None:
         for d in r[s]["directions"]:
             if "tokens" in d:
                 con.print(f"  {s} direction {d['direction']}: " + " ".join(repr(x) for x in d["tokens"]))
+    if "decodability" in r:
+        decodability(r["decodability"], r.get("control_steps", {}))
     gate = r["gate"]
     con.print("Phase-1 gate: " + ("[green]passed[/]" if gate["passed"] else
                                   "[bold red]failed[/]: " + "; ".join(gate["problems"])))
@@ -91,26 +104,48 @@ def analysis(r: dict) -> None:
         con.print(f"wrote {p}")
 
 
+PROBE_NAMES = {"token_from_context": "current token from c_t", "token_from_step": "current token from c_t - c_(t-1)",
+               "next_from_context": "next token from c_t"}
+
+
+def decodability(d: dict, control_steps: dict) -> None:
+    """Val perplexity / accuracy of each linear probe, for each source side by side."""
+    t = Table(title=f"linear decodability (fit on {d['rows']['train']:,} train rows, scored on "
+                    f"{d['rows']['val']:,} val rows): val perplexity / accuracy", title_justify="left")
+    t.add_column("probe")
+    sources = list(next(iter(d["probes"].values())))
+    for name in sources:
+        t.add_column(name, justify="right")
+    for key, by_source in d["probes"].items():
+        t.add_row(PROBE_NAMES.get(key, key), *(f"{v['val_perplexity']:.1f} / {v['val_accuracy']:.3f}"
+                                              for v in by_source.values()))
+    console().print(t)
+    for split, st in control_steps.items():
+        auto = st["autocorrelation"]
+        console().print(f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
+                        f"autocorrelation lag 1/10/100 {_num(auto['lag_1'])} / {_num(auto['lag_10'])} / "
+                        f"{_num(auto['lag_100'])}")
+
+
 NAMES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
          "untrained_network": "untrained network (control)"}
 
 
 def phase2(r: dict) -> None:
-    """The head beside each baseline, and a plain sentence on whether it beats them."""
-    best = r["best"]["val"]
-    t = Table(title=f"phase2: head reads {r['provenance']['head_input']} (best epoch {r['best_epoch']})")
-    for col in ("model", "val perplexity", "val accuracy"):
+    """The head beside each baseline, with the perplexity ratio's 95% interval and the verdict."""
+    val = r["val"]
+    t = Table(title=f"phase2: head reads {r['provenance']['head_input']} (l2 {r['l2']:g})")
+    for col in ("model", "val perplexity", "val accuracy", "head / model, 95% interval", "the head"):
         t.add_column(col, justify="right")
-    t.add_row("head on Phase 1 contexts", f"{best['perplexity']:.2f}", f"{best['accuracy']:.3f}")
+    t.add_row("head on Phase 1 contexts", f"{val['perplexity']:.2f}", f"{val['accuracy']:.3f}", "", "")
     for key, b in r["baselines"].items():
         extra = f" (k={b['k']:g})" if "k" in b else ""
-        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", "")
-    con = console()
-    con.print(t)
-    for key, b in r["baselines"].items():
-        verdict = ("[green]beats[/]" if b["beaten"] else "[yellow]only matches[/]" if b["ratio"] < 1.001
-                   else "[bold red]does not beat[/]")
-        con.print(f"the head {verdict} the {NAMES.get(key, key)}")
+        acc = f"{b['accuracy']:.3f}" if "accuracy" in b else "-"
+        colour = {"beats": "green", "ties": "yellow"}.get(b["verdict"], "bold red")
+        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", acc,
+                  f"{b['ratio']:.4f} [{b['ratio_low']:.4f}, {b['ratio_high']:.4f}]", f"[{colour}]{b['verdict']}[/]")
+    t.caption = f"interval: bootstrap over {next(iter(r['baselines'].values()))['resampled']}"
+    console().print(t)
 
 
 def generate(r: dict) -> None:

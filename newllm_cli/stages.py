@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, dataset, generate as gen, phase2 as p2, plots, tokenizer as tokenizers
+from . import analysis, baselines, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, verdict
 from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
@@ -21,7 +21,7 @@ from .progress import info, warn
 from .settings import Settings
 
 SPLITS = ("train", "val")
-MARGIN = 1e-3  # relative perplexity difference below which the head and a baseline are tied
+PROBE_ROWS = 10_000  # sampled positions per split for the decodability probes (0: none)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,11 +130,12 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
                            "phase1": cfg.model_dump(), "seed": s.runtime.seed}})
     contexts = res.contexts.detach().cpu().numpy().astype(np.float32)
     write_array(ws.contexts(split), contexts)
-    iterations = len(res.history)
+    iterations = len(res.history) + len(res.solve)
     report = {
         "split": split, "tokens": int(len(tokens)), "documents": int(len(offsets) - 1),
         "iterations": iterations, "optimizer_steps": res.optimizer_steps,
-        "converged_ratio": res.converged_ratio, "stopped_by": res.stopped_by, "warnings": res.warnings,
+        "converged_ratio": res.converged_ratio, "residual": res.residual, "stopped_by": res.stopped_by,
+        "solve": res.solve, "warnings": res.warnings,
         "seconds": seconds, "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
         "history": res.history, "contexts": str(ws.contexts(split)),
         "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
@@ -158,30 +159,43 @@ def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | N
 
 
 def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = None,
-            tokenizer_file: Path | None = None, plot: Path | None = None, rebuild: bool = False) -> dict:
+            tokenizer_file: Path | None = None, plot: Path | None = None, rebuild: bool = False,
+            probe_rows: int = PROBE_ROWS) -> dict:
     """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate."""
+    if probe_rows < 0:
+        raise UsageError("--probe-rows must not be negative")
     if contexts is not None:
         return analyze_file(s, contexts, tokens, tokenizer_file, plot)
     if rebuild:
         rebuild_upstream(s, "analyze")
     ws, meta = open_run(s)
     tok = tokenizers.load(ws.tokenizer())
-    reports, ids = {}, {}
+    reports, ids, data, ctxs = {}, {}, {}, {}
     for split in SPLITS:
         if not ws.phase1_report(split).exists():
             continue
         ctx, rep = load_contexts(ws, split, meta)
-        toks, _ = dataset.load_split(ws, split)
-        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode)
-        ids[split] = rep["provenance"]["model_id"]
+        toks, offs = dataset.load_split(ws, split)
+        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode,
+                                                   offsets=offs)
+        ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
     if len(set(ids.values())) > 1:
         raise RefusedError(f"train and val contexts come from different networks ({ids}); rerun phase1 --split val")
-    gate = analysis.gate(reports.get("train"), reports.get("val"), s.model.context_dim)
+    gate = analysis.gate(reports.get("train"), reports.get("val"))
     out = {**reports, "gate": {"passed": not gate, "problems": gate},
            "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
            "path": str(ws.analysis())}
+    if probe_rows and len(reports) == 2:
+        device = resolve_device(s.runtime.device)
+        control = tuple(control_contexts(ws, s, meta, split, device) for split in SPLITS)
+        out["decodability"] = decodability.probe_all(
+            {"phase1": (ctxs["train"], ctxs["val"]), "untrained": control}, data["train"], data["val"],
+            meta["vocab_size"], rows=probe_rows, seed=s.runtime.seed, device=device,
+            on_fit=lambda what: info(f"probe: {what}"))
+        out["control_steps"] = {split: analysis.analyze_contexts(c, seed=s.runtime.seed, offsets=data[split][1])["steps"]
+                                for split, c in zip(SPLITS, control)}
     if plot is not None:
         out["plots"] = [str(plots.spectrum(reports, plot))]
         if ws.phase1_report("train").exists():
@@ -215,7 +229,7 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
             raise UsageError("--tokenizer-file needs --tokens")
         decode = tokenizers.pretrained(str(tokenizer_file)).decode
     rep = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=ids, decode=decode)
-    gate = analysis.gate(rep, None, ctx.shape[1])
+    gate = analysis.gate(rep, None)
     out_path = contexts.with_name(contexts.stem + ".analysis.json")
     out = {"contexts": rep, "gate": {"passed": not gate, "problems": gate}, "path": str(out_path)}
     if plot is not None:
@@ -224,8 +238,26 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     return out
 
 
+def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, device: torch.device) -> np.ndarray:
+    """The untrained network's (same seed) fixed contexts of a split: the control every verdict is
+    measured against. Computed once per run and settings, then read from disk."""
+    torch.manual_seed(s.runtime.seed)
+    untrained = build_model(s, meta["vocab_size"]).to(device)
+    key = {"dataset": meta["key"], "model_id": model_id(untrained), "phase1": s.phase1.model_dump()}
+    path, rep_path = ws.control_contexts(split), ws.control_report(split)
+    if path.exists() and rep_path.exists() and read_json(rep_path, "control report").get("provenance") == key:
+        return read_array(path, f"{split} control contexts")
+    tokens, offsets = dataset.load_split(ws, split)
+    info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
+    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device)
+    write_array(path, res.contexts.cpu().numpy().astype(np.float32))
+    write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
+                          "iterations": len(res.history), "provenance": key})
+    return read_array(path, f"{split} control contexts")
+
+
 def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
-    """Train the head on the saved contexts, behind the Phase-1 gate, beside the baselines."""
+    """Fit the head on the saved contexts, behind the Phase-1 gate, beside baselines and the control."""
     if rebuild:
         rebuild_upstream(s, "phase2")
     ws, meta = open_run(s)
@@ -239,48 +271,52 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
         splits[split] = (ctx, tokens, offsets)
     ana = read_json(ws.analysis(), "analysis") if ws.analysis().exists() else None
     if ana is None or ana.get("provenance", {}).get("model_id") != mid or "val" not in ana:
-        ana = analyze(s)
-    problems = analysis.gate(ana.get("train"), ana.get("val"), s.model.context_dim)
+        ana = analyze(s, probe_rows=0)
+    problems = analysis.gate(ana.get("train"), ana.get("val"))
     if problems:
         if not force:
             raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
-    res = train_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
+    res, val_groups = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
-    best = res.best["val"]["perplexity"]
-    targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
-    table = {"unigram_add_one": {"val_perplexity": baselines.unigram_perplexity(train_tokens, targets, vocab)},
-             "bigram_add_k": baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)}
+    pos = baselines.pair_positions(val_offsets)
+    prev, targets = np.asarray(val_tokens)[pos], np.asarray(val_tokens)[pos + 1]
+    bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
+    losses = {"unigram_add_one": -baselines.unigram_log_probs(train_tokens, vocab)[targets],
+              "bigram_add_k": -baselines.Bigram(*baselines.training_pairs(train_tokens, train_offsets), vocab)
+              .log_probs(prev, targets, bigram["k"])}
+    table = {"unigram_add_one": {}, "bigram_add_k": {"k": bigram["k"]}}
     if cfg.control:
-        info("control: the same head on the contexts of the untrained network (same seed)")
+        control = {split: (control_contexts(ws, s, meta, split, device), tok, off)
+                   for split, (_, tok, off) in splits.items()}
         torch.manual_seed(s.runtime.seed)
         untrained = build_model(s, vocab).to(device)
-        control = {split: (run_cvfp(untrained, tok, off, s.phase1, train=False, device=device)
-                           .contexts.cpu().numpy(), tok, off) for split, (_, tok, off) in splits.items()}
-        ctrl = train_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
-                             network=model_id(untrained))
-        table["untrained_network"] = {"val_perplexity": ctrl.best["val"]["perplexity"], "best_epoch": ctrl.best_epoch}
-    for entry in table.values():  # within 0.1% is a tie, not a win (epoch 0 IS the unigram model)
-        entry["ratio"] = best / entry["val_perplexity"]
-        entry["beaten"] = entry["ratio"] < 1 - MARGIN
+        ctrl, _ = fit_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
+                              network=model_id(untrained))
+        losses["untrained_network"] = ctrl.val_losses
+        table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2}
+    for key, entry in table.items():
+        entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
+        entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
     provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
-    write_checkpoint(ws.phase2_checkpoint(), {"state": res.head.state_dict(), "provenance": provenance,
-                                              "best_epoch": res.best_epoch})
-    out = {"best_epoch": res.best_epoch, "best": res.best, "epochs": res.epochs, "head_rows": res.head_rows,
-           "baselines": table,
-           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+    head = p2.Head.from_probe(res)
+    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
+    out = {"val": res.val, "train": res.train, "l2": res.l2, "selection": res.selection,
+           "iterations": res.iterations, "capped": res.capped, "head_rows": res.head_rows,
+           "baselines": table, "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
            "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
     write_json(ws.phase2_report(), out)
     save_settings(ws, s)
     return out
 
 
-def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str,
-                  ws: Workspace, network: str):
-    """The head of s.phase2 trained on given (contexts, tokens, offsets) per split; resumable."""
+def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str,
+                ws: Workspace, network: str):
+    """The head of s.phase2 fitted on given (contexts, tokens, offsets) per split; resumable.
+    Returns the probe result and the val pairs' document ids (for the verdicts' bootstrap)."""
     cfg = s.phase2
 
     def embed(ids: np.ndarray) -> torch.Tensor:
@@ -290,20 +326,24 @@ def train_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: 
     data = {k: p2.make_split(*v, device, features) for k, v in splits.items()}
     if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
-    bias = baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram" else None
+    prior = (baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram"
+             else np.zeros(vocab))
     info(f"  {label}: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs")
 
     def show(r: dict) -> None:
-        info(f"  epoch {r['epoch']:>2}: train loss {r['train']['loss']:.4f}  val loss {r['val']['loss']:.4f}  "
-             f"val ppl {r['val']['perplexity']:.1f}  val acc {r['val']['accuracy']:.3f}  {r['seconds']:.1f}s")
+        info(f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
+             f"iterations  {r['seconds']:.1f}s")
     resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
-        "network": network, "format": "class-rows", "phase2": cfg.model_dump(), "seed": s.runtime.seed, "vocab": vocab,
-        "pairs": [len(data["train"].targets), len(data["val"].targets)]})
-    res = p2.train_head(data["train"], data["val"], vocab, cfg, seed=s.runtime.seed, bias=bias, device=device,
-                        on_epoch=show, resume=resumable.load(), save_resume=resumable.save)
+        "network": network, "format": "probe", "phase2": cfg.model_dump(), "seed": s.runtime.seed,
+        "vocab": vocab, "pairs": [len(data["train"].targets), len(data["val"].targets)]})
+    res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
+                    device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save)
     resumable.clear()
-    info(f"  {label}: {res.head_rows:,} head rows trained for {vocab:,} tokens (never-target tokens tied)")
-    return res
+    info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
+         f"for {vocab:,} tokens (never-target tokens tied)")
+    if res.capped:
+        warn(f"{label}: a fit stopped at --phase2-max-iterations {cfg.max_iterations} before converging")
+    return res, data["val"].groups.cpu().numpy()
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:

@@ -57,4 +57,4 @@ def cli(capsys):
 def base_args(tmp_path: Path, corpus: Path) -> list[str]:
     """A fast run on the fixture corpus: byte tokenizer, tiny Phase 2."""
     return ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
-            "--tokenizer", "byte", "--phase2-epochs", "2", "--phase2-batch-size", "256"]
+            "--tokenizer", "byte", "--phase2-max-iterations", "30"]

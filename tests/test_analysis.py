@@ -45,7 +45,7 @@ def test_constant_contexts_raise_global_attractor():
     assert rep["global_attractor"]["degenerate"]
     assert rep["centred"]["actual_rank"] == 0 and rep["centred"]["effective_rank"] == 0.0
     assert rep["information"]["effective_rank"] == pytest.approx(1.0)
-    assert analysis.gate(rep, rep, 4)
+    assert analysis.gate(rep, rep)
 
 
 def test_zero_contexts_raise_zero_solution():
@@ -85,13 +85,13 @@ def test_pairwise_statistics_match_direct_computation_and_seed():
     assert analysis.analyze_contexts(big, seed=8)["global_attractor"]["mean_l2"] != a["global_attractor"]["mean_l2"]
 
 
-def test_gate_thresholds():
-    def rep(eff):
-        return {"information": {"effective_rank": eff}, "global_attractor": {"degenerate": False},
-                "zero_solution": {"degenerate": False, "mean_norm": 1.0}}
-    assert analysis.gate(rep(3.3), rep(1.3), 16) == []
-    assert "train effective rank" in analysis.gate(rep(3.1), rep(1.3), 16)[0]
-    assert "val effective rank" in analysis.gate(rep(3.3), rep(1.2), 16)[0]
+def test_gate_thresholds_are_shares_of_the_attainable_centred_rank():
+    def rep(eff):  # C = 16: at most 15 centred directions; the uncentred rank plays no part
+        return {"dim": 16, "centred": {"effective_rank": eff}, "information": {"effective_rank": 0.5},
+                "global_attractor": {"degenerate": False}, "zero_solution": {"degenerate": False, "mean_norm": 1.0}}
+    assert analysis.gate(rep(3.0), rep(1.2), ) == []  # 20% and 8% of 15
+    assert "train centred effective rank" in analysis.gate(rep(2.9), rep(1.2))[0]
+    assert "val centred effective rank" in analysis.gate(rep(3.0), rep(1.1))[0]
 
 
 def test_file_backed_streaming_equals_in_memory(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_stage_by_stage_equals_full(cli, base_args):
     for split in ("train", "val"):
         assert np.array_equal(np.load(a / f"contexts_{split}.npy"), np.load(b / f"contexts_{split}.npy"))
     pa, pb = json.loads((a / "phase2.json").read_text()), json.loads((b / "phase2.json").read_text())
-    assert pa["best"] == pb["best"] and [e["val"] for e in pa["epochs"]] == [e["val"] for e in pb["epochs"]]
+    assert pa["val"] == pb["val"] and pa["selection"] == pb["selection"] and pa["baselines"] == pb["baselines"]
     assert json.loads((a / "analysis.json").read_text())["train"]["information"] == \
         json.loads((b / "analysis.json").read_text())["train"]["information"]
 
@@ -111,7 +111,7 @@ def test_settings_precedence(cli, base_args, tmp_path):
     # a later stage inherits the run's saved settings; an option still wins over them
     r = cli("phase1", "--workspace", base_args[1], "--phase1-max-iterations", "2", "--json")
     assert r.code == 0, r.err
-    assert r.json()["iterations"] == 2
+    assert len(r.json()["history"]) == 2  # training iterations; a no-update solve may follow
     saved = Settings.model_validate_json((run_dir(base_args) / "settings.json").read_text())
     assert (saved.model.context_dim, saved.model.embed_dim, saved.data.source) == (8, 4, "text_file")
 
@@ -132,8 +132,9 @@ def test_defaults_are_the_seed_values():
     s = Settings()
     assert (s.model.num_layers, s.model.context_dim, s.model.embed_dim) == (2, 16, 16)
     p = s.phase1
-    assert (p.max_iterations, p.convergence_threshold, p.min_converged_ratio) == (10, 0.02, 0.95)
+    # 30 iterations, not 10, on measurement (docs/EXPERIMENTS.md)
+    assert (p.max_iterations, p.convergence_threshold, p.min_converged_ratio) == (30, 0.02, 0.95)
     assert (p.lr_warmup, p.lr_medium, p.lr_finetune, p.dist_reg_weight, p.use_distribution_reg) == \
         (0.002, 0.0005, 0.0001, 0.2, True)
-    # Phase 2 defaults changed on measurement (docs/EXPERIMENTS.md); the seed's clip is kept
-    assert (s.phase2.lr, s.phase2.epochs, s.phase2.batch_size, s.phase2.gradient_clip) == (0.003, 20, 512, 1.0)
+    # Phase 2 is fitted to its optimum: only the penalty (chosen on held-out documents) and a cap remain
+    assert (s.phase2.l2, s.phase2.max_iterations, s.phase2.head_init) == (None, 200, "unigram")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from newllm_cli import baselines, phase2 as p2
-from newllm_cli.settings import Phase2Settings
+from newllm_cli import baselines, phase2 as p2, probe, recurrence, verdict
+from newllm_cli.model import NewLLM
 
 CPU = torch.device("cpu")
 
@@ -28,7 +28,7 @@ def test_unigram_baseline_equals_hand_computation():
 def test_perplexity_is_exp_of_mean_cross_entropy():
     torch.manual_seed(0)
     head = p2.Head(3, 5)
-    split = p2.Split(torch.randn(40, 3), torch.randint(0, 5, (40,)))
+    split = probe.Split(torch.randn(40, 3), torch.randint(0, 5, (40,)))
     got = p2.evaluate(head, split)
     with torch.no_grad():
         logits = head(split.inputs)
@@ -43,33 +43,17 @@ def test_head_learns_a_deterministic_sequence():
     # context i (one-hot) is always followed by token (i + 1) % 6
     x = torch.eye(6).repeat(50, 1)
     y = (torch.arange(300) % 6 + 1) % 6
-    split = p2.Split(x, y)
-    cfg = Phase2Settings(lr=0.05, epochs=60, batch_size=32, patience=60)
-    res = p2.train_head(split, split, 6, cfg, seed=0, bias=None, device=CPU)
-    assert res.best["val"]["loss"] < 0.05 and res.best["val"]["accuracy"] == 1.0
+    split = probe.Split(x, y, torch.arange(300) // 30)
+    res = probe.fit(split, split, 6, np.zeros(6))
+    assert res.val["accuracy"] == 1.0 and res.val["loss"] < 0.1
+    assert p2.evaluate(p2.Head.from_probe(res), split)["loss"] == pytest.approx(res.val["loss"], abs=1e-6)
 
 
-def test_early_stopping_restores_the_best_epoch():
-    rng = np.random.default_rng(0)
-    train = p2.Split(torch.randn(400, 4), torch.as_tensor(rng.integers(0, 50, 400)))
-    val = p2.Split(torch.randn(200, 4), torch.as_tensor(rng.integers(0, 50, 200)))  # unrelated: overfits
-    cfg = Phase2Settings(lr=0.05, epochs=30, batch_size=16, patience=2)
-    res = p2.train_head(train, val, 50, cfg, seed=0, bias=None, device=CPU)
-    assert len(res.epochs) < 30  # stopped early
-    best = min([res.best] + [{"val": e["val"]} for e in res.epochs], key=lambda r: r["val"]["loss"])
-    assert p2.evaluate(res.head, val)["loss"] == pytest.approx(best["val"]["loss"], rel=1e-6)
-
-
-def test_unigram_bias_starts_at_the_baseline():
+def test_a_huge_penalty_gives_exactly_the_unigram_baseline():
     tokens = np.array([0, 1, 1, 2, 2, 2, 3])
-    bias = baselines.unigram_log_probs(tokens, 5)
-    head = p2.Head(2, 5)
-    with torch.no_grad():
-        head.proj.weight.zero_()
-        head.proj.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-    targets = np.array([2, 4, 1])
-    split = p2.Split(torch.randn(3, 2), torch.as_tensor(targets))
-    assert p2.evaluate(head, split)["perplexity"] == pytest.approx(baselines.unigram_perplexity(tokens, targets, 5), rel=1e-5)
+    split = probe.Split(torch.randn(7, 3), torch.as_tensor(tokens))
+    res = probe.fit(split, split, 5, baselines.unigram_log_probs(tokens, 5), l2=1e6)
+    assert res.val["perplexity"] == pytest.approx(baselines.unigram_perplexity(tokens, tokens, 5), rel=1e-4)
 
 
 def test_bigram_baseline_equals_hand_computation():
@@ -88,79 +72,133 @@ def test_bigram_baseline_equals_hand_computation():
     assert k in baselines.K_GRID
 
 
-def test_unigram_head_starts_exactly_at_the_baseline():
-    tokens = np.array([0, 1, 1, 2, 2, 2, 3])
-    split = p2.Split(torch.randn(7, 3), torch.as_tensor(tokens))
-    cfg = Phase2Settings(epochs=1, lr=1e-12)
-    res = p2.train_head(split, split, 5, cfg, seed=0, bias=baselines.unigram_log_probs(tokens, 5), device=CPU)
-    assert res.best["val"]["perplexity"] == pytest.approx(baselines.unigram_perplexity(tokens, tokens, 5), rel=1e-5)
-
-
 def test_vocab_classes_tie_untargeted_tokens_with_equal_start():
-    # targets 1 and 3; tokens 0, 2, 4 share a starting bias, token 5 starts elsewhere
+    # targets 1 and 3; tokens 0, 2, 4 share a prior, token 5 has its own
     bias = np.array([-5.0, -1.0, -5.0, -2.0, -5.0, -4.0])
-    classes = p2.VocabClasses.build(np.array([3, 1, 3]), bias, CPU)
+    classes = probe.VocabClasses.build(np.array([3, 1, 3]), bias, CPU)
     assert classes.representative.tolist() == [0, 1, 3, 5]
     assert classes.multiplicity.tolist() == [3.0, 1.0, 1.0, 1.0]
     assert classes.token_class.tolist() == [0, 1, 0, 2, 0, 3]
 
 
-def _reference_training(train, val, vocab, cfg, seed, bias):
-    """The plain full-vocabulary loop: Linear(in, V) from W = 0, autograd, clip_grad_norm_, Adam."""
-    head = torch.nn.Linear(train.inputs.shape[1], vocab)
+def _reference_optimum(train, val, vocab, prior, l2):
+    """The same convex problem solved naively: whitening by numpy, a full [V, r + 1] parameter matrix,
+    autograd and float64 L-BFGS run far past convergence."""
+    x = train.inputs.double().numpy()
+    mean = x.mean(0)
+    values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
+    keep = values > values.max() * 1e-7
+    t = torch.as_tensor(vectors[:, keep] / np.sqrt(values[keep]))
+    white = lambda z: (z.double() - torch.as_tensor(mean)) @ t
+    prior = torch.as_tensor(prior, dtype=torch.float64)
+    w = torch.zeros(vocab, t.shape[1], dtype=torch.float64, requires_grad=True)
+    b = prior.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(white(train.inputs) @ w.t() + b, train.targets) + \
+            0.5 * l2 * ((w ** 2).sum() + ((b - prior) ** 2).sum())
+        loss.backward()
+        return loss
+    opt.step(closure)
     with torch.no_grad():
-        head.weight.zero_()
-        head.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(seed)
-    val_losses, val_accuracy = [], []
-    with torch.no_grad():
-        best = (F.cross_entropy(head(val.inputs), val.targets).item(), torch.cat([head.weight, head.bias[:, None]], 1))
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(train.targets), generator=gen)
-        for s in range(0, len(order), cfg.batch_size):
-            idx = order[s:s + cfg.batch_size]
-            loss = F.cross_entropy(head(train.inputs[idx]), train.targets[idx])
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.gradient_clip)
-            opt.step()
-        with torch.no_grad():
-            logits = head(val.inputs)
-            val_losses.append(F.cross_entropy(logits, val.targets).item())
-            val_accuracy.append((logits.argmax(1) == val.targets).float().mean().item())
-        if val_losses[-1] < best[0]:
-            best = (val_losses[-1], torch.cat([head.weight, head.bias[:, None]], 1).detach().clone())
-    return val_losses, val_accuracy, best[1]
+        return F.cross_entropy(white(val.inputs) @ w.t() + b, val.targets).item(), w @ t.t(), b - (w @ t.t()) @ torch.as_tensor(mean)
 
 
-def test_tied_class_training_equals_full_vocabulary_training(monkeypatch):
-    """Tied rows, the hand-written gradient, chunking and the counted clipping norm change nothing."""
-    monkeypatch.setattr(p2, "LOGIT_BUDGET", 100)  # several chunks per batch
+def test_tied_classes_whitening_and_scaling_reach_the_naive_optimum(monkeypatch):
+    """Tied rows, whitening, the per-class scaling, the hand-written gradient and chunking change
+    nothing: the fit equals a plain full-vocabulary solve of the same problem."""
+    monkeypatch.setattr(probe, "LOGIT_BUDGET", 100)  # several chunks per pass
     vocab, rng = 40, np.random.default_rng(1)  # rows 23-39 never counted: one tied class
-    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 0.5, 1.0]) + 2.0
     noise = torch.as_tensor(rng.integers(0, 2, 300))
-    y = (((x[:, 0] + 2) * 3).long() + noise).clamp(0, 14)  # learnable targets among 0..14
+    y = (((x[:, 0] / 3 + 2) * 3).long() + noise).clamp(0, 14)  # learnable targets among 0..14
     stream = np.concatenate([y.numpy(), [20, 21, 22, 22]])  # 20-22: counted, never targets
-    bias = baselines.unigram_log_probs(stream, vocab)
-    train = p2.Split(x[:240], y[:240])
-    val = p2.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
-    cfg = Phase2Settings(lr=0.05, epochs=4, batch_size=16, patience=10, gradient_clip=0.5)
-    res = p2.train_head(train, val, vocab, cfg, seed=3, bias=bias, device=CPU)
-    ref_losses, ref_accuracy, ref_best = _reference_training(train, val, vocab, cfg, 3, bias)
-    assert [e["val"]["loss"] for e in res.epochs] == pytest.approx(ref_losses, rel=1e-5)
-    assert [e["val"]["accuracy"] for e in res.epochs] == pytest.approx(ref_accuracy)
-    got = torch.cat([res.head.proj.weight, res.head.proj.bias[:, None]], 1)
-    assert torch.allclose(got, ref_best, atol=1e-5)
-    assert res.best_epoch > 0 and torch.equal(got[23], got[39]) and not torch.equal(got[22], got[23])
+    prior = baselines.unigram_log_probs(stream, vocab)
+    train = probe.Split(x[:240], y[:240], torch.arange(240) // 24)
+    val = probe.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
+    res = probe.fit(train, val, vocab, prior, l2=0.01, max_iterations=500)
+    ref_loss, ref_w, ref_b = _reference_optimum(train, val, vocab, prior, 0.01)
+    assert res.val["loss"] == pytest.approx(ref_loss, rel=1e-4)
+    assert torch.allclose(res.weight.double(), ref_w, atol=2e-3) and torch.allclose(res.bias.double(), ref_b, atol=2e-3)
+    assert res.head_rows < vocab and torch.equal(res.bias[23], res.bias[39]) and res.bias[22] != res.bias[23]
+
+
+def test_penalty_is_chosen_on_held_out_documents_not_on_val():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 2, generator=gen)
+    y = (x[:, 0] > 0).long() * 3 + torch.randint(0, 3, (600,), generator=gen)  # half-learnable
+    train = probe.Split(x[:400], y[:400], torch.arange(400) // 20)
+    junk = probe.Split(torch.randn(200, 2, generator=gen), torch.randint(0, 6, (200,), generator=gen))
+    a = probe.fit(train, probe.Split(x[400:], y[400:]), 6, np.zeros(6))
+    b = probe.fit(train, junk, 6, np.zeros(6))  # another val set changes no choice
+    assert a.l2 == b.l2 and a.selection == b.selection and torch.equal(a.weight, b.weight)
+    assert len(a.selection) >= 2 and a.l2 == min(a.selection, key=lambda r: r["heldout_loss"])["l2"]
 
 
 def test_accuracy_over_tied_classes_is_the_full_vocabulary_argmax():
     # tokens 5-9 are never targets and start highest: the full argmax is token 5, never 7
-    bias = np.array([0.0] * 5 + [2.0] * 5)
-    train = p2.Split(torch.randn(20, 2), torch.arange(20) % 5)
-    val = p2.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
-    res = p2.train_head(train, val, 10, Phase2Settings(epochs=1, lr=1e-12), seed=0, bias=bias, device=CPU)
+    prior = np.array([0.0] * 5 + [2.0] * 5)
+    train = probe.Split(torch.randn(20, 2), torch.arange(20) % 5)
+    val = probe.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
+    res = probe.fit(train, val, 10, prior, l2=1e6)
+    head = p2.Head.from_probe(res)
     with torch.no_grad():
-        expected = (res.head(val.inputs).argmax(1) == val.targets).float().mean().item()
-    assert expected == 0.5 and res.best["val"]["accuracy"] == pytest.approx(expected)
+        expected = (head(val.inputs).argmax(1) == val.targets).float().mean().item()
+    assert expected == 0.5 and res.val["accuracy"] == pytest.approx(expected)
+
+
+def test_bootstrap_verdict_against_hand_cases():
+    groups = np.repeat(np.arange(40), 5)
+    same = verdict.compare(np.full(200, 2.0), np.full(200, 2.5), groups)
+    assert same["ratio"] == pytest.approx(math.exp(-0.5)) and same["verdict"] == "beats"
+    assert same["ratio_low"] == pytest.approx(math.exp(-0.5)) == pytest.approx(same["ratio_high"])
+    noisy = np.random.default_rng(0).normal(0, 1, 200)
+    tie = verdict.compare(2.0 + noisy, np.full(200, 2.0), groups)
+    assert tie["verdict"] == "ties" and tie["ratio_low"] < 1 < tie["ratio_high"]
+    assert verdict.compare(np.full(200, 3.0), np.full(200, 2.0), groups)["verdict"] == "loses to"
+    assert verdict.units(np.zeros(90, dtype=int))[1] == "30 blocks of contiguous pairs"
+
+
+def _synthetic(encode: bool, n_docs=60, length=80, vocab=24, seed=0):
+    """A text whose next token follows from the current one (x_{t+1} = 3 x_t + 1 mod V, 10% noise),
+    and contexts from a network built to write the current token into the context (encode=True) or
+    Gaussian contexts independent of the text (encode=False)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.empty(n_docs * length, dtype=np.int64)
+    for d in range(n_docs):
+        t = rng.integers(vocab)
+        for i in range(length):
+            tokens[d * length + i] = t
+            t = (3 * t + 1) % vocab if rng.random() > 0.1 else rng.integers(vocab)
+    offsets = np.arange(0, n_docs * length + 1, length)
+    if not encode:
+        return tokens, offsets, rng.normal(size=(len(tokens), 8)).astype(np.float32)
+    torch.manual_seed(seed)
+    model = NewLLM(vocab, 8, 8, 1)
+    with torch.no_grad():  # y_ctx = ReLU(10 tok) dominates ctx: c_t is a function of x_t
+        lin = model.blocks[0].mlp[0]
+        lin.weight.zero_()
+        lin.weight[:8, 8:] = 10 * torch.eye(8)
+        model.embed.weight.normal_(0, 1)
+    emb = model.embed_tokens(torch.as_tensor(tokens))
+    ctx = recurrence.sweep_torch(model, emb, offsets, torch.zeros(n_docs, 8))
+    return tokens, offsets, ctx.numpy()
+
+
+@pytest.mark.parametrize("encode", [True, False])
+def test_verdict_follows_the_information_in_the_contexts(encode):
+    tokens, offsets, ctx = _synthetic(encode)
+    cut = offsets[45]
+    train = p2.make_split(ctx[:cut], tokens[:cut], offsets[:46], CPU)
+    val = p2.make_split(ctx[cut:], tokens[cut:], offsets[45:] - cut, CPU)
+    prior = baselines.unigram_log_probs(tokens[:cut], 24)
+    res = probe.fit(train, val, 24, prior)
+    unigram = -prior[val.targets.numpy()]
+    v = verdict.compare(res.val_losses, unigram, val.groups.numpy())
+    if encode:  # the head knows the rule: far below unigram (24 tokens, ~3.2 nats)
+        assert v["verdict"] == "beats" and v["ratio_high"] < 0.3
+    else:
+        assert v["verdict"] == "ties" and v["ratio_low"] <= 1 <= v["ratio_high"]
