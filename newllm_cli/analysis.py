@@ -1,4 +1,4 @@
-"""Fixed-point analysis (SPEC §3), streamed over memory-mapped contexts in bounded memory.
+"""Fixed-point analysis (docs/ARCHITECTURE.md), streamed over memory-mapped contexts in bounded memory.
 
 One pass accumulates the float64 Gram matrix, sums and norms; singular values come from the Gram's
 eigenvalues (s_i = sqrt(lambda_i)), so N never meets N. Pairwise statistics use a seeded sample.
@@ -128,7 +128,7 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
 
 def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
                      decode=None, offsets: np.ndarray | None = None) -> dict:
-    """Every SPEC §3 figure for one N x C context matrix (may be a read-only memmap)."""
+    """Every analysis figure for one N x C context matrix (may be a read-only memmap)."""
     n, c = contexts.shape
     if n == 0:
         raise ValueError("no contexts to analyse")

@@ -1,4 +1,4 @@
-"""The New-LLM network (SPEC §1): token embedding, L residual context blocks, and the step f(x, c)."""
+"""The New-LLM network: token embedding, L residual context blocks, and the step f(x, c)."""
 from __future__ import annotations
 
 import torch
@@ -50,7 +50,7 @@ class NewLLM(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """SPEC §1: every Linear and Embedding weight N(0, 0.02), biases 0."""
+    """Init as in docs/ARCHITECTURE.md: every Linear and Embedding weight N(0, 0.02), biases 0."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:

@@ -66,7 +66,7 @@ ANALYZE = [
     extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
     extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
-    extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs newllm[plot])."),
+    extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra)."),
     extra("probe_rows", int, 10_000, "--probe-rows", "Positions sampled per split for the decodability probes (0: none)."),
     REBUILD,
 ]

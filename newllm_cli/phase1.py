@@ -1,4 +1,4 @@
-"""Phase 1, CVFP (SPEC §2): one function for training and validation.
+"""Phase 1, CVFP (docs/ARCHITECTURE.md): one function for training and validation.
 
 Each iteration k produces, for every token, its incoming context and its new context Q:
 - sequential (Gauss-Seidel): Q is the recurrence run from c_0 = P_N (carry-over), no autograd;
@@ -26,7 +26,7 @@ from .settings import Phase1Settings
 
 
 def dist_loss(q: torch.Tensor) -> torch.Tensor:
-    """mean_d(mean_t q)^2 + mean_d(var_t q - 1)^2, population variance (SPEC §2.3)."""
+    """mean_d(mean_t q)^2 + mean_d(var_t q - 1)^2, population variance."""
     mean = q.mean(dim=0)
     var = q.var(dim=0, unbiased=False)
     return (mean ** 2).mean() + ((var - 1.0) ** 2).mean()
@@ -40,7 +40,7 @@ def phase1_losses(q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> dict
 
 
 def learning_rate(k: int, cfg: Phase1Settings) -> float:
-    """By 0-based iteration index: k <= 3 warm-up, k <= 8 medium, then fine-tune (SPEC §2.5)."""
+    """By 0-based iteration index: k <= 3 warm-up, k <= 8 medium, then fine-tune."""
     return cfg.lr_warmup if k <= 3 else cfg.lr_medium if k <= 8 else cfg.lr_finetune
 
 
@@ -182,7 +182,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
 
 def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> str | None:
     """'converged', 'diverging' (training: the converged share fell by more than one point twice in
-    a row), or None to go on; SPEC §2.4."""
+    a row), or None to go on."""
     if ratio >= cfg.min_converged_ratio and (not train or steps >= cfg.min_iterations):
         return "converged"
     if train:

@@ -31,7 +31,7 @@ def incoming_contexts(traj: torch.Tensor, offsets: np.ndarray, c0: torch.Tensor)
 
 
 def last_contexts(traj: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-    """P_N of each document: the carry-over into the next iteration (SPEC §2)."""
+    """P_N of each document: the carry-over into the next iteration."""
     ends = torch.as_tensor(offsets[1:] - 1, device=traj.device, dtype=torch.long)
     return traj[ends]
 

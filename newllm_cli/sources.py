@@ -1,4 +1,4 @@
-"""Document sources (SPEC §5): each yields documents as strings, streaming, failing loudly.
+"""Document sources: each yields documents as strings, streaming, failing loudly.
 
 A document is one conversation (ultrachat/sample), one blank-line-separated block (text_file) or
 one file (text_dir). Nothing here invents data: a missing or unreadable input is a UsageError.

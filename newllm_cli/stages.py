@@ -161,7 +161,16 @@ def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | N
 def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = None,
             tokenizer_file: Path | None = None, plot: Path | None = None, rebuild: bool = False,
             probe_rows: int = PROBE_ROWS) -> dict:
-    """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate."""
+    """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate.
+
+    --json prints one object. Per split ("train", "val"; "contexts" for --contexts): n, dim,
+    attainable_rank (C-1), centred and information (uncentred): effective_rank, actual_rank,
+    singular_values; global_attractor, zero_solution, distribution; steps: norm_spread,
+    consecutive_cosine, autocorrelation {lag_1, lag_10, lag_100}; directions. Then decodability:
+    rows {train, val} and probes {token_from_context, token_from_step, next_from_context}, each
+    {phase1, untrained, gaussian}: val_perplexity, val_accuracy, train_perplexity, train_accuracy, l2;
+    control_steps {train, val} (the untrained network's steps); gate {passed, problems}; path.
+    """
     if probe_rows < 0:
         raise UsageError("--probe-rows must not be negative")
     if contexts is not None:
