@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from newllm_cli import analysis
 
@@ -145,3 +146,56 @@ def test_gate_refuses_phase2_unless_forced(cli, base_args, monkeypatch):
     r = cli("phase2", *base_args)
     assert r.code == 3 and "train effective rank 1.00" in r.err and "--force" in r.err
     assert cli("phase2", *base_args, "--force").code == 0
+
+
+def _naive_steps(x, offsets, lags=(1, 10, 100)):
+    """Pair by pair inside documents: the definitions of the step statistics."""
+    x = x.astype(np.float64)
+    doc = np.searchsorted(offsets, np.arange(len(x)), side="right") - 1
+    m = x.mean(0)
+    out = {}
+    for k in lags:
+        a = [x[t - k] - m for t in range(k, len(x)) if doc[t] == doc[t - k]]
+        b = [x[t] - m for t in range(k, len(x)) if doc[t] == doc[t - k]]
+        a, b = np.array(a, np.float64), np.array(b, np.float64)
+        out[k] = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
+    cos = [x[t] @ x[t - 1] / np.linalg.norm(x[t]) / np.linalg.norm(x[t - 1])
+           for t in range(1, len(x)) if doc[t] == doc[t - 1]]
+    return out, float(np.mean(cos))
+
+
+def test_step_statistics_equal_the_pairwise_definition_across_chunks(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = np.cumsum(rng.normal(size=(1500, 5)), axis=0).astype(np.float32) * 0.1 + 1.0  # a slow walk
+    offsets = np.array([0, 250, 251, 900, 1500])
+    monkeypatch.setattr(analysis, "ROWS", 173)  # lags span chunk boundaries
+    got = analysis.step_statistics(x, x.astype(np.float64).mean(0), offsets)
+    auto, cos = _naive_steps(x, offsets)
+    assert got["consecutive_cosine"] == pytest.approx(cos, rel=1e-9)
+    for k, v in auto.items():
+        assert got["autocorrelation"][f"lag_{k}"] == pytest.approx(v, rel=1e-9)
+    assert auto[1] > 0.9 and auto[100] < auto[10] < auto[1]
+
+
+def test_decodability_reads_what_the_contexts_encode():
+    """Contexts that are the one-hot of the current token: x_t decodes exactly from c_t; the next
+    token (drawn independently) and Gaussian features decode at chance."""
+    from newllm_cli import decodability
+    rng = np.random.default_rng(0)
+    vocab = 6
+
+    def split(n, docs):
+        tokens = rng.integers(0, vocab, n)
+        offsets = np.linspace(0, n, docs + 1).astype(np.int64)
+        return tokens, offsets, np.eye(vocab, dtype=np.float32)[tokens] + rng.normal(0, 0.01, (n, vocab)).astype(np.float32)
+    (tt, to, tc), (vt, vo, vc) = split(3000, 40), split(1000, 10)
+    pos, docs = decodability.positions(to, 10**9, 0)
+    assert not np.isin(pos, to[:-1]).any() and not np.isin(pos, to[1:] - 1).any()
+    assert len(pos) == 3000 - 2 * 40 and (docs == np.searchsorted(to, pos, side="right") - 1).all()
+    out = decodability.probe_all({"phase1": (tc, vc)}, (tt, to), (vt, vo), vocab, rows=2000, seed=0,
+                                 device=torch.device("cpu"))
+    p = out["probes"]
+    assert p["token_from_context"]["phase1"]["val_accuracy"] == 1.0
+    assert p["next_from_context"]["phase1"]["val_perplexity"] > 0.95 * vocab
+    assert p["token_from_context"]["gaussian"]["val_accuracy"] < 0.3
+    assert out["rows"] == {"train": 2000, "val": 1000 - 2 * 10}

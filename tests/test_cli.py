@@ -57,6 +57,13 @@ def test_full_leaves_every_artifact(cli, base_args):
     report = json.loads((run / "phase2.json").read_text())  # a row per target; unseen tokens share one
     assert 1 < report["head_rows"] <= len(np.unique(train_tokens)) + 1
     assert set(hist[1]) >= {"cvfp_loss", "dist_loss", "loss", "converged_ratio", "lr", "seconds"}
+    probes = out["analysis"]["decodability"]["probes"]  # what the contexts encode, beside references
+    assert set(probes) == {"token_from_context", "token_from_step", "next_from_context"}
+    assert all(set(p) == {"phase1", "untrained", "gaussian"} for p in probes.values())
+    assert set(out["analysis"]["train"]["steps"]["autocorrelation"]) == {"lag_1", "lag_10", "lag_100"}
+    for b in report["baselines"].values():  # every comparison carries its interval and its verdict
+        assert b["verdict"] in ("beats", "ties", "loses to") and b["ratio_low"] <= b["ratio"] <= b["ratio_high"]
+    assert "accuracy" in report["baselines"]["untrained_network"]
 
 
 def test_stage_by_stage_equals_full(cli, base_args):

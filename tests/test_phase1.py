@@ -218,3 +218,21 @@ def test_diverging_training_stops_after_two_drops():
     assert not _should_stop(hist, 0.96, cfg, train=True, steps=0)  # min_iterations=1 step first
     assert _should_stop(hist, 0.96, cfg, train=True, steps=1)
     assert _should_stop(hist, 0.96, cfg, train=False, steps=0)
+
+
+def test_unconverged_training_ends_with_a_no_update_solve_to_the_fixed_point():
+    """Training cut off at its cap (min_converged_ratio 1.0 never reached in 3 iterations): the saved
+    contexts are still the fixed point of the saved weights, measured by one more sweep from their own
+    carry-over, to the convergence threshold for the share that the report states."""
+    model = tiny(layers=1)
+    tokens, offsets = corpus()
+    cfg = Phase1Settings(max_iterations=3, min_converged_ratio=0.9, lr_warmup=0.05)
+    res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU)
+    assert res.stopped_by != "converged" and res.solve, res.history
+    assert res.solve[-1]["lr"] is None and res.converged_ratio == res.solve[-1]["converged_ratio"]
+    c0 = res.contexts[torch.as_tensor(offsets[1:] - 1)]  # the carry-over into a next reading
+    again = sweep_torch(model, model.embed_tokens(torch.as_tensor(tokens)), offsets, c0)
+    per_token = ((again - res.contexts) ** 2).mean(1)
+    share = float((per_token < cfg.convergence_threshold).float().mean())
+    assert share >= res.converged_ratio >= 0.9
+    assert res.residual == pytest.approx(res.solve[-1]["residual"])
