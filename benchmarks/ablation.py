@@ -27,7 +27,7 @@ VARIANTS = {
     "C=64": {"model": {"context_dim": 64}},
     "parallel": {"phase1": {"scheme": "parallel"}},
     "context+token": {"phase2": {"head_input": "context+token"}},
-    "seed lr, 10 it.": {"phase1": {"max_iterations": 10}},
+    "seed stop (10 it., 2 drops)": {"phase1": {"max_iterations": 10, "stop_on_drops": 2}},
 }
 
 

@@ -181,12 +181,13 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
 
 
 def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> str | None:
-    """'converged', 'diverging' (training: the converged share fell by more than one point twice in
-    a row), or None to go on."""
+    """'converged', 'diverging' (training, when enabled: the converged share fell by more than one
+    point `stop_on_drops` times in a row), or None to go on."""
     if ratio >= cfg.min_converged_ratio and (not train or steps >= cfg.min_iterations):
         return "converged"
-    if train:
+    drops = cfg.stop_on_drops
+    if train and drops:
         ratios = [h["converged_ratio"] for h in history if h["converged_ratio"] is not None] + [ratio]
-        if len(ratios) >= 3 and ratios[-1] < ratios[-2] - 0.01 and ratios[-2] < ratios[-3] - 0.01:
+        if len(ratios) > drops and all(ratios[-i] < ratios[-i - 1] - 0.01 for i in range(1, drops + 1)):
             return "diverging"
     return None

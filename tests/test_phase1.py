@@ -210,9 +210,11 @@ def test_concat_is_one_stream():
 
 def test_diverging_training_stops_after_two_drops():
     from newllm_cli.phase1 import _stop_reason as _should_stop  # a reason is truthy, None is not
-    cfg = Phase1Settings()
+    cfg = Phase1Settings(stop_on_drops=2)  # the seed's rule; off by default
     hist = [{"converged_ratio": None}, {"converged_ratio": 0.9}, {"converged_ratio": 0.8}]
     assert _should_stop(hist, 0.7, cfg, train=True, steps=3)
+    assert not _should_stop(hist, 0.7, Phase1Settings(), train=True, steps=3)
+    assert not _should_stop(hist, 0.7, Phase1Settings(stop_on_drops=3), train=True, steps=3)
     assert not _should_stop(hist, 0.795, cfg, train=True, steps=3)
     assert not _should_stop(hist, 0.7, cfg, train=False, steps=0)
     assert not _should_stop(hist, 0.96, cfg, train=True, steps=0)  # min_iterations=1 step first
