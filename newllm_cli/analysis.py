@@ -126,6 +126,21 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
     return {"consecutive_cosine": cos_sum / cos_n if cos_n else None, "autocorrelation": auto}
 
 
+def _steps(contexts: np.ndarray, norms: np.ndarray, mean: np.ndarray, offsets: np.ndarray | None) -> dict:
+    """Norm spread (std / mean of the context norms) and the step statistics."""
+    spread = float(norms.std() / norms.mean()) if norms.mean() > 0 else None
+    return {"norm_spread": spread, **step_statistics(contexts, mean, offsets)}
+
+
+def steps(contexts: np.ndarray, offsets: np.ndarray | None = None) -> dict:
+    """The "steps" figures of `analyze_contexts` alone: one pass for the norms and mean, one for the steps."""
+    norms, total = np.empty(len(contexts)), np.zeros(contexts.shape[1])
+    for s, x in chunks(contexts, ROWS):
+        norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))
+        total += x.sum(0)
+    return _steps(contexts, norms, total / max(len(contexts), 1), offsets)
+
+
 def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
                      decode=None, offsets: np.ndarray | None = None) -> dict:
     """Every analysis figure for one N x C context matrix (may be a read-only memmap)."""
@@ -165,8 +180,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
         "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
         "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
         "attainable_rank": attainable_rank(c),
-        "steps": {"norm_spread": float(norm64.std() / norm64.mean()) if norm64.mean() > 0 else None,
-                  **step_statistics(contexts, mean, offsets)},
+        "steps": _steps(contexts, norm64, mean, offsets),
     }
     report["directions"] = top_tokens(contexts, eigenvectors, tokens, decode)
     return report

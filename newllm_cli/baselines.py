@@ -81,5 +81,6 @@ def bigram_perplexity(train_tokens: np.ndarray, train_offsets: np.ndarray, val_t
                       val_offsets: np.ndarray, vocab_size: int) -> dict:
     k = choose_k(np.asarray(train_tokens), train_offsets, vocab_size)
     vp, val_tokens = pair_positions(val_offsets), np.asarray(val_tokens)
-    model = Bigram(*training_pairs(train_tokens, train_offsets), vocab_size)
-    return {"k": k, "val_perplexity": model.perplexity(val_tokens[vp], val_tokens[vp + 1], k)}
+    log_probs = Bigram(*training_pairs(train_tokens, train_offsets), vocab_size).log_probs(
+        val_tokens[vp], val_tokens[vp + 1], k)
+    return {"k": k, "val_perplexity": float(math.exp(-log_probs.mean())), "log_probs": log_probs}

@@ -46,9 +46,6 @@ class Split:
     targets: torch.Tensor
     groups: torch.Tensor | None = None
 
-    def rows(self, mask: torch.Tensor) -> "Split":
-        return Split(self.inputs[mask], self.targets[mask], None if self.groups is None else self.groups[mask])
-
 
 @dataclass
 class VocabClasses:

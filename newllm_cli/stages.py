@@ -198,13 +198,13 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
            "path": str(ws.analysis())}
     if probe_rows and len(reports) == 2:
         device = resolve_device(s.runtime.device)
-        control = tuple(control_contexts(ws, s, meta, split, device) for split in SPLITS)
+        untrained = untrained_network(s, meta["vocab_size"], device)
+        control = tuple(control_contexts(ws, s, meta, split, untrained, device) for split in SPLITS)
         out["decodability"] = decodability.probe_all(
             {"phase1": (ctxs["train"], ctxs["val"]), "untrained": control}, data["train"], data["val"],
             meta["vocab_size"], rows=probe_rows, seed=s.runtime.seed, device=device,
             on_fit=lambda what: info(f"probe: {what}"))
-        out["control_steps"] = {split: analysis.analyze_contexts(c, seed=s.runtime.seed, offsets=data[split][1])["steps"]
-                                for split, c in zip(SPLITS, control)}
+        out["control_steps"] = {split: analysis.steps(c, data[split][1]) for split, c in zip(SPLITS, control)}
     if plot is not None:
         out["plots"] = [str(plots.spectrum(reports, plot))]
         if ws.phase1_report("train").exists():
@@ -247,11 +247,16 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     return out
 
 
-def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, device: torch.device) -> np.ndarray:
-    """The untrained network's (same seed) fixed contexts of a split: the control every verdict is
-    measured against. Computed once per run and settings, then read from disk."""
+def untrained_network(s: Settings, vocab: int, device: torch.device) -> NewLLM:
+    """The control: the network as initialised by the run's seed, before any Phase 1 step."""
     torch.manual_seed(s.runtime.seed)
-    untrained = build_model(s, meta["vocab_size"]).to(device)
+    return build_model(s, vocab).to(device)
+
+
+def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrained: NewLLM,
+                     device: torch.device) -> np.ndarray:
+    """The untrained network's fixed contexts of a split: the control every verdict is measured
+    against. Computed once per run and settings, then read from disk."""
     key = {"dataset": meta["key"], "model_id": model_id(untrained), "phase1": s.phase1.model_dump()}
     path, rep_path = ws.control_contexts(split), ws.control_report(split)
     if path.exists() and rep_path.exists() and read_json(rep_path, "control report").get("provenance") == key:
@@ -291,18 +296,15 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
     res, val_groups = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
-    pos = baselines.pair_positions(val_offsets)
-    prev, targets = np.asarray(val_tokens)[pos], np.asarray(val_tokens)[pos + 1]
+    targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
     bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
     losses = {"unigram_add_one": -baselines.unigram_log_probs(train_tokens, vocab)[targets],
-              "bigram_add_k": -baselines.Bigram(*baselines.training_pairs(train_tokens, train_offsets), vocab)
-              .log_probs(prev, targets, bigram["k"])}
+              "bigram_add_k": -bigram["log_probs"]}
     table = {"unigram_add_one": {}, "bigram_add_k": {"k": bigram["k"]}}
     if cfg.control:
-        control = {split: (control_contexts(ws, s, meta, split, device), tok, off)
+        untrained = untrained_network(s, vocab, device)
+        control = {split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
                    for split, (_, tok, off) in splits.items()}
-        torch.manual_seed(s.runtime.seed)
-        untrained = build_model(s, vocab).to(device)
         ctrl, _ = fit_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
                               network=model_id(untrained))
         losses["untrained_network"] = ctrl.val_losses
