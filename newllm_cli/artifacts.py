@@ -162,10 +162,25 @@ class Resumable:
             warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
             return None
         info(f"resuming from {self.path}")
-        return payload["state"]
+        state = payload["state"]
+        for key, value in state.items():
+            if isinstance(value, dict) and set(value) == {"rows"}:
+                state[key] = self.path.parent / value["rows"]
+        return state
 
     def save(self, state: dict) -> None:
+        """Row stores (contexts) go to .npy files beside the checkpoint; the rest into it."""
+        state = dict(state)
+        for key, value in state.items():
+            if callable(getattr(value, "save", None)):
+                value.save(self._rows(key))
+                state[key] = {"rows": self._rows(key).name}
         write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
 
+    def _rows(self, key: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{key}.npy")
+
     def clear(self) -> None:
+        for extra in self.path.parent.glob(f"{self.path.name}.*.npy"):
+            extra.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)

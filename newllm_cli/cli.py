@@ -30,6 +30,7 @@ def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Pa
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
+        stages.apply_threads(settings.runtime.threads)
         with interrupt.graceful():
             result = stage(settings, **rest)
         render(result)

@@ -19,7 +19,7 @@ def prompt_context(model: NewLLM, ids: np.ndarray, cfg: Phase1Settings, device: 
     """c_N of the prompt's fixed-point trajectory."""
     res = run_cvfp(model, ids, np.array([0, len(ids)]), cfg.model_copy(update={"concat": False}),
                    train=False, device=device)
-    return res.contexts[-1]
+    return torch.from_numpy(res.contexts.read(len(ids) - 1, len(ids))[0]).to(device)
 
 
 def sample(model: NewLLM, head: Head, head_input: str, ids: np.ndarray, cfg: Phase1Settings, *,

@@ -20,9 +20,8 @@ class ContextBlock(nn.Module):
         self.context_dim = context_dim
 
     def forward(self, ctx: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.mlp(torch.cat([ctx, tok], dim=-1))
-        c = self.context_dim
-        return self.norm_ctx(ctx + y[..., :c]), self.norm_tok(tok + y[..., c:])
+        y_ctx, y_tok = self.mlp(torch.cat([ctx, tok], dim=-1)).split([self.context_dim, tok.shape[-1]], dim=-1)
+        return self.norm_ctx(ctx + y_ctx), self.norm_tok(tok + y_tok)
 
 
 class NewLLM(nn.Module):

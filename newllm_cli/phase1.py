@@ -2,28 +2,34 @@
 
 Each iteration k produces, for every token, its incoming context and its new context Q:
 - sequential (Gauss-Seidel): Q is the recurrence run from c_0 = P_N (carry-over), no autograd;
-- parallel (Jacobi): Q = f(x, shift(P)) with wrap-around, one batched call.
+- parallel (Jacobi): Q = f(x, shift(P)) with wrap-around, one batched call per chunk.
 Training then takes one Adam step on (1-w) MSE(Q, P) + w dist_loss(Q). Incoming contexts are
-detached, so that gradient is exactly the gradient of one batched f over (x_t, incoming_t); we get
-dL/dQ in closed form by autograd on Q alone, then back-propagate it through f chunk by chunk
-(memory bounded at any corpus size).
+detached, so that gradient is exactly the gradient of one batched f over (x_t, incoming_t). The
+losses depend on Q only through per-token differences and the per-dimension mean and variance, so
+one pass accumulates those, dL/dQ follows in closed form, and a second pass back-propagates it
+through f chunk by chunk: memory stays within a budget at any corpus size (MemoryPlan).
 The saved contexts are always those of the saved weights: no step follows the final sweep.
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
 from . import interrupt
+from .adam import Adam
 from .errors import Interrupted, NumericalError
 from .model import NewLLM
-from .recurrence import CHUNK, batched_step, incoming_contexts, last_contexts, resolve_kernel, sweep
+from .recurrence import choose_kernel, embedding_table, shifted, sweep
+from .rowstore import RowStore
 from .settings import Phase1Settings
 
+CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
 
 def dist_loss(q: torch.Tensor) -> torch.Tensor:
     """mean_d(mean_t q)^2 + mean_d(var_t q - 1)^2, population variance."""
@@ -33,9 +39,10 @@ def dist_loss(q: torch.Tensor) -> torch.Tensor:
 
 
 def phase1_losses(q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> dict[str, torch.Tensor]:
+    """The definition on whole arrays; training uses Comparison and loss_gradient, chunk by chunk."""
     cvfp = torch.mean((q - p) ** 2)
     dist = dist_loss(q)
-    w = cfg.dist_reg_weight if cfg.use_distribution_reg else 0.0
+    w = dist_weight(cfg)
     return {"cvfp_loss": cvfp, "dist_loss": dist, "loss": (1.0 - w) * cvfp + w * dist}
 
 
@@ -44,30 +51,128 @@ def learning_rate(k: int, cfg: Phase1Settings) -> float:
     return cfg.lr_warmup if k <= 3 else cfg.lr_medium if k <= 8 else cfg.lr_finetune
 
 
-def embed_all(model: NewLLM, tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-    """LN(Emb(x)) for every token, in chunks; fixed during Phase 1 (the embedding does not learn)."""
-    out = torch.empty(len(tokens), model.embed_dim, device=device)
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How Phase 1 fits its budget: contexts in memory or in files, and the rows handled at once."""
+    in_memory: bool
+    window: int  # rows per sweep window
+    chunk: int   # rows per statistics / gradient chunk
+
+
+def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
+    """Two N x C stores stay in memory when they take at most half the budget; the rest of the
+    budget is working space. Per-row costs are estimates of what torch keeps alive (autograd's saved
+    activations in the gradient pass; ids and outputs in a sweep)."""
+    C, E = model.context_dim, model.embed_dim
+    depth = sum(isinstance(m, torch.nn.Linear) for b in model.blocks for m in b.mlp)
+    stores = 2 * tokens * C * 4
+    in_memory = stores <= budget // 2
+    free = max(budget - (stores if in_memory else 0) - model.embed.num_embeddings * E * 4, budget // 4)
+    per_row_grad = 4 * (E + 6 * C + (3 * depth + 6 * len(model.blocks)) * (C + E))
+    per_row_sweep = 24 + 12 * C
+    return MemoryPlan(in_memory, window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
+                      chunk=int(np.clip(free // (2 * per_row_grad), 256, CHUNK)))
+
+
+def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0: np.ndarray) -> np.ndarray:
+    """The context each token of rows s..e reads: traj shifted by one inside each document, c0 at
+    each start (zeros when there is no trajectory yet: the Jacobi scheme's first iteration)."""
+    if traj is None:
+        return np.zeros((e - s, c0.shape[1]), np.float32)
+    first, last = np.searchsorted(offsets[:-1], [s, e], side="left")
+    before = traj.read(s - 1, s)[0] if s > 0 else None
+    return shifted(traj.read(s, e), before, offsets[first:last] - s, c0[first:last])
+
+
+@dataclass
+class Comparison:
+    """Q against P, accumulated chunk by chunk in float64: losses, per-dimension mean and variance
+    (Chan's pairwise merge, so no cancellation), and the converged share."""
+    rows: int = 0
+    sq: float = 0.0
+    converged: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    finite: bool = True
+
+    def add(self, q: np.ndarray, p: np.ndarray | None, threshold: float) -> None:
+        """Element-wise work in float32 (torch, all cores), every sum accumulated in float64."""
+        qt = torch.from_numpy(np.ascontiguousarray(q))
+        if p is not None:
+            per_token = (qt - torch.from_numpy(np.ascontiguousarray(p))).square_().mean(dim=1)
+            self.sq += float(per_token.sum(dtype=torch.float64)) * q.shape[1]
+            self.converged += int((per_token < threshold).sum())
+        n = len(qt)
+        mean = qt.sum(dim=0, dtype=torch.float64) / n
+        m2 = (qt - mean.float()).square_().sum(dim=0, dtype=torch.float64)
+        m2 -= n * (mean - mean.float().double()) ** 2  # the centre was rounded to float32
+        mean, m2 = mean.numpy(), m2.numpy()
+        self.finite &= bool(np.isfinite(m2).all())  # a NaN or inf anywhere in q makes its sums so
+        if self.mean is None:
+            self.rows, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.rows + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + m2 + delta ** 2 * self.rows * n / total
+        self.rows = total
+
+    @property
+    def var(self) -> np.ndarray:
+        return self.m2 / self.rows
+
+    def losses(self, cfg: Phase1Settings) -> dict[str, float]:
+        cvfp = self.sq / (self.rows * len(self.mean))
+        dist = float((self.mean ** 2).mean() + ((self.var - 1.0) ** 2).mean())
+        w = dist_weight(cfg)
+        return {"cvfp_loss": cvfp, "dist_loss": dist, "loss": (1.0 - w) * cvfp + w * dist}
+
+
+def dist_weight(cfg: Phase1Settings) -> float:
+    return cfg.dist_reg_weight if cfg.use_distribution_reg else 0.0
+
+
+def loss_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phase1Settings) -> torch.Tensor:
+    """d loss / dQ for rows of Q, in closed form from the whole-corpus mean and variance, so the
+    gradient can be formed chunk by chunk (tests check it against autograd on phase1_losses)."""
+    n, c = stats.rows, q.shape[1]
+    mean = torch.as_tensor(stats.mean, dtype=q.dtype, device=q.device)
+    var = torch.as_tensor(stats.var, dtype=q.dtype, device=q.device)
+    w = dist_weight(cfg)
+    cvfp = 2.0 * (q - p) / (n * c)
+    dist = (2.0 * mean + 4.0 * (var - 1.0) * (q - mean)) / (n * c)
+    return (1.0 - w) * cvfp + w * dist
+
+
+def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
+                        traj: RowStore | None, c0: np.ndarray, q: RowStore, p: RowStore,
+                        stats: Comparison, cfg: Phase1Settings, chunk: int) -> None:
+    """Add d loss(Q, P) / d weights to .grad: Q = f(x, incoming.detach()) recomputed chunk by chunk,
+    each chunk back-propagating its rows of the closed-form dL/dQ."""
+    device = table.device
+    for s, e in q.chunks(chunk):
+        ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
+        inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
+        grad = loss_gradient(torch.from_numpy(q.read(s, e)).to(device),
+                             torch.from_numpy(p.read(s, e)).to(device), stats, cfg)
+        model.step(table[ids], inc).backward(grad)
+
+
+def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
+           prev: RowStore | None, c0: np.ndarray, out: RowStore, chunk: int) -> np.ndarray:
+    """Q = f(x, shift(P)) with wrap-around, chunk by chunk; returns each document's last context."""
+    device = table.device
     with torch.no_grad():
-        for s in range(0, len(tokens), CHUNK):
-            ids = torch.as_tensor(np.asarray(tokens[s:s + CHUNK], dtype=np.int64), device=device)
-            out[s:s + CHUNK] = model.embed_tokens(ids)
-    return out
-
-
-def accumulate_gradient(model: NewLLM, tok_emb: torch.Tensor, incoming: torch.Tensor,
-                        q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> None:
-    """Add d loss(Q, P) / d weights to .grad, with Q = f(x, incoming.detach()) recomputed in chunks."""
-    q_leaf = q.detach().clone().requires_grad_(True)
-    phase1_losses(q_leaf, p, cfg)["loss"].backward()
-    grad_q = q_leaf.grad
-    for s in range(0, len(q), CHUNK):
-        out = model.step(tok_emb[s:s + CHUNK], incoming[s:s + CHUNK].detach())
-        out.backward(grad_q[s:s + CHUNK])
+        for s, e in out.chunks(chunk):
+            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
+            inc = torch.from_numpy(incoming_rows(prev, s, e, offsets, c0)).to(device)
+            out.write(s, model.step(table[ids], inc).cpu().numpy())
+    return out.gather(offsets[1:] - 1)
 
 
 @dataclass
 class CVFPResult:
-    contexts: torch.Tensor
+    contexts: RowStore
     history: list[dict] = field(default_factory=list)
     optimizer_steps: int = 0
     stopped_by: str = ""
@@ -87,89 +192,110 @@ class CVFPResult:
         return last["residual"]
 
 
+DEFAULT_BUDGET = 1 << 30
+
+
 def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1Settings, *,
-             train: bool, device: torch.device, optimizer: torch.optim.Optimizer | None = None,
+             train: bool, device: torch.device, memory_budget: int = DEFAULT_BUDGET,
+             scratch: Path | None = None,
              on_iteration: Callable[[dict], None] | None = None, resume: dict | None = None,
              save_resume: Callable[[dict], None] | None = None) -> CVFPResult:
     """Iterate to the fixed point; train=True also updates the context blocks (only them).
 
+    Contexts live in two RowStores (this iteration's and the previous one's), in memory or, beyond
+    half of `memory_budget` bytes, in files under `scratch`; every pass over them goes chunk by chunk.
     On Ctrl-C (see interrupt.py) the state after the current iteration goes to `save_resume`;
-    passing that state back as `resume` continues exactly where it stopped.
+    passing that state back as `resume` continues exactly where it stopped (its "prev" store is
+    taken over).
     """
     offsets = np.array([0, len(tokens)], dtype=np.int64) if cfg.concat else np.asarray(offsets, np.int64)
-    kernel = resolve_kernel(cfg.kernel, device)
-    tok_emb = embed_all(model, tokens, device)
-    n_docs, n = len(offsets) - 1, len(tokens)
-    if train and optimizer is None:
-        optimizer = torch.optim.Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup)
-    result = CVFPResult(contexts=torch.zeros(0))
-    prev: torch.Tensor | None = None
+    n_docs, n, C = len(offsets) - 1, len(tokens), model.context_dim
+    kernel = choose_kernel(cfg.kernel, device, C, n_docs)
+    plan = plan_memory(n, model, memory_budget)
+    directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
+    optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None
+    result = CVFPResult(contexts=RowStore(0, C))
+    prev: RowStore | None = None
+    prev_last = np.zeros((n_docs, C), np.float32)
     first = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         if train:
             optimizer.load_state_dict(resume["optimizer"])
-        prev = resume["prev"].to(device)
+        prev = resume["prev"]
+        if not isinstance(prev, RowStore):  # rows read back from a resume file
+            saved = RowStore.open(prev)
+            prev = RowStore.from_array(saved, directory, plan.chunk)
+            saved.close()
+        prev_last = prev.gather(offsets[1:] - 1)
         result.history, result.optimizer_steps, first = list(resume["history"]), resume["optimizer_steps"], resume["next"]
-    for k in range(first, cfg.max_iterations):
-        start = time.perf_counter()
-        if prev is None:
-            c0 = torch.zeros(n_docs, model.context_dim, device=device)
-        else:
-            c0 = last_contexts(prev, offsets)
-        if cfg.scheme == "sequential":
-            q = sweep(model, tok_emb, offsets, c0, kernel)
-            incoming = incoming_contexts(q, offsets, c0)
-        else:
-            incoming = (torch.zeros(n, model.context_dim, device=device) if prev is None
-                        else incoming_contexts(prev, offsets, c0))
-            q = batched_step(model, tok_emb, incoming)
-        record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
-                  "converged_ratio": None, "residual": None}
-        reason = None
-        if prev is not None:
-            with torch.no_grad():
-                losses = {name: float(v) for name, v in phase1_losses(q, prev, cfg).items()}
-                per_token = torch.mean((q - prev) ** 2, dim=1)
-                ratio = float((per_token < cfg.convergence_threshold).float().mean())
-            record.update(losses, converged_ratio=ratio, residual=float(per_token.mean()))
-            if not all(np.isfinite(v) for v in losses.values()):
-                raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
-                                     f"(learning rate {learning_rate(k, cfg)} may be too high)")
-            reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
-        if k == cfg.max_iterations - 1 and reason != "converged":
-            reason = "max_iterations"
-        if prev is not None:
-            if train and reason is None:
+    table = embedding_table(model, device)
+    q = RowStore(n, C, directory, "contexts")
+    try:
+        for k in range(first, cfg.max_iterations):
+            start = time.perf_counter()
+            c0 = prev_last
+            if cfg.scheme == "sequential":
+                last = sweep(model, kernel, table, tokens, offsets, c0, q, plan.window)
+                traj = q
+            else:
+                last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk)
+                traj = prev
+            stats = Comparison()
+            for s, e in q.chunks(plan.chunk):
+                stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
+            if not stats.finite:
+                raise NumericalError(f"non-finite contexts at iteration {k + 1}")
+            record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
+                      "converged_ratio": None, "residual": None}
+            reason = None
+            if prev is not None:
+                losses = stats.losses(cfg)
+                ratio = stats.converged / n
+                record.update(losses, converged_ratio=ratio, residual=stats.sq / (n * C))
+                if not all(np.isfinite(v) for v in losses.values()):
+                    raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
+                                         f"(learning rate {learning_rate(k, cfg)} may be too high)")
+                reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
+            if k == cfg.max_iterations - 1 and reason != "converged":
+                reason = "max_iterations"
+            if prev is not None and train and reason is None:
                 lr = learning_rate(k, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                accumulate_gradient(model, tok_emb, incoming, q, prev, cfg)
+                optimizer.lr = lr
+                optimizer.zero_grad()
+                accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats, cfg, plan.chunk)
                 optimizer.step()
                 result.optimizer_steps += 1
                 record["lr"] = lr
-        if not torch.isfinite(q).all():
-            raise NumericalError(f"non-finite contexts at iteration {k + 1}")
-        record["seconds"] = time.perf_counter() - start
-        result.history.append(record)
-        if on_iteration:
-            on_iteration(record)
-        prev = q
-        if reason is not None:
-            result.stopped_by = reason
-            break
-        if interrupt.requested() and save_resume is not None:
-            save_resume({"next": k + 1, "prev": prev.cpu(), "history": result.history,
+            record["seconds"] = time.perf_counter() - start
+            result.history.append(record)
+            if on_iteration:
+                on_iteration(record)
+            spare = prev if prev is not None else RowStore(n, C, directory, "contexts")
+            prev, prev_last, q = q, last, spare
+            if reason is not None:
+                result.stopped_by = reason
+                break
+            if interrupt.requested() and save_resume is not None:
+                state = {"next": k + 1, "prev": prev, "history": result.history,
                          "optimizer_steps": result.optimizer_steps, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict() if train else {}})
-            raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
+                         "optimizer": optimizer.state_dict() if train else {}}
+                prev = None  # the state owns it now
+                save_resume(state)
+                raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
+    except BaseException:
+        for store in (q, prev):
+            if store is not None:
+                store.close()
+        raise
+    q.close()
     result.contexts = prev
     if train and result.stopped_by != "converged":
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.
-        settled = run_cvfp(model, tokens, offsets, cfg, train=False, device=device, resume={
-            "next": 0, "prev": prev, "history": [], "optimizer_steps": 0, "model": model.state_dict()})
+        settled = run_cvfp(model, tokens, offsets, cfg, train=False, device=device, memory_budget=memory_budget,
+                           scratch=scratch, resume={"next": 0, "prev": prev, "history": [],
+                                                    "optimizer_steps": 0, "model": model.state_dict()})
         result.contexts, result.solve = settled.contexts, settled.history
         if settled.stopped_by != "converged":
             result.warnings.append(f"the final weights' fixed point was not reached in {cfg.max_iterations} "

@@ -1,10 +1,14 @@
 """The recurrence c_t = f(x_t, c_{t-1}) over many documents, run without autograd.
 
-Two implementations with one contract, `sweep(model, tok_emb, offsets, c0) -> Q`:
-- `torch`: plain PyTorch, documents advanced in lockstep (any device; the reference in tests).
-- `numba`: a compiled CPU kernel, one document per thread, ~100x less per-token overhead.
-Plus the helpers both Phase 1 schemes share: batched f over given incoming contexts, and the shift
-that builds each token's incoming context from a trajectory.
+Two kernels with one contract, `kernel(model, table, ids, offsets, c0) -> Q` (float32, one row per
+token), where `table` holds LayerNorm(Emb(v)) for every vocabulary entry v:
+- `torch`: documents advanced in lockstep, so each step is one matrix-matrix product per layer
+  (BLAS on CPU, any device). Fast when many documents run side by side at large C.
+- `numba`: a compiled CPU kernel, one document per thread, float64 arithmetic with independent
+  accumulators. Fast at small C, where a BLAS call costs more than the arithmetic it does.
+`--kernel auto` picks between them by the rule measured in docs/EXPERIMENTS.md (`choose_kernel`).
+`sweep` runs either over a corpus in windows of bounded size and writes into a RowStore, so the
+corpus never has to be in memory at once. Also the shift that builds each token's incoming context.
 """
 from __future__ import annotations
 
@@ -12,8 +16,7 @@ import numpy as np
 import torch
 
 from .model import NewLLM
-
-CHUNK = 65536  # tokens per batched call: bounds memory on corpora of any size
+from .rowstore import RowStore
 
 try:  # numba is a dependency, but a broken LLVM install should not make newllm unusable on CUDA
     import numba
@@ -21,49 +24,50 @@ except ImportError:  # pragma: no cover
     numba = None
 
 
-def incoming_contexts(traj: torch.Tensor, offsets: np.ndarray, c0: torch.Tensor) -> torch.Tensor:
-    """The context each token reads: traj shifted by one inside each document, c0 at each start."""
-    inc = torch.empty_like(traj)
+def embedding_table(model: NewLLM, device: torch.device) -> torch.Tensor:
+    """LN(Emb(v)) for every v: context-independent, so Phase 1 computes it once per run."""
+    with torch.no_grad():
+        return model.embed_tokens(torch.arange(model.embed.num_embeddings, device=device))
+
+
+def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0: np.ndarray) -> np.ndarray:
+    """Incoming contexts of rows s..e: the row before each (`before` = row s-1, when it exists)
+    and c0 of the document at every document start (`starts` are local row indices)."""
+    inc = np.empty_like(traj)
     inc[1:] = traj[:-1]
-    starts = torch.as_tensor(offsets[:-1], device=traj.device, dtype=torch.long)
+    if before is not None:
+        inc[0] = before
     inc[starts] = c0
     return inc
 
 
-def last_contexts(traj: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
-    """P_N of each document: the carry-over into the next iteration."""
-    ends = torch.as_tensor(offsets[1:] - 1, device=traj.device, dtype=torch.long)
-    return traj[ends]
-
-
-def batched_step(model: NewLLM, tok_emb: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
-    """f(x_t, incoming_t) for all t at once, in chunks, without autograd (Jacobi; checks)."""
-    out = torch.empty_like(incoming)
-    with torch.no_grad():
-        for s in range(0, len(out), CHUNK):
-            out[s:s + CHUNK] = model.step(tok_emb[s:s + CHUNK], incoming[s:s + CHUNK])
-    return out
-
-
-def sweep_torch(model: NewLLM, tok_emb: torch.Tensor, offsets: np.ndarray,
+def sweep_torch(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
                 c0: torch.Tensor) -> torch.Tensor:
-    """Sequential sweep in plain torch: position t of every document in one call.
+    """Lockstep: position t of every document in one call of f.
 
     Documents are visited longest first so that the ones still running at position t are always a
-    prefix of the batch; each step is then one slice, with no masking.
+    prefix of the batch. Inputs are gathered time-major once, so each step reads and writes plain
+    slices; the outputs go back to corpus order in one scatter at the end.
     """
     lengths = np.diff(offsets)
+    if not len(lengths) or lengths.max() == 0:
+        return torch.empty(0, c0.shape[1], device=ids.device, dtype=table.dtype)
     order = np.argsort(-lengths, kind="stable")
     sorted_len = lengths[order]
-    starts = torch.as_tensor(offsets[:-1][order], device=tok_emb.device, dtype=torch.long)
-    out = torch.empty(len(tok_emb), c0.shape[1], device=tok_emb.device, dtype=tok_emb.dtype)
-    ctx = c0[torch.as_tensor(order, device=c0.device)].clone()
+    steps = np.arange(int(sorted_len[0]))[:, None]
+    valid = steps < sorted_len[None, :]                              # [T, B]
+    rows = torch.as_tensor(np.where(valid, offsets[:-1][order][None, :] + steps, 0), device=ids.device)
+    emb = table[ids[rows]]                                           # [T, B, E]
+    out_tm = torch.empty(*valid.shape, c0.shape[1], device=ids.device, dtype=table.dtype)
+    active = np.searchsorted(-sorted_len, -steps[:, 0], side="left")  # documents longer than t
+    ctx = c0[torch.as_tensor(order, device=c0.device)].to(table.dtype)
     with torch.no_grad():
-        for t in range(int(sorted_len[0]) if len(sorted_len) else 0):
-            active = int(np.searchsorted(-sorted_len, -t, side="left"))  # docs with length > t
-            rows = starts[:active] + t
-            ctx = model.step(tok_emb[rows], ctx[:active])
-            out[rows] = ctx
+        for t, a in enumerate(active):
+            ctx = model.step(emb[t, :a], ctx[:a])
+            out_tm[t, :a] = ctx
+    mask = torch.as_tensor(valid, device=ids.device)
+    out = torch.empty(len(ids), c0.shape[1], device=ids.device, dtype=table.dtype)
+    out[rows[mask]] = out_tm[mask]
     return out
 
 
@@ -72,49 +76,88 @@ def numba_available() -> bool:
 
 
 def _pack(model: NewLLM) -> tuple:
-    """The model's context blocks as contiguous float64 arrays for the kernel."""
+    """The model's context blocks as contiguous float64 arrays; weights transposed (input-major) so
+    the kernel's inner loop runs over outputs, whose accumulators are independent."""
     def arr(t):
         return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
     blocks = model.blocks
     lin = [[m for m in b.mlp if isinstance(m, torch.nn.Linear)] for b in blocks]
-    W = arr(torch.stack([torch.stack([m.weight for m in ls]) for ls in lin]))
+    WT = arr(torch.stack([torch.stack([m.weight.t() for m in ls]) for ls in lin]))
     B = arr(torch.stack([torch.stack([m.bias for m in ls]) for ls in lin]))
     gc = arr(torch.stack([b.norm_ctx.weight for b in blocks]))
     bc = arr(torch.stack([b.norm_ctx.bias for b in blocks]))
     gt = arr(torch.stack([b.norm_tok.weight for b in blocks]))
     bt = arr(torch.stack([b.norm_tok.bias for b in blocks]))
-    return W, B, gc, bc, gt, bt, float(blocks[0].norm_ctx.eps)
+    return WT, B, gc, bc, gt, bt, float(blocks[0].norm_ctx.eps)
 
 
-def sweep_numba(model: NewLLM, tok_emb: torch.Tensor, offsets: np.ndarray,
+def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
                 c0: torch.Tensor) -> torch.Tensor:
-    """Sequential sweep with the compiled kernel (CPU); same results as sweep_torch to ~1e-6."""
-    emb = np.ascontiguousarray(tok_emb.detach().cpu().numpy(), dtype=np.float32)
-    start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
-    out = np.empty((len(emb), start.shape[1]), dtype=np.float32)
-    _kernel()(emb, np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out)
-    return torch.from_numpy(out).to(tok_emb.device)
-
-
-def sweep(model: NewLLM, tok_emb: torch.Tensor, offsets: np.ndarray, c0: torch.Tensor,
-          kernel: str) -> torch.Tensor:
-    """Dispatch: kernel is 'numba' or 'torch' (resolved from 'auto' by the caller)."""
-    if kernel == "numba":
-        return sweep_numba(model, tok_emb, offsets, c0)
-    return sweep_torch(model, tok_emb, offsets, c0)
-
-
-def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """'auto' means the compiled kernel on CPU and plain torch on an accelerator."""
-    if kernel == "auto":
-        return "numba" if device.type == "cpu" and numba_available() else "torch"
-    return kernel
-
-
-def _kernel():
+    """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6."""
     if numba is None:
         raise RuntimeError("numba is not installed; use --kernel torch")
-    return _sweep_kernel
+    tab = np.ascontiguousarray(table.detach().cpu().numpy(), dtype=np.float32)
+    start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
+    out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
+    _sweep_kernel(tab, np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
+                  np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out)
+    return torch.from_numpy(out).to(table.device)
+
+
+KERNELS = {"numba": sweep_numba, "torch": sweep_torch}
+
+
+def choose_kernel(kernel: str, device: torch.device, context_dim: int, documents: int) -> str:
+    """'auto': lockstep BLAS on an accelerator, and on CPU once documents x C^2 >= 2^19 (enough
+    work per step to pay for a BLAS call: C=768 from one document, C=256 from 8, C=128 from 32;
+    crossover measured, docs/EXPERIMENTS.md); the compiled per-document kernel otherwise."""
+    if kernel != "auto":
+        return kernel
+    if device.type != "cpu" or not numba_available():
+        return "torch"
+    return "torch" if documents * context_dim ** 2 >= 2 ** 19 else "numba"
+
+
+def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
+          c0: np.ndarray, out: RowStore, window: int) -> np.ndarray:
+    """Run the recurrence over every document from c0, writing Q into `out`; return each document's
+    last context (the carry-over into the next iteration).
+
+    Work goes in time windows of at most `window` rows: every unfinished document advances by the
+    same number of tokens, then its rows are written out and its last context carried over. A corpus
+    that fits one window is one call (one document per thread, or all documents in lockstep).
+    """
+    fn, device = KERNELS[kernel], table.device
+    starts, lengths = offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64)
+    carry = np.array(c0, dtype=np.float32, copy=True)
+    t0 = 0
+    while True:
+        active = np.flatnonzero(lengths > t0)
+        if not len(active):
+            return carry
+        remaining = lengths[active] - t0
+        # all that is left fits: one call, so threads share whole documents (best balance)
+        span = int(remaining.max()) if remaining.sum() <= window else max(1, window // len(active))
+        for group in np.array_split(active, -(-len(active) // window)):
+            seg = np.minimum(lengths[group] - t0, span)
+            local = np.concatenate([[0], np.cumsum(seg)])
+            rows = np.repeat(starts[group] + t0 - local[:-1], seg) + np.arange(local[-1])
+            ids = torch.as_tensor(np.asarray(tokens[rows], dtype=np.int64), device=device)
+            q = fn(model, table, ids, local, torch.as_tensor(carry[group], device=device)).cpu().numpy()
+            carry[group] = q[local[1:] - 1]
+            _write_segments(out, starts[group] + t0, local, q)
+        t0 += span
+
+
+def _write_segments(out: RowStore, dest: np.ndarray, local: np.ndarray, q: np.ndarray) -> None:
+    """Segment i of q (rows local[i]:local[i+1]) goes to rows dest[i]...; adjacent ones in one write."""
+    i, n = 0, len(dest)
+    while i < n:
+        j = i + 1
+        while j < n and dest[j] == dest[j - 1] + (local[j] - local[j - 1]):
+            j += 1
+        out.write(int(dest[i]), q[local[i]:local[j]])
+        i = j
 
 
 if numba is not None:
@@ -134,10 +177,15 @@ if numba is not None:
             out[i] = (v[i] - mean) * inv * gamma[i] + beta[i]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _sweep_kernel(emb, offsets, c0, W, B, gc, bc, gt, bt, eps, out):
-        """One thread per document; float64 arithmetic, float32 output."""
+    def _sweep_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, out):
+        """One thread per document; float64 arithmetic, float32 output.
+
+        y = b + sum_j W[:, j] h[j], summed over j in order (the reference's order, so results are
+        the same bit for bit) but with the loop over outputs innermost: each output's sum is its
+        own accumulator, and the compiler runs them side by side in vector registers.
+        """
         n_docs = offsets.shape[0] - 1
-        n_blocks, depth, width = W.shape[0], W.shape[1], W.shape[2]
+        n_blocks, depth, width = WT.shape[0], WT.shape[1], WT.shape[2]
         C = c0.shape[1]
         E = width - C
         for d in numba.prange(n_docs):
@@ -148,8 +196,9 @@ if numba is not None:
             tmp_c = np.empty(C)
             tmp_t = np.empty(E)
             for t in range(offsets[d], offsets[d + 1]):
+                v = ids[t]
                 for i in range(E):
-                    tok[i] = emb[t, i]
+                    tok[i] = table[v, i]
                 for blk in range(n_blocks):
                     for i in range(C):
                         h[i] = ctx[i]
@@ -157,12 +206,13 @@ if numba is not None:
                         h[C + i] = tok[i]
                     for k in range(depth):
                         for r in range(width):
-                            acc = B[blk, k, r]
-                            for j in range(width):
-                                acc += W[blk, k, r, j] * h[j]
-                            y[r] = acc if acc > 0.0 else 0.0
+                            y[r] = B[blk, k, r]
+                        for j in range(width):
+                            hj = h[j]
+                            for r in range(width):
+                                y[r] += WT[blk, k, j, r] * hj
                         for r in range(width):
-                            h[r] = y[r]
+                            h[r] = y[r] if y[r] > 0.0 else 0.0
                     for i in range(C):
                         tmp_c[i] = ctx[i] + h[i]
                     for i in range(E):

@@ -95,6 +95,9 @@ class RuntimeSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto uses CUDA when present.")
     workspace: str = opt("cache", "Directory for datasets and runs.")
     run: str = opt("default", "Run name: its directory under WORKSPACE/runs.", pattern=r"^[A-Za-z0-9_.-]+$")
+    memory_budget: float = opt(1.0, "GiB that Phase 1 may hold for corpus-sized data; beyond it, contexts "
+                                    "go to files in the run directory and are processed in chunks.", gt=0)
+    threads: int = opt(0, "CPU threads for torch and numba (0: one per core).", ge=0)
 
 
 class Settings(Section):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import analysis, baselines, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, verdict
-from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_array, write_checkpoint, write_json
+from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
 from .phase1 import run_cvfp
@@ -30,6 +30,17 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def apply_threads(threads: int) -> None:
+    """--threads: torch's and numba's pools (0 keeps one thread per core)."""
+    if threads:
+        torch.set_num_threads(threads)
+        try:
+            import numba
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def open_run(s: Settings) -> tuple[Workspace, dict]:
@@ -51,6 +62,11 @@ def model_id(model: NewLLM) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def budget(ws: Workspace, s: Settings) -> dict:
+    """Phase 1's memory budget in bytes, and where contexts go when they exceed it."""
+    return {"memory_budget": int(s.runtime.memory_budget * 2 ** 30), "scratch": ws.run_dir}
 
 
 def build_model(s: Settings, vocab_size: int) -> NewLLM:
@@ -118,7 +134,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
         "seed": s.runtime.seed, "split": split, "network": mid})
     res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
-                   resume=resumable.load(), save_resume=resumable.save)
+                   resume=resumable.load(), save_resume=resumable.save, **budget(ws, s))
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
@@ -128,8 +144,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
             "state": model.state_dict(), "vocab_size": meta["vocab_size"], "model_id": mid,
             "provenance": {"dataset": meta["key"], "model": s.model.model_dump(),
                            "phase1": cfg.model_dump(), "seed": s.runtime.seed}})
-    contexts = res.contexts.detach().cpu().numpy().astype(np.float32)
-    write_array(ws.contexts(split), contexts)
+    res.contexts.save(ws.contexts(split))
     iterations = len(res.history) + len(res.solve)
     report = {
         "split": split, "tokens": int(len(tokens)), "documents": int(len(offsets) - 1),
@@ -263,8 +278,8 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
         return read_array(path, f"{split} control contexts")
     tokens, offsets = dataset.load_split(ws, split)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
-    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device)
-    write_array(path, res.contexts.cpu().numpy().astype(np.float32))
+    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, **budget(ws, s))
+    res.contexts.save(path)
     write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
                           "iterations": len(res.history), "provenance": key})
     return read_array(path, f"{split} control contexts")

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from newllm_cli.model import NewLLM
-from newllm_cli.phase1 import accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp
-from newllm_cli.recurrence import incoming_contexts, sweep_numba, sweep_torch
+from newllm_cli.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp
+from newllm_cli.recurrence import embedding_table, sweep_numba, sweep_torch
+from newllm_cli.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
 
 CPU = torch.device("cpu")
@@ -21,6 +22,24 @@ def tiny(seed=0, vocab=50, c=6, e=5, layers=2, depth=1):
 def corpus(n=120, docs=(0, 30, 31, 75, 120), vocab=50, seed=1):
     tokens = np.random.default_rng(seed).integers(0, vocab, n)
     return tokens, np.array(docs, dtype=np.int64)
+
+
+def rows(res) -> torch.Tensor:
+    """A result's contexts as one tensor (small test corpora only)."""
+    return torch.from_numpy(np.array(res.contexts.read(0, len(res.contexts))))
+
+
+def kernel_sweep(sweep, model, tokens, offsets, c0):
+    table = embedding_table(model, CPU)
+    return sweep(model, table, torch.as_tensor(tokens), offsets, c0)
+
+
+def incoming_contexts(traj, offsets, c0):
+    """Naive shift: the previous row inside each document, c0 at each start."""
+    inc = torch.cat([traj[:1], traj[:-1]])
+    for d in range(len(offsets) - 1):
+        inc[offsets[d]] = c0[d]
+    return inc
 
 
 def naive_sweep(model, tokens, offsets, c0):
@@ -61,8 +80,7 @@ def test_sweeps_match_naive_reference(sweep):
     model = tiny().double()
     tokens, offsets = corpus()
     c0 = torch.randn(len(offsets) - 1, model.context_dim, dtype=torch.float64)
-    emb = model.embed_tokens(torch.as_tensor(tokens)).detach()
-    got = sweep(model, emb, offsets, c0).double()
+    got = kernel_sweep(sweep, model, tokens, offsets, c0).double()
     ref = naive_sweep(model, tokens, offsets, c0)
     tol = 1e-6 if sweep is sweep_numba else 1e-12  # numba writes float32
     assert torch.allclose(got, ref, atol=tol, rtol=0)
@@ -71,9 +89,9 @@ def test_sweeps_match_naive_reference(sweep):
 def test_numba_matches_torch_in_float32_with_deep_blocks():
     model = tiny(depth=2, c=8, e=4)
     tokens, offsets = corpus()
-    emb = model.embed_tokens(torch.as_tensor(tokens)).detach()
     c0 = torch.zeros(len(offsets) - 1, 8)
-    assert torch.allclose(sweep_numba(model, emb, offsets, c0), sweep_torch(model, emb, offsets, c0), atol=1e-4)
+    assert torch.allclose(kernel_sweep(sweep_numba, model, tokens, offsets, c0),
+                          kernel_sweep(sweep_torch, model, tokens, offsets, c0), atol=1e-4)
 
 
 def test_iteration_two_carries_over_and_has_positive_loss():
@@ -85,7 +103,7 @@ def test_iteration_two_carries_over_and_has_positive_loss():
     # iteration 2 must start each document from its own last context of iteration 1
     first = naive_sweep(model, tokens, offsets, torch.zeros(4, model.context_dim))
     second = naive_sweep(model, tokens, offsets, first[torch.as_tensor(offsets[1:] - 1)])
-    assert torch.allclose(res.contexts, second, atol=1e-5)
+    assert torch.allclose(rows(res), second, atol=1e-5)
 
 
 def test_sequential_convergence_reaches_the_fixed_point_equations():
@@ -94,7 +112,7 @@ def test_sequential_convergence_reaches_the_fixed_point_equations():
     cfg = Phase1Settings(max_iterations=60, min_converged_ratio=1.0, convergence_threshold=1e-4)
     res = run_cvfp(model, tokens, offsets, cfg, train=False, device=CPU)
     assert res.stopped_by == "converged"
-    q = res.contexts
+    q = rows(res)
     # c_t = f(x_t, c_{t-1}) for all t, with c_0 = c_N of the same document
     c0 = q[torch.as_tensor(offsets[1:] - 1)]
     inc = incoming_contexts(q, offsets, c0)
@@ -111,11 +129,16 @@ def test_training_gradient_equals_token_by_token_reference():
     cfg = Phase1Settings(dist_reg_weight=0.3)
     p = torch.randn(40, 4)
     c0 = torch.randn(2, 4)
-    # ours: recurrence without autograd, then one batched backward
-    emb = model.embed_tokens(torch.as_tensor(tokens)).detach()
-    q = sweep_torch(model, emb, offsets, c0)
+    # ours: recurrence without autograd, then the closed-form dL/dQ back-propagated in chunks of 7
+    q = kernel_sweep(sweep_torch, model, tokens, offsets, c0)
+    qs, ps = RowStore(40, 4), RowStore(40, 4)
+    qs.write(0, q.numpy())
+    ps.write(0, p.numpy())
+    stats = Comparison()
+    for s, e in qs.chunks(7):
+        stats.add(qs.read(s, e), ps.read(s, e), 0.02)
     model.zero_grad()
-    accumulate_gradient(model, emb, incoming_contexts(q, offsets, c0), q, p, cfg)
+    accumulate_gradient(model, embedding_table(model, CPU), tokens, offsets, qs, c0.numpy(), qs, ps, stats, cfg, 7)
     # reference: token by token with autograd, incoming context detached at every step
     outs = []
     for d in range(2):
@@ -164,7 +187,7 @@ def test_saved_contexts_are_those_of_the_final_weights():
     res = run_cvfp(model, tokens, offsets, Phase1Settings(max_iterations=5, min_converged_ratio=1.0),
                    train=True, device=CPU)
     assert res.optimizer_steps == 3 and res.history[-1]["lr"] is None
-    q = res.contexts
+    q = rows(res)
     with torch.no_grad():
         again = model.step(model.embed_tokens(torch.as_tensor(tokens[1:])), q[:-1])
     inside = np.ones(len(tokens) - 1, dtype=bool)
@@ -179,7 +202,7 @@ def test_same_seed_same_contexts(scheme):
     for _ in range(2):
         model = tiny(seed=3)
         cfg = Phase1Settings(scheme=scheme, max_iterations=4)
-        runs.append(run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU).contexts)
+        runs.append(rows(run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU)))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -195,7 +218,7 @@ def test_parallel_iteration_is_one_jacobi_step_with_wraparound():
         for d in range(len(offsets) - 1):  # wrap-around inside each document
             inc[offsets[d]] = p[offsets[d + 1] - 1]
         q = model.step(emb, inc)
-    assert torch.allclose(two.contexts, q, atol=1e-6)
+    assert torch.allclose(rows(two), q, atol=1e-6)
     assert two.stopped_by != "converged" or two.converged_ratio >= 0.95
 
 
@@ -205,7 +228,7 @@ def test_concat_is_one_stream():
     res = run_cvfp(model, tokens, offsets, Phase1Settings(concat=True, max_iterations=2), train=False, device=CPU)
     first = naive_sweep(model, tokens, np.array([0, len(tokens)]), torch.zeros(1, model.context_dim))
     second = naive_sweep(model, tokens, np.array([0, len(tokens)]), first[-1:])
-    assert torch.allclose(res.contexts, second, atol=1e-5)
+    assert torch.allclose(rows(res), second, atol=1e-5)
 
 
 def test_diverging_training_stops_after_two_drops():
@@ -232,9 +255,35 @@ def test_unconverged_training_ends_with_a_no_update_solve_to_the_fixed_point():
     res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU)
     assert res.stopped_by != "converged" and res.solve, res.history
     assert res.solve[-1]["lr"] is None and res.converged_ratio == res.solve[-1]["converged_ratio"]
-    c0 = res.contexts[torch.as_tensor(offsets[1:] - 1)]  # the carry-over into a next reading
-    again = sweep_torch(model, model.embed_tokens(torch.as_tensor(tokens)), offsets, c0)
-    per_token = ((again - res.contexts) ** 2).mean(1)
+    q = rows(res)
+    c0 = q[torch.as_tensor(offsets[1:] - 1)]  # the carry-over into a next reading
+    again = kernel_sweep(sweep_torch, model, tokens, offsets, c0)
+    per_token = ((again - q) ** 2).mean(1)
     share = float((per_token < cfg.convergence_threshold).float().mean())
     assert share >= res.converged_ratio >= 0.9
     assert res.residual == pytest.approx(res.solve[-1]["residual"])
+
+
+def test_adam_is_torch_adam_bit_for_bit():
+    """Our Adam against torch.optim.Adam: same updates, with a parameter that has no gradient and a
+    learning rate that changes between steps, as in Phase 1."""
+    from newllm_cli.adam import Adam
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3), torch.randn(4), torch.randn(2)]
+    ref = [p.clone() for p in ours]
+    opt, torch_opt = Adam(ours, lr=0.002), torch.optim.Adam(ref, lr=0.002)
+    for k, lr in enumerate([0.002, 0.002, 0.0005, 0.0001, 0.0001]):
+        grads = [torch.randn_like(p) for p in ours]
+        opt.lr = lr
+        for group in torch_opt.param_groups:
+            group["lr"] = lr
+        for p, q, g in zip(ours, ref, grads):
+            p.grad, q.grad = (None, None) if (p.numel() == 2 and k % 2) else (g.clone(), g.clone())
+        opt.step()
+        torch_opt.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q)
+    state = opt.state_dict()
+    again = Adam([p.clone() for p in ours], lr=0.0001)
+    again.load_state_dict(state)
+    assert again.steps == opt.steps and all(torch.equal(a, b) for a, b in zip(again.exp_avg_sq, opt.exp_avg_sq))

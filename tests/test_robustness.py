@@ -71,7 +71,7 @@ def test_phase1_resume_is_exact(monkeypatch):
     monkeypatch.setattr(interrupt, "requested", lambda: False)
     model = fresh()  # a new process: fresh weights, then the saved state
     resumed = run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"), resume=saved)
-    assert torch.equal(resumed.contexts, whole.contexts)
+    assert np.array_equal(resumed.contexts.read(0, 200), whole.contexts.read(0, 200))
     assert resumed.optimizer_steps == whole.optimizer_steps
     assert [h["cvfp_loss"] for h in resumed.history] == [h["cvfp_loss"] for h in whole.history]
 
@@ -119,8 +119,8 @@ def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monke
     r = cli("phase2", *base_args, "--force")
     assert r.code == 4 and "NaN" in r.err and not (run / "phase2.pt").exists()
     import newllm_cli.phase1 as p1
-    real = p1.phase1_losses
-    monkeypatch.setattr(p1, "phase1_losses", lambda q, p, cfg: {**real(q, p, cfg), "loss": torch.tensor(float("nan"))})
+    real = p1.Comparison.losses
+    monkeypatch.setattr(p1.Comparison, "losses", lambda self, cfg: {**real(self, cfg), "loss": float("nan")})
     before = (run / "phase1.pt").read_bytes()
     r = cli("phase1", *base_args)
     assert r.code == 4 and "iteration 2" in r.err and "learning rate" in r.err

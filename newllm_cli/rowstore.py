@@ -1,0 +1,125 @@
+"""N x C float32 rows (one context per token) held in memory, or in a .npy file read chunk by chunk.
+
+Phase 1 keeps two of these (this iteration's contexts and the previous one's). When they fit the
+memory budget they are plain arrays; otherwise they are files in the run directory, read and written
+with pread/pwrite, never memory-mapped: mapped pages count towards the process's resident memory,
+and the point of a file is that only the chunk in hand does.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import atomic_path, write_array
+
+
+class RowStore:
+    def __init__(self, rows: int, width: int, directory: Path | None = None, name: str = "rows"):
+        self.shape = (rows, width)
+        self.row_bytes = width * 4
+        self.array: np.ndarray | None = None
+        self.path: Path | None = None
+        self.fd: int | None = None
+        if directory is None:
+            self.array = np.zeros(self.shape, dtype=np.float32)
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npy", dir=directory)
+        os.close(fd)
+        self.path = Path(tmp)
+        header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=self.shape)
+        self.data_offset = header.offset
+        del header  # the file is created at full size (sparse); we never map it again
+        self.fd = os.open(self.path, os.O_RDWR)
+
+    @classmethod
+    def open(cls, path: Path) -> "RowStore":
+        """An existing float32 .npy file of rows, read through pread like any file store."""
+        probe = np.load(path, mmap_mode="r")
+        if probe.dtype != np.float32 or probe.ndim != 2 or not probe.flags.c_contiguous:
+            raise ValueError(f"{path} does not hold float32 rows")
+        store = cls.__new__(cls)
+        store.shape, store.row_bytes, store.array = probe.shape, probe.shape[1] * 4, None
+        store.path, store.data_offset = Path(path), probe.offset
+        del probe
+        store.fd = os.open(path, os.O_RDONLY)
+        return store
+
+    @classmethod
+    def from_array(cls, source: np.ndarray, directory: Path | None, chunk: int) -> "RowStore":
+        """A store holding a copy of `source` (possibly memory-mapped), copied chunk by chunk."""
+        store = cls(*source.shape, directory)
+        for s in range(0, len(source), chunk):
+            store.write(s, np.asarray(source[s:s + chunk], dtype=np.float32))
+        return store
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self))
+        return self.read(start, stop)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[start:stop]
+        out = np.empty((stop - start, self.shape[1]), dtype=np.float32)
+        view, pos = memoryview(out).cast("B"), self.data_offset + start * self.row_bytes
+        while len(view):
+            got = os.preadv(self.fd, [view], pos)
+            if got <= 0:
+                raise OSError(f"short read from {self.path}")
+            view, pos = view[got:], pos + got
+        return out
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        if self.array is not None:
+            self.array[start:start + len(rows)] = rows
+            return
+        view = memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B")
+        pos = self.data_offset + start * self.row_bytes
+        while len(view):
+            done = os.pwrite(self.fd, view, pos)
+            view, pos = view[done:], pos + done
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Scattered rows (one per document, say), without reading what lies between them."""
+        if self.array is not None:
+            return self.array[rows]
+        return np.stack([self.read(int(r), int(r) + 1)[0] for r in rows]) if len(rows) else \
+            np.zeros((0, self.shape[1]), np.float32)
+
+    def chunks(self, chunk: int):
+        for s in range(0, len(self), chunk):
+            yield s, min(s + chunk, len(self))
+
+    def save(self, path: Path, chunk: int = 1 << 16) -> Path:
+        """Write the rows to `path` as .npy, atomically; a file store is renamed, not copied."""
+        if self.path is not None and self.path.parent.resolve() == Path(path).parent.resolve():
+            os.fsync(self.fd)
+            os.replace(self.path, path)
+            self.close()  # the file now belongs to `path`
+            return path
+        if self.array is not None:
+            return write_array(Path(path), self.array)
+        with atomic_path(Path(path)) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
+            offset = out.offset
+            del out
+            with open(tmp, "r+b") as f:
+                f.seek(offset)
+                for s, e in self.chunks(chunk):
+                    f.write(np.ascontiguousarray(self.read(s, e)).tobytes())
+        return path
+
+    def close(self) -> None:
+        """Free the rows: an unsaved file is deleted."""
+        self.array = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if self.path.exists() and self.path.name.startswith("."):
+                self.path.unlink()

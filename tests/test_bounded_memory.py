@@ -1,0 +1,120 @@
+"""Phase 1 in bounded memory: chunked statistics, closed-form gradient, windowed sweeps, file stores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from newllm_cli.model import NewLLM
+from newllm_cli.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
+from newllm_cli.recurrence import embedding_table, sweep, sweep_numba, sweep_torch
+from newllm_cli.rowstore import RowStore
+from newllm_cli.settings import Phase1Settings
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_statistics_equal_whole_array_ones(chunk):
+    rng = np.random.default_rng(0)
+    q = (rng.normal(0.3, 1.7, (500, 6))).astype(np.float32)
+    p = (q + rng.normal(0, 0.15, q.shape)).astype(np.float32)
+    cfg = Phase1Settings(dist_reg_weight=0.3, convergence_threshold=0.02)
+    stats = Comparison()
+    for s in range(0, len(q), chunk):
+        stats.add(q[s:s + chunk], p[s:s + chunk], cfg.convergence_threshold)
+    q64, p64 = torch.from_numpy(q).double(), torch.from_numpy(p).double()
+    whole = {k: float(v) for k, v in phase1_losses(q64, p64, cfg).items()}
+    got = stats.losses(cfg)
+    for key in whole:  # element-wise work is float32, sums float64: float32 precision, at any chunk size
+        assert got[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert np.allclose(stats.mean, q64.mean(0).numpy(), rtol=0, atol=1e-9)
+    assert np.allclose(stats.var, q64.var(0, unbiased=False).numpy(), rtol=1e-6)
+    per_token = ((q64 - p64) ** 2).mean(1)
+    assert stats.converged == int((per_token < cfg.convergence_threshold).sum())
+
+
+@pytest.mark.parametrize("use_reg", [True, False])
+def test_closed_form_gradient_equals_autograd(use_reg):
+    rng = np.random.default_rng(1)
+    q = torch.from_numpy(rng.normal(0.2, 1.3, (300, 5)))
+    p = q + torch.from_numpy(rng.normal(0, 0.1, (300, 5)))
+    cfg = Phase1Settings(dist_reg_weight=0.4, use_distribution_reg=use_reg)
+    leaf = q.clone().requires_grad_(True)
+    phase1_losses(leaf, p, cfg)["loss"].backward()
+    stats = Comparison()
+    for s in range(0, 300, 37):
+        stats.add(q[s:s + 37].numpy(), p[s:s + 37].numpy(), 0.02)
+    assert torch.allclose(loss_gradient(q, p, stats, cfg), leaf.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_row_store_in_a_file_reads_what_was_written_and_saves_by_rename(tmp_path):
+    rng = np.random.default_rng(2)
+    data = rng.normal(size=(1000, 3)).astype(np.float32)
+    store = RowStore(1000, 3, tmp_path)
+    for s in range(0, 1000, 333):
+        store.write(s, data[s:s + 333])
+    assert np.array_equal(store.read(0, 1000), data)
+    assert np.array_equal(store.read(500, 502), data[500:502])
+    assert np.array_equal(store.gather(np.array([999, 0, 17])), data[[999, 0, 17]])
+    out = store.save(tmp_path / "ctx.npy")
+    assert np.array_equal(np.load(out), data)
+    assert [f.name for f in tmp_path.iterdir()] == ["ctx.npy"]  # no temporary left behind
+    again = RowStore.open(out)
+    assert np.array_equal(again.read(10, 20), data[10:20])
+    again.close()
+    assert out.exists()  # closing a store opened on a saved file never deletes it
+
+
+def _corpus(lengths, vocab, seed=0):
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return np.random.default_rng(seed).integers(0, vocab, offsets[-1]), offsets
+
+
+@pytest.mark.parametrize("kernel", ["numba", "torch"])
+@pytest.mark.parametrize("window", [3, 40, 10_000])
+def test_windowed_sweep_equals_one_call(kernel, window, tmp_path):
+    """Windows smaller than a document, than the number of documents, and larger than the corpus."""
+    torch.manual_seed(0)
+    model = NewLLM(30, 6, 4, 2)
+    tokens, offsets = _corpus([50, 1, 17, 120, 9, 33], 30)
+    c0 = np.random.default_rng(1).normal(size=(6, 6)).astype(np.float32)
+    table = embedding_table(model, CPU)
+    fn = {"numba": sweep_numba, "torch": sweep_torch}[kernel]
+    whole = fn(model, table, torch.as_tensor(tokens), offsets, torch.from_numpy(c0)).numpy()
+    out = RowStore(len(tokens), 6, tmp_path)
+    last = sweep(model, kernel, table, tokens, offsets, c0, out, window)
+    # float32 BLAS may round differently for another batch shape: equal to float32 precision
+    assert np.abs(out.read(0, len(tokens)) - whole).max() <= 1e-5
+    assert np.abs(last - whole[offsets[1:] - 1]).max() <= 1e-5
+
+
+def test_plan_keeps_small_corpora_in_memory_and_spills_large_ones():
+    model = NewLLM(256, 16, 16, 2)
+    assert plan_memory(100_000, model, 1 << 30).in_memory
+    big = plan_memory(10_000_000, model, 1 << 30)
+    assert not big.in_memory and big.chunk >= 256 and big.window >= 1024
+    assert plan_memory(10_000_000, model, 1 << 34).in_memory
+
+
+@pytest.mark.parametrize("scheme", ["sequential", "parallel"])
+def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
+    """Budget of one byte: contexts in files, statistics and gradients in chunks of 256 rows, sweeps
+    in windows of 1024 rows across 9 documents; the same training as with everything in memory."""
+    tokens, offsets = _corpus([700, 300, 5, 900, 400, 250, 600, 150, 95], 40, seed=3)
+    cfg = Phase1Settings(scheme=scheme, max_iterations=5, min_converged_ratio=1.0)
+    runs = []
+    for budget in (1 << 30, 1):
+        torch.manual_seed(4)
+        model = NewLLM(40, 8, 6, 2)
+        res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU, memory_budget=budget,
+                       scratch=tmp_path)
+        runs.append((res.contexts.read(0, len(tokens)).copy(), res.history, res.contexts.path))
+    (a, hist_a, path_a), (b, hist_b, path_b) = runs
+    assert path_a is None and path_b is not None and path_b.parent == tmp_path
+    assert np.abs(a - b).max() <= 1e-5
+    for x, y in zip(hist_a, hist_b):
+        if x["loss"] is not None:
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+            assert y["converged_ratio"] == pytest.approx(x["converged_ratio"], abs=1e-9)
+    assert len(list(tmp_path.iterdir())) == 1  # only the live result's file; spares were deleted
