@@ -5,7 +5,7 @@ Tokens are the bytes of a real text (byte tokenizer: id = byte value), documents
 lines; make one with `bash ../shared/corpora.sh DIR` and repeat it to the size you need.
 
     python benchmarks/phase1.py tokens    --text FILE [--sizes 100000 1000000 10000000]
-    python benchmarks/phase1.py width     --text FILE [--widths 16 64 256 768] [--layers 2 6]
+    python benchmarks/phase1.py width     --text FILE [--widths 16 64 256 768] [--layers 2 6] [--repeats 3]
     python benchmarks/phase1.py kernel    --text FILE [--tokens 300000] [--repeats 5]
     python benchmarks/phase1.py crossover --text FILE
     python benchmarks/phase1.py e2e       --text FILE --baseline OLD_CHECKOUT [--repeats 3]
@@ -128,22 +128,29 @@ def section_tokens(a) -> None:
 def section_width(a) -> None:
     print(f"Phase 1 training iterations ({a.iterations}, the first and last without a step), {a.docs} "
           f"documents, --kernel auto; GFLOP/s = 2 x multiply-adds of sweep, re-forward and backward")
-    print(f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>7} {'seconds':>8} {'GFLOP/s':>8} {'matmul':>7} "
-          f"{'share':>6} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}")
+    print(f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>9} {'GFLOP/s':>8} {'matmul':>7} {'share':>6} "
+          f"{'range':>10} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}   (medians of --repeats)")
     from newllm_cli.recurrence import choose_kernel
     import torch
     for C in a.widths:
         for L in a.layers:
             per_doc = max(8, int(a.flops / (6 * macs_per_token(C, L) * a.docs * a.iterations)))
             tokens, offsets = corpus(a.text, per_doc * a.docs, docs=a.docs)
-            before = matmul_gflops()
-            seconds, tok_iters, flops = train(tokens, offsets, C, L, a.iterations, training_only=True)
-            peak = (before + matmul_gflops()) / 2
+            shares, rates, gfs, peaks = [], [], [], []
+            for _ in range(a.repeats):  # matmul, training, matmul: each share against its neighbours
+                before = matmul_gflops()
+                seconds, tok_iters, flops = train(tokens, offsets, C, L, a.iterations, training_only=True)
+                peak = (before + matmul_gflops()) / 2
+                gfs.append(flops / seconds / 1e9)
+                peaks.append(peak)
+                shares.append(gfs[-1] / peak)
+                rates.append(tok_iters / seconds)
             orig = original_rate(tokens, C, L, n=200 if C < 768 else 40)
-            kernel = choose_kernel("auto", torch.device("cpu"), C, a.docs)
-            rate, gf = tok_iters / seconds, flops / seconds / 1e9
-            print(f"{C:>4} {L:>2} {kernel:>6} {len(tokens):>7,} {seconds:>8.1f} {gf:>8.1f} {peak:>7.1f} "
-                  f"{gf / peak:>6.0%} {rate:>11,.0f} {orig:>9,.0f} {rate / orig:>7.1f}", flush=True)
+            kernel = choose_kernel("auto", torch.device("cpu"), C, offsets)
+            med = statistics.median
+            print(f"{C:>4} {L:>2} {kernel:>6} {len(tokens):>9,} {med(gfs):>8.1f} {med(peaks):>7.1f} "
+                  f"{med(shares):>6.0%} {min(shares):>5.0%}-{max(shares):<4.0%} {med(rates):>11,.0f} "
+                  f"{orig:>9,.0f} {med(rates) / orig:>7.1f}", flush=True)
 
 
 def reference_kernel():
@@ -233,7 +240,7 @@ def section_crossover(a) -> None:
         torch.manual_seed(0)
         model = NewLLM(256, C, C, 2)
         table = embedding_table(model, torch.device("cpu"))
-        for docs in (1, 4, 16, 64):
+        for docs in (1, 4, 16, 64) + ((256, 2048) if C <= 64 else ()):
             n = max(docs * 64, int(2e9 / (2 * macs_per_token(C, 2) * 50)))
             tokens, offsets = corpus(a.text, n, docs=docs)
             ids, c0 = torch.as_tensor(tokens.astype(np.int64)), torch.zeros(docs, C)

@@ -19,9 +19,10 @@ class ContextBlock(nn.Module):
         self.norm_tok = nn.LayerNorm(embed_dim)
         self.context_dim = context_dim
 
-    def forward(self, ctx: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ctx: torch.Tensor, tok: torch.Tensor, last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New (ctx, tok); the last block's tok is never read, so it is not computed (None)."""
         y_ctx, y_tok = self.mlp(torch.cat([ctx, tok], dim=-1)).split([self.context_dim, tok.shape[-1]], dim=-1)
-        return self.norm_ctx(ctx + y_ctx), self.norm_tok(tok + y_tok)
+        return self.norm_ctx(ctx + y_ctx), None if last else self.norm_tok(tok + y_tok)
 
 
 class NewLLM(nn.Module):
@@ -43,8 +44,8 @@ class NewLLM(nn.Module):
 
     def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """f(x_t, c_{t-1}) -> c_t on already-embedded tokens; works on any batch shape."""
-        for block in self.blocks:
-            ctx, tok = block(ctx, tok)
+        for i, block in enumerate(self.blocks):
+            ctx, tok = block(ctx, tok, last=i == len(self.blocks) - 1)
         return ctx
 
 

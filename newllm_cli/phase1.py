@@ -210,7 +210,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
     """
     offsets = np.array([0, len(tokens)], dtype=np.int64) if cfg.concat else np.asarray(offsets, np.int64)
     n_docs, n, C = len(offsets) - 1, len(tokens), model.context_dim
-    kernel = choose_kernel(cfg.kernel, device, C, n_docs)
+    kernel = choose_kernel(cfg.kernel, device, C, offsets)
     plan = plan_memory(n, model, memory_budget)
     directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
     optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None

@@ -107,15 +107,18 @@ def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
 KERNELS = {"numba": sweep_numba, "torch": sweep_torch}
 
 
-def choose_kernel(kernel: str, device: torch.device, context_dim: int, documents: int) -> str:
-    """'auto': lockstep BLAS on an accelerator, and on CPU once documents x C^2 >= 2^19 (enough
-    work per step to pay for a BLAS call: C=768 from one document, C=256 from 8, C=128 from 32;
-    crossover measured, docs/EXPERIMENTS.md); the compiled per-document kernel otherwise."""
+def choose_kernel(kernel: str, device: torch.device, context_dim: int, offsets: np.ndarray) -> str:
+    """'auto': lockstep BLAS off CPU; on CPU once C >= 64 and b x C^2 >= 2^19, where b = tokens /
+    longest document is the mean number of rows per lockstep step (a few long documents leave most
+    steps nearly empty). So C=768 from one stream, C=256 from b=8, C=128 from b=32, C=64 from b=128;
+    at C=16 the compiled kernel wins even at b=8192. Crossover measured, docs/EXPERIMENTS.md."""
     if kernel != "auto":
         return kernel
     if device.type != "cpu" or not numba_available():
         return "torch"
-    return "torch" if documents * context_dim ** 2 >= 2 ** 19 else "numba"
+    lengths = np.diff(offsets)
+    rows_per_step = lengths.sum() / max(int(lengths.max(initial=0)), 1)
+    return "torch" if context_dim >= 64 and rows_per_step * context_dim ** 2 >= 2 ** 19 else "numba"
 
 
 def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,

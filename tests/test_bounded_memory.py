@@ -118,3 +118,15 @@ def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
             assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
             assert y["converged_ratio"] == pytest.approx(x["converged_ratio"], abs=1e-9)
     assert len(list(tmp_path.iterdir())) == 1  # only the live result's file; spares were deleted
+
+
+def test_kernel_rule_follows_rows_per_lockstep_step():
+    from newllm_cli.recurrence import choose_kernel
+    equal = lambda docs, length: np.arange(docs + 1) * length  # noqa: E731
+    assert choose_kernel("auto", CPU, 16, equal(8192, 20)) == "numba"       # small C: never lockstep
+    assert choose_kernel("auto", CPU, 768, equal(1, 500)) == "torch"        # one wide stream: BLAS
+    assert choose_kernel("auto", CPU, 256, equal(64, 100)) == "torch"
+    skewed = np.concatenate([equal(63, 100), [6300 + 100_000]])             # one long document
+    assert choose_kernel("auto", CPU, 256, skewed) == "numba"
+    assert choose_kernel("numba", CPU, 768, equal(1, 500)) == "numba"       # an explicit choice stands
+    assert choose_kernel("auto", torch.device("cuda"), 16, equal(1, 5)) == "torch"
