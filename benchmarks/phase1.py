@@ -115,7 +115,7 @@ def section_tokens(a) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"seconds": seconds, "rate": tok_iters / seconds, "peak_mb": peak}))
         return
-    print(f"C=16 L=2, {a.iterations} training iterations + no-update solve, budget {a.budget} GiB; fresh process each")
+    print(f"C=16 L=2, {a.iterations} iterations (the first and last without a step) + no-update solve, budget {a.budget} GiB; fresh process each")
     print(f"{'tokens':>11} {'seconds':>8} {'tok-iter/s':>11} {'us/tok-iter':>12} {'peak RSS MB':>12}")
     for n in a.sizes:
         out = subprocess.run([sys.executable, __file__, "tokens", "--text", str(a.text), "--one", str(n),
