@@ -6,6 +6,7 @@ stored as a plain Linear(in, V) on the raw features, so `generate` needs nothing
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ from . import probe
 from .baselines import pair_positions
 from .errors import NumericalError
 from .probe import ProbeResult, Split
+from .rowstore import RowStore
 
 
 class Head(nn.Module):
@@ -46,17 +48,50 @@ def pair_documents(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, device: torch.device,
-               token_features: Callable[[np.ndarray], torch.Tensor] | None = None) -> Split:
-    """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document."""
+               token_features: Callable[[np.ndarray], torch.Tensor] | None = None,
+               memory_budget: int | None = None, scratch: Path | None = None) -> Split:
+    """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document.
+
+    Features are one tensor when they (and their whitened copy) take at most half of `memory_budget`
+    bytes; otherwise they go to a file under `scratch`, filled chunk by chunk from the contexts file
+    read with pread, and the probe streams them."""
     pos, docs = pair_documents(offsets)
-    x = torch.from_numpy(np.asarray(contexts[pos], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(tokens[pos + 1], dtype=np.int64)).to(device)
+    groups = torch.from_numpy(docs).to(device)
+    width = contexts.shape[1] + (len(token_features(np.zeros(1, np.int64))[0]) if token_features else 0)
+    if memory_budget is None or 2 * len(pos) * width * 4 <= memory_budget // 2 or not len(pos):
+        x = torch.from_numpy(np.asarray(contexts[pos], dtype=np.float32)).to(device)
+        _check_finite(x)
+        if token_features is not None:
+            x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
+        return Split(x, y, groups)
+    reader = None
+    if isinstance(contexts, np.memmap):
+        try:
+            reader = RowStore.open(Path(contexts.filename))
+        except ValueError:  # not float32 rows: read it mapped
+            pass
+        if reader is not None and reader.shape != contexts.shape:  # a slice of a file: read it mapped
+            reader.close()
+            reader = None
+    store = RowStore(len(pos), width, scratch, "pairs")
+    for s in range(0, len(pos), probe.CHUNK):
+        p = pos[s:s + probe.CHUNK]
+        block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0]:p[-1] + 1])
+        x = torch.from_numpy(np.ascontiguousarray(block[p - p[0]], dtype=np.float32))
+        _check_finite(x)
+        if token_features is not None:
+            x = torch.cat([x, token_features(np.asarray(tokens[p], dtype=np.int64)).cpu()], dim=1)
+        store.write(s, x.numpy())
+    if reader:
+        reader.close()
+    return Split(store, y, groups)
+
+
+def _check_finite(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise NumericalError("the saved contexts contain NaN or Inf; rerun phase1 (a lower learning rate "
                              "may be needed)")
-    if token_features is not None:
-        x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
-    y = torch.from_numpy(np.asarray(tokens[pos + 1], dtype=np.int64)).to(device)
-    return Split(x, y, torch.from_numpy(docs).to(device))
 
 
 def evaluate(head: Head, split: Split) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 from . import interrupt
 from .errors import Interrupted, NumericalError
+from .rowstore import RowStore
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # tried from strong to weak
@@ -41,10 +42,24 @@ TOLERANCE = 1e-5  # stop when a block lowers the objective by less than this (na
 
 @dataclass
 class Split:
-    """Features, targets and the group (document) of each row, in memory on the training device."""
-    inputs: torch.Tensor
+    """Features, targets and the group (document) of each row, rows in corpus order (groups never
+    decrease). Features are a tensor on the training device, or a RowStore file when the pairs do
+    not fit the memory budget (phase2.make_split): then every pass reads them chunk by chunk."""
+    inputs: torch.Tensor | RowStore
     targets: torch.Tensor
     groups: torch.Tensor | None = None
+
+
+CHUNK = 65536  # raw feature rows per chunk when streaming
+
+
+def raw_chunks(inputs: torch.Tensor | RowStore, device: torch.device):
+    """The feature rows, chunk by chunk, as float32 tensors on the device."""
+    for s in range(0, len(inputs), CHUNK):
+        if isinstance(inputs, torch.Tensor):
+            yield inputs[s:s + CHUNK]
+        else:
+            yield torch.from_numpy(inputs.read(s, min(s + CHUNK, len(inputs)))).to(device)
 
 
 @dataclass
@@ -85,10 +100,21 @@ class Whitening:
     transform: torch.Tensor  # [d, r]
 
     @staticmethod
-    def fit(x: torch.Tensor) -> "Whitening":
-        x64 = x.double()
-        mean = x64.mean(0)
-        cov = (x64 - mean).T @ (x64 - mean) / max(len(x) - 1, 1)
+    def fit(inputs: torch.Tensor | RowStore, device: torch.device) -> "Whitening":
+        """Mean and covariance accumulated in float64 chunk by chunk (Chan's pairwise merge)."""
+        n, mean, scatter = 0, None, None
+        for x in raw_chunks(inputs, device):
+            x64 = x.double()
+            k, m = len(x64), x64.mean(0)
+            c = x64 - m
+            if mean is None:
+                n, mean, scatter = k, m, c.T @ c
+                continue
+            delta = m - mean
+            mean = mean + delta * (k / (n + k))
+            scatter = scatter + c.T @ c + torch.outer(delta, delta) * (n * k / (n + k))
+            n += k
+        cov = scatter / max(n - 1, 1)
         values, vectors = torch.linalg.eigh(cov)
         keep = values > max(float(values.max()), 1e-30) * 1e-7
         transform = vectors[:, keep] / values[keep].sqrt()
@@ -101,6 +127,32 @@ class Whitening:
 def _with_ones(x: torch.Tensor) -> torch.Tensor:
     """Inputs with a constant 1 column, so one [in + 1, K] matrix holds weights and bias."""
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+class Design:
+    """The design matrix [white(x), 1] over rows start..stop of a split: a slice of one tensor made
+    once when the features are in memory, or whitened chunk by chunk as it is read from disk."""
+
+    def __init__(self, source, white: Whitening | None, start: int, stop: int, device: torch.device):
+        self.source, self.white, self.start, self.stop, self.device = source, white, start, stop, device
+
+    @classmethod
+    def of(cls, inputs: torch.Tensor | RowStore, white: Whitening, device: torch.device) -> "Design":
+        if isinstance(inputs, torch.Tensor):
+            return cls(_with_ones(white(inputs)), None, 0, len(inputs), device)
+        return cls(inputs, white, 0, len(inputs), device)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def part(self, a: int, b: int) -> "Design":
+        return Design(self.source, self.white, self.start + a, self.start + b, self.device)
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        a, b = self.start + a, self.start + min(b, len(self))
+        if self.white is None:
+            return self.source[a:b]
+        return _with_ones(self.white(torch.from_numpy(self.source.read(a, b)).to(self.device)))
 
 
 class _Scores:
@@ -143,13 +195,13 @@ class Objective:
         self.classes, self.prior, self.l2 = classes, prior, l2
         self.scores = _Scores(classes, device)
 
-    def __call__(self, cols: torch.Tensor, xa: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def __call__(self, cols: torch.Tensor, xa: Design, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         n, m = len(y), self.classes.multiplicity
         grad = torch.zeros_like(cols)
         total = 0.0
         with torch.no_grad():
             for s in range(0, n, self.scores.rows):
-                x = xa[s:s + self.scores.rows]
+                x = xa.rows(s, s + self.scores.rows)
                 loss, _, probs, z, yc = self.scores.softmax(cols, x, y[s:s + self.scores.rows])
                 grad.addmm_((x / (z[:, None] * n)).t(), probs)  # softmax part: x^T exp / z
                 grad.index_add_(1, yc, x.t(), alpha=-1.0 / n)  # minus the one-hot part
@@ -161,29 +213,29 @@ class Objective:
             grad.add_(dev * m, alpha=self.l2)
         return total / max(n, 1) + penalty, grad
 
-    def evaluate(self, cols: torch.Tensor, xa: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, int]:
+    def evaluate(self, cols: torch.Tensor, xa: Design, y: torch.Tensor) -> tuple[np.ndarray, int]:
         """Per-row cross-entropy (float64) and the number of top-1 hits."""
         losses, correct = [], 0
         with torch.no_grad():
             for s in range(0, len(y), self.scores.rows):
-                loss, hits, *_ = self.scores.softmax(cols, xa[s:s + self.scores.rows], y[s:s + self.scores.rows])
+                loss, hits, *_ = self.scores.softmax(cols, xa.rows(s, s + self.scores.rows), y[s:s + self.scores.rows])
                 losses.append(loss.double().cpu().numpy())
                 correct += hits
         return (np.concatenate(losses) if losses else np.zeros(0)), correct
 
 
-def holdout_mask(split: Split) -> torch.Tensor:
-    """True for the held-out rows: the last tenth of the groups (documents), or of the rows when
-    there is a single group."""
+def holdout_start(split: Split) -> int:
+    """First held-out row: the last tenth of the groups (documents) form the tail of the rows, or the
+    last tenth of the rows when there is a single group."""
     n = len(split.targets)
-    groups = split.groups if split.groups is not None else torch.zeros(n, dtype=torch.long)
-    ids = torch.unique(groups)
+    groups = split.groups
+    if groups is not None and len(groups) and bool((groups[1:] < groups[:-1]).any()):
+        raise ValueError("probe rows must be in corpus order (groups never decreasing)")
+    ids = torch.unique(groups) if groups is not None else torch.zeros(1)
     if len(ids) >= 2:
         cut = ids[len(ids) - max(1, len(ids) // 10)]
-        return groups >= cut
-    mask = torch.zeros(n, dtype=torch.bool, device=split.targets.device)
-    mask[int(n * 0.9):] = True
-    return mask
+        return int(torch.searchsorted(groups.contiguous(), cut))
+    return int(n * 0.9)
 
 
 @dataclass
@@ -211,19 +263,20 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     """
     if len(train.targets) == 0 or len(val.targets) == 0:
         raise ValueError("a probe needs at least one training and one validation row")
-    if not torch.isfinite(train.inputs).all() or not torch.isfinite(val.inputs).all():
-        raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
-    white = Whitening.fit(train.inputs)
-    xa, val_xa = _with_ones(white(train.inputs)), _with_ones(white(val.inputs))
+    for inputs in (train.inputs, val.inputs):
+        if not all(bool(torch.isfinite(x).all()) for x in raw_chunks(inputs, device)):
+            raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
+    white = Whitening.fit(train.inputs, device)
+    xa, val_xa = Design.of(train.inputs, white, device), Design.of(val.inputs, white, device)
     classes = VocabClasses.build(train.targets.cpu().numpy(), prior, device)
     prior_c = torch.as_tensor(np.asarray(prior, np.float32), device=device)[classes.representative]
     counts = torch.zeros(len(classes.representative), device=device)
     counts.index_add_(0, classes.token_class[train.targets], torch.ones(len(train.targets), device=device))
     frequency = (counts + classes.multiplicity) / (len(train.targets) + vocab)  # add-one, per class
-    held = holdout_mask(train)
-    fit_rows = (xa[~held], train.targets[~held])
-    held_rows = (xa[held], train.targets[held])
-    if l2 is None and (bool(held.all()) or not bool(held.any())):
+    cut, n = holdout_start(train), len(train.targets)
+    fit_rows = (xa.part(0, cut), train.targets[:cut])
+    held_rows = (xa.part(cut, n), train.targets[cut:])
+    if l2 is None and cut in (0, n):
         l2 = FALLBACK_L2  # too few rows to hold any out
     grid = [l2] if l2 is not None else list(L2_GRID)
     # the plan: one solve per l2 on the fitting rows (selection), then the refit on all rows
@@ -231,7 +284,7 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                     "selection": [], "best": None, "iterations": 0, "capped": False}
     cols = st["cols"]
     if cols is None:
-        cols = torch.zeros(xa.shape[1], len(classes.representative), device=device)
+        cols = torch.zeros(white.transform.shape[1] + 1, len(classes.representative), device=device)
         cols[-1] = prior_c
     while True:
         selecting = l2 is None and st["best"] is None

@@ -95,8 +95,8 @@ class RuntimeSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto uses CUDA when present.")
     workspace: str = opt("cache", "Directory for datasets and runs.")
     run: str = opt("default", "Run name: its directory under WORKSPACE/runs.", pattern=r"^[A-Za-z0-9_.-]+$")
-    memory_budget: float = opt(1.0, "GiB that Phase 1 may hold for corpus-sized data; beyond it, contexts "
-                                    "go to files in the run directory and are processed in chunks.", gt=0)
+    memory_budget: float = opt(1.0, "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
+                                    "it they go to files in the run directory, processed in chunks.", gt=0)
     threads: int = opt(0, "CPU threads for torch and numba (0: one per core).", ge=0)
 
 

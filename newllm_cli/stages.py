@@ -17,6 +17,7 @@ from .artifacts import Resumable, Workspace, check_same, read_array, read_checkp
 from .errors import RefusedError, UsageError
 from .model import NewLLM
 from .phase1 import run_cvfp
+from .rowstore import RowStore
 from .progress import info, warn
 from .settings import Settings
 
@@ -65,7 +66,7 @@ def model_id(model: NewLLM) -> str:
 
 
 def budget(ws: Workspace, s: Settings) -> dict:
-    """Phase 1's memory budget in bytes, and where contexts go when they exceed it."""
+    """The memory budget in bytes, and where Phase 1 contexts and Phase 2 pairs go beyond it."""
     return {"memory_budget": int(s.runtime.memory_budget * 2 ** 30), "scratch": ws.run_dir}
 
 
@@ -349,7 +350,7 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
         with torch.no_grad():
             return model.embed_tokens(torch.as_tensor(ids, device=device))
     features = embed if cfg.head_input == "context+token" else None
-    data = {k: p2.make_split(*v, device, features) for k, v in splits.items()}
+    data = {k: p2.make_split(*v, device, features, **budget(ws, s)) for k, v in splits.items()}
     if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
     prior = (baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram"
@@ -362,8 +363,13 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
     resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
         "network": network, "format": "probe", "phase2": cfg.model_dump(), "seed": s.runtime.seed,
         "vocab": vocab, "pairs": [len(data["train"].targets), len(data["val"].targets)]})
-    res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
-                    device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save)
+    try:
+        res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
+                        device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save)
+    finally:
+        for split in data.values():
+            if isinstance(split.inputs, RowStore):
+                split.inputs.close()  # the streamed pairs' file
     resumable.clear()
     info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
          f"for {vocab:,} tokens (never-target tokens tied)")

@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from newllm_cli import baselines, phase2 as p2, probe, recurrence, verdict
+from newllm_cli.rowstore import RowStore
 from newllm_cli.model import NewLLM
 
 CPU = torch.device("cpu")
@@ -202,3 +203,26 @@ def test_verdict_follows_the_information_in_the_contexts(encode):
         assert v["verdict"] == "beats" and v["ratio_high"] < 0.3
     else:
         assert v["verdict"] == "ties" and v["ratio_low"] <= 1 <= v["ratio_high"]
+
+
+def test_pairs_streamed_from_disk_give_the_same_head(tmp_path):
+    """A budget too small for the pairs puts them in a file read chunk by chunk (chunks of 7 rows
+    here); the fit is the one from memory."""
+    tokens, offsets, ctx = _synthetic(True)
+    path = tmp_path / "ctx.npy"
+    np.save(path, ctx)
+    mapped = np.load(path, mmap_mode="r")
+    cut = offsets[45]
+    prior = baselines.unigram_log_probs(tokens[:cut], 24)
+    fits = []
+    for budget in (None, 1):
+        train = p2.make_split(mapped[:cut], tokens[:cut], offsets[:46], CPU, memory_budget=budget, scratch=tmp_path)
+        val = p2.make_split(mapped[cut:], tokens[cut:], offsets[45:] - cut, CPU, memory_budget=budget, scratch=tmp_path)
+        fits.append(probe.fit(train, val, 24, prior))
+    memory, disk = fits
+    assert isinstance(train.inputs, RowStore) and train.inputs.path.parent == tmp_path
+    assert disk.l2 == memory.l2 and [r["l2"] for r in disk.selection] == [r["l2"] for r in memory.selection]
+    assert np.allclose(disk.val_losses, memory.val_losses, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(disk.weight, memory.weight, rtol=1e-3, atol=1e-4)
+    whole = p2.make_split(mapped, tokens, offsets, CPU, memory_budget=1, scratch=tmp_path)  # read by pread
+    assert np.array_equal(whole.inputs.read(0, len(whole.targets)), ctx[p2.pair_documents(offsets)[0]])
