@@ -1,9 +1,9 @@
 """N x C float32 rows (one context per token) held in memory, or in a .npy file read chunk by chunk.
 
-Phase 1 keeps two of these (this iteration's contexts and the previous one's). When they fit the
-memory budget they are plain arrays; otherwise they are files in the run directory, read and written
-with pread/pwrite, never memory-mapped: mapped pages count towards the process's resident memory,
-and the point of a file is that only the chunk in hand does.
+Phase 1 keeps two of these (this iteration's contexts and the previous one's), Phase 2 one per split
+of pairs. When they fit the memory budget they are plain arrays; otherwise they are files in the run
+directory, read and written with pread/pwrite, never memory-mapped: mapped pages count towards the
+process's resident memory, and the point of a file is that only the chunk in hand does.
 """
 from __future__ import annotations
 
