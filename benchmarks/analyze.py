@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from newllm_cli.rowstore import RowStore
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -23,14 +25,15 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "contexts.npy"
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(a.rows, a.dim))
+        # written with pwrite, not through a map: a child inherits its parent's peak RSS across exec,
+        # so a parent that had the file mapped would inflate the figure measured below
+        out = RowStore(a.rows, a.dim, Path(tmp))
         rng = np.random.default_rng(0)
         mix = rng.normal(size=(a.dim, a.dim)).astype(np.float32)
         for s in range(0, a.rows, 1 << 20):  # anisotropic Gaussian contexts, written in chunks
             m = min(1 << 20, a.rows - s)
-            out[s:s + m] = rng.standard_normal((m, a.dim), dtype=np.float32) @ mix
-        out.flush()
-        del out
+            out.write(s, rng.standard_normal((m, a.dim), dtype=np.float32) @ mix)
+        out.save(path)
         start = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "newllm_cli", "analyze", "--contexts", str(path), "--json",
                               "--workspace", str(Path(tmp) / "ws")], capture_output=True, text=True)

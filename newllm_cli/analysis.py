@@ -126,19 +126,27 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
     return {"consecutive_cosine": cos_sum / cos_n if cos_n else None, "autocorrelation": auto}
 
 
-def _steps(contexts: np.ndarray, norms: np.ndarray, mean: np.ndarray, offsets: np.ndarray | None) -> dict:
+def _steps(contexts: np.ndarray, norm_mean: float, norm_std: float, mean: np.ndarray,
+           offsets: np.ndarray | None) -> dict:
     """Norm spread (std / mean of the context norms) and the step statistics."""
-    spread = float(norms.std() / norms.mean()) if norms.mean() > 0 else None
+    spread = float(norm_std / norm_mean) if norm_mean > 0 else None
     return {"norm_spread": spread, **step_statistics(contexts, mean, offsets)}
+
+
+def _norm_moments(sums: np.ndarray, n: int) -> tuple[float, float]:
+    """Mean and population std of the norms from their float64 sum and sum of squares."""
+    m = sums[0] / max(n, 1)
+    return float(m), float(np.sqrt(max(sums[1] / max(n, 1) - m * m, 0.0)))
 
 
 def steps(contexts: np.ndarray, offsets: np.ndarray | None = None) -> dict:
     """The "steps" figures of `analyze_contexts` alone: one pass for the norms and mean, one for the steps."""
-    norms, total = np.empty(len(contexts)), np.zeros(contexts.shape[1])
+    sums, total = np.zeros(2), np.zeros(contexts.shape[1])
     for s, x in chunks(contexts, ROWS):
-        norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))
+        r = np.sqrt((x ** 2).sum(1))
+        sums += [r.sum(), (r * r).sum()]
         total += x.sum(0)
-    return _steps(contexts, norms, total / max(len(contexts), 1), offsets)
+    return _steps(contexts, *_norm_moments(sums, len(contexts)), total / max(len(contexts), 1), offsets)
 
 
 def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
@@ -149,7 +157,8 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
         raise ValueError("no contexts to analyse")
     gram = np.zeros((c, c))
     total = np.zeros(c)
-    norms = np.empty(n, dtype=np.float32)
+    norms = np.empty(n, dtype=np.float32)  # kept only for their median: 4 bytes per row
+    norm_sums = np.zeros(2)
     near_zero = 0
     for s, x in chunks(contexts, ROWS):
         bad = ~np.isfinite(x).all(axis=1)
@@ -157,7 +166,9 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
             raise NumericalError(f"contexts contain NaN or Inf (first at row {s + int(np.argmax(bad))}); rerun phase1")
         gram += x.T @ x
         total += x.sum(0)
-        norms[s:s + len(x)] = np.sqrt((x ** 2).sum(1))
+        r = np.sqrt((x ** 2).sum(1))
+        norms[s:s + len(x)] = r
+        norm_sums += [r.sum(), (r * r).sum()]
         near_zero += int((np.abs(x) < 0.01).sum())
     mean = total / n
     centred = gram - n * np.outer(mean, mean)
@@ -167,20 +178,20 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     eigenvalues, eigenvectors = np.linalg.eigh(gram)
     raw = spectrum(eigenvalues)
     cen = spectrum(np.linalg.eigvalsh(centred), scale=raw["singular_values"][0])
-    norm64 = norms.astype(np.float64)
+    norm_mean, norm_std = _norm_moments(norm_sums, n)
     report = {
         "n": n, "dim": c,
         "global_attractor": {"mean_l2": pairs["mean_l2"], "mean_cosine": pairs["mean_cosine"],
                              "sample_size": pairs["sample_size"],
                              "degenerate": bool(pairs["mean_l2"] < 0.1 and pairs["mean_cosine"] > 0.99)},
-        "zero_solution": {"mean_norm": float(norm64.mean()), "degenerate": bool(norm64.mean() < 0.1)},
-        "distribution": {"norm_mean": float(norm64.mean()), "norm_median": float(np.median(norms)),
-                         "norm_std": float(norm64.std()), "pairwise_l2_mean": pairs["mean_l2"],
+        "zero_solution": {"mean_norm": norm_mean, "degenerate": bool(norm_mean < 0.1)},
+        "distribution": {"norm_mean": norm_mean, "norm_median": float(np.median(norms, overwrite_input=True)),
+                         "norm_std": norm_std, "pairwise_l2_mean": pairs["mean_l2"],
                          "pairwise_l2_median": pairs["median_l2"], "sparsity": near_zero / (n * c)},
         "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
         "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
         "attainable_rank": attainable_rank(c),
-        "steps": _steps(contexts, norm64, mean, offsets),
+        "steps": _steps(contexts, norm_mean, norm_std, mean, offsets),
     }
     report["directions"] = top_tokens(contexts, eigenvectors, tokens, decode)
     return report
