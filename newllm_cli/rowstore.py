@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class RowStore:
         self.data_offset = header.offset
         del header  # the file is created at full size (sparse); we never map it again
         self.fd = os.open(self.path, os.O_RDWR)
+        self._cleanup = weakref.finalize(self, _remove, self.fd, self.path)  # if never saved nor closed
 
     @classmethod
     def open(cls, path: Path) -> "RowStore":
@@ -118,8 +120,15 @@ class RowStore:
     def close(self) -> None:
         """Free the rows: an unsaved file is deleted."""
         self.array = None
+        if getattr(self, "_cleanup", None) is not None:
+            self._cleanup.detach()
         if self.fd is not None:
-            os.close(self.fd)
+            _remove(self.fd, self.path)
             self.fd = None
-            if self.path.exists() and self.path.name.startswith("."):
-                self.path.unlink()
+
+
+def _remove(fd: int, path: Path) -> None:
+    """Close a store's file, deleting it if it is still a temporary (a dot-name never renamed)."""
+    os.close(fd)
+    if path.name.startswith(".") and path.exists():
+        path.unlink()

@@ -76,7 +76,9 @@ class Phase1Settings(Section):
     use_distribution_reg: bool = opt(True, "Use the distribution regularizer.")
     scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
     concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
-    kernel: Literal["auto", "numba", "torch"] = opt("auto", "Recurrence implementation (auto: numba on CPU).")
+    kernel: Literal["auto", "numba", "torch"] = opt("auto", "Sweep: numba (one document per thread) or torch "
+                                                            "(documents in lockstep, BLAS); auto picks by C, "
+                                                            "document lengths and device.")
 
 
 class Phase2Settings(Section):

@@ -130,3 +130,31 @@ def test_kernel_rule_follows_rows_per_lockstep_step():
     assert choose_kernel("auto", CPU, 256, skewed) == "numba"
     assert choose_kernel("numba", CPU, 768, equal(1, 500)) == "numba"       # an explicit choice stands
     assert choose_kernel("auto", torch.device("cuda"), 16, equal(1, 5)) == "torch"
+
+
+def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C with file stores: the previous contexts move beside the resume checkpoint (renamed,
+    not copied), and the resumed run ends where an uninterrupted one does."""
+    from newllm_cli import interrupt
+    from newllm_cli.artifacts import Resumable
+    from newllm_cli.errors import Interrupted
+    tokens, offsets = _corpus([400, 300, 500], 30, seed=5)
+    cfg = Phase1Settings(max_iterations=5, min_converged_ratio=1.0)
+
+    def run(**kw):
+        torch.manual_seed(2)
+        return run_cvfp(NewLLM(30, 6, 4, 2), tokens, offsets, cfg, train=True, device=CPU, memory_budget=1,
+                        scratch=tmp_path, **kw)
+    whole = run().contexts.read(0, len(tokens)).copy()
+    resumable = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
+    seen = []
+    monkeypatch.setattr(interrupt, "requested", lambda: len(seen) >= 2)
+    with pytest.raises(Interrupted):
+        run(on_iteration=seen.append, save_resume=resumable.save)
+    assert (tmp_path / "phase1_train.resume.pt.prev.npy").exists()
+    assert not list(tmp_path.glob(".contexts.*"))  # no temporary left behind
+    monkeypatch.setattr(interrupt, "requested", lambda: False)
+    resumed = run(resume=resumable.load())
+    assert np.array_equal(resumed.contexts.read(0, len(tokens)), whole)
+    resumable.clear()
+    assert not list(tmp_path.glob("phase1_train.resume*"))
