@@ -6,11 +6,12 @@ lines; make one with `bash ../shared/corpora.sh DIR` and repeat it to the size y
 
     python benchmarks/phase1.py tokens    --text FILE [--sizes 100000 1000000 10000000]
     python benchmarks/phase1.py width     --text FILE [--widths 16 64 256 768] [--layers 2 6] [--repeats 3]
-    python benchmarks/phase1.py kernel    --text FILE [--tokens 300000] [--repeats 5]
+    python benchmarks/phase1.py kernel    --text FILE --baseline OLD_CHECKOUT [--tokens 300000] [--repeats 5]
     python benchmarks/phase1.py crossover --text FILE
     python benchmarks/phase1.py e2e       --text FILE --baseline OLD_CHECKOUT [--repeats 3]
     python benchmarks/phase1.py threads   --text FILE [--tokens 1000000] [--repeats 3]
 
+OLD_CHECKOUT is a work tree of an earlier commit (`git worktree add /tmp/old 43482bf`).
 Each prints a table; ratios come from runs interleaved in one script, so a busy machine slows both
 sides alike. Speeds are never asserted here: read the figures.
 """
@@ -153,81 +154,49 @@ def section_width(a) -> None:
                   f"{orig:>9,.0f} {med(rates) / orig:>7.1f}", flush=True)
 
 
-def reference_kernel():
-    """The previous numba kernel (one dependent chain of multiply-adds per output), kept here as the
-    yardstick for the current one."""
-    import numba
-    from newllm_cli.recurrence import _layer_norm
-
-    @numba.njit(parallel=True, nogil=True)
-    def kernel(table, ids, offsets, c0, W, B, gc, bc, gt, bt, eps, out):
-        n_blocks, depth, width = W.shape[0], W.shape[1], W.shape[2]
-        C = c0.shape[1]
-        E = width - C
-        for d in numba.prange(offsets.shape[0] - 1):
-            ctx = c0[d].copy()
-            tok, h, y = np.empty(E), np.empty(width), np.empty(width)
-            tmp_c, tmp_t = np.empty(C), np.empty(E)
-            for t in range(offsets[d], offsets[d + 1]):
-                for i in range(E):
-                    tok[i] = table[ids[t], i]
-                for blk in range(n_blocks):
-                    for i in range(C):
-                        h[i] = ctx[i]
-                    for i in range(E):
-                        h[C + i] = tok[i]
-                    for k in range(depth):
-                        for r in range(width):
-                            acc = B[blk, k, r]
-                            for j in range(width):
-                                acc += W[blk, k, r, j] * h[j]
-                            y[r] = acc if acc > 0.0 else 0.0
-                        for r in range(width):
-                            h[r] = y[r]
-                    for i in range(C):
-                        tmp_c[i] = ctx[i] + h[i]
-                    for i in range(E):
-                        tmp_t[i] = tok[i] + h[C + i]
-                    _layer_norm(tmp_c, gc[blk], bc[blk], eps, ctx)
-                    _layer_norm(tmp_t, gt[blk], bt[blk], eps, tok)
-                for i in range(C):
-                    out[t, i] = ctx[i]
-    return kernel
+def baseline_package(checkout: Path, name: str = "newllm_baseline"):
+    """Import another checkout's newllm_cli under another name, beside this one, in this process."""
+    import importlib.util
+    root = checkout / "newllm_cli"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def section_kernel(a) -> None:
+    """This checkout's sequential sweep against --baseline's (its own code, imported here), one stream."""
+    import importlib
     import torch
     from newllm_cli.model import NewLLM
-    from newllm_cli.recurrence import _pack, _sweep_kernel, embedding_table
+    from newllm_cli.recurrence import embedding_table, sweep_numba
+    baseline_package(a.baseline)
+    old = importlib.import_module("newllm_baseline.recurrence")
     torch.manual_seed(0)
     model = NewLLM(256, 16, 16, 2)
     tokens, _ = corpus(a.text, a.tokens)
-    ids = tokens.astype(np.int64)
+    ids = torch.as_tensor(tokens.astype(np.int64))
     offsets = np.array([0, len(ids)], dtype=np.int64)
-    table = embedding_table(model, torch.device("cpu")).numpy()
-    c0 = np.zeros((1, 16))
-    WT, B, gc, bc, gt, bt, eps = _pack(model)
-    W = np.ascontiguousarray(WT.transpose(0, 1, 3, 2))
-    old = reference_kernel()
-    outs = {"previous": np.empty((len(ids), 16), np.float32), "current": np.empty((len(ids), 16), np.float32)}
-    runs = {
-        "previous": lambda: old(table, ids, offsets, c0, W, B, gc, bc, gt, bt, eps, outs["previous"]),
-        "current": lambda: _sweep_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, outs["current"]),
-    }
+    table, c0 = embedding_table(model, torch.device("cpu")), torch.zeros(1, 16)
+    emb = table[ids]
+    outs = {}
+    runs = {"baseline": lambda: old.sweep_numba(model, emb, offsets, c0),
+            "current": lambda: sweep_numba(model, table, ids, offsets, c0)}
     times = {k: [] for k in runs}
-    for k in runs:  # compile
+    for k in runs:  # compile or load the cache
         runs[k]()
     for _ in range(a.repeats):
         for k, fn in runs.items():
             start = time.perf_counter()
-            fn()
+            outs[k] = fn()
             times[k].append(time.perf_counter() - start)
-    ratios = [p / c for p, c in zip(times["previous"], times["current"])]
+    ratios = [p / c for p, c in zip(times["baseline"], times["current"])]
     print(f"C=16 L=2 sequential sweep, one stream of {len(ids):,} tokens, {a.repeats} interleaved repeats")
     for k in runs:
         print(f"  {k:9} median {statistics.median(times[k]):.3f}s  ({len(ids) / statistics.median(times[k]):,.0f} tokens/s)")
     print(f"  speed-up median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); "
-          f"identical output: {np.array_equal(outs['previous'], outs['current'])}")
+          f"identical output: {torch.equal(outs['baseline'], outs['current'])}")
 
 
 def section_crossover(a) -> None:
