@@ -155,7 +155,9 @@ def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, 
         inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
         grad = loss_gradient(torch.from_numpy(q.read(s, e)).to(device),
                              torch.from_numpy(p.read(s, e)).to(device), stats, cfg)
-        model.step(table[ids], inc).backward(grad)
+        # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
+        # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
+        (model.step(table[ids], inc) * grad).sum().backward()
 
 
 def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
