@@ -31,6 +31,18 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def share(path: Path, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode the user's umask asks for,
+    as open() would have: a teammate can read a shared workspace under umask 022."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
@@ -39,6 +51,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        share(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

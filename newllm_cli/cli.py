@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import typer
 
-from . import interrupt, report, stages
+from . import __version__, interrupt, report, stages
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .options import ANALYZE, COMMON, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
@@ -23,6 +23,19 @@ except ImportError:  # pragma: no cover
 app = typer.Typer(help="New-LLM research toolkit: CVFP context training (Phase 1), analysis and "
                        "next-token heads (Phase 2), stage by stage on disk.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"newllm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """New-LLM research toolkit: CVFP context training (Phase 1), analysis and next-token heads
+    (Phase 2), stage by stage on disk."""
+
 
 def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
     """Register `stage(settings, **extra)` as a command whose options come from the settings model."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import sources, tokenizer as tokenizers
-from .artifacts import Workspace, fingerprint, read_array, read_json, write_json
+from .artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
 from .errors import RefusedError, UsageError, first_line
 from .progress import info, progress, warn
 from .settings import Settings
@@ -192,6 +192,7 @@ def prepare(s: Settings) -> dict:
         if ws.data_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
         else:
+            share(tmp, directory=True)
             os.replace(tmp, ws.data_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

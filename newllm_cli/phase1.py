@@ -292,6 +292,12 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         raise
     q.close()
     result.contexts = prev
+    if result.stopped_by == "max_iterations":
+        share = result.history[-1]["converged_ratio"] or 0.0
+        result.warnings.append(f"{'training' if train else 'the fixed-point solve'} stopped at "
+                               f"--phase1-max-iterations {cfg.max_iterations} with {share:.1%} of tokens "
+                               f"converged (target {cfg.min_converged_ratio:.0%}); raise "
+                               "--phase1-max-iterations to let it settle")
     if train and result.stopped_by != "converged":
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_path, write_array
+from .artifacts import atomic_path, share, write_array
 
 
 class RowStore:
@@ -102,6 +102,7 @@ class RowStore:
         """Write the rows to `path` as .npy, atomically; a file store is renamed, not copied."""
         if self.path is not None and self.path.parent.resolve() == Path(path).parent.resolve():
             os.fsync(self.fd)
+            share(self.path)
             os.replace(self.path, path)
             self.close()  # the file now belongs to `path`
             return path

@@ -145,3 +145,38 @@ def test_defaults_are_the_seed_values():
         (0.002, 0.0005, 0.0001, 0.2, True)
     # Phase 2 is fitted to its optimum: only the penalty (chosen on held-out documents) and a cap remain
     assert (s.phase2.l2, s.phase2.max_iterations, s.phase2.head_init) == (None, 200, "unigram")
+
+
+def test_artifacts_honour_the_umask(cli, base_args):
+    """Under umask 022 a teammate can read a shared workspace: temporary files (0600 by mkstemp) and
+    the staged dataset directory (0700 by mkdtemp) get the umask's modes before they are renamed,
+    including contexts that Phase 1 kept in files (a tiny --memory-budget)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        assert cli("prepare-data", *base_args).code == 0
+        r = cli("phase1", *base_args, "--memory-budget", "0.00001", "--phase1-max-iterations", "3")
+        assert r.code == 0, r.err
+    finally:
+        os.umask(old)
+    root = Path(base_args[1])
+    paths = [p for p in root.rglob("*")]
+    assert any(p.name == "contexts_train.npy" for p in paths)
+    for p in paths:
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+
+
+def test_phase1_capped_below_its_target_says_which_option_to_raise(cli, base_args):
+    assert cli("prepare-data", *base_args).code == 0
+    r = cli("phase1", *base_args, "--phase1-max-iterations", "2", "--min-converged-ratio", "1.0")
+    assert r.code == 0, r.err
+    assert "--phase1-max-iterations 2" in r.err
+    report = json.loads((run_dir(base_args) / "phase1_train.json").read_text())
+    assert any("--phase1-max-iterations" in w for w in report["warnings"])
+
+
+def test_version(cli):
+    from newllm_cli import __version__
+    r = cli("--version")
+    assert r.code == 0 and r.out.strip() == f"newllm {__version__}"
