@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from .errors import RefusedError, UsageError
 from .progress import info, warn
@@ -92,6 +91,8 @@ def read_array(path: Path, what: str) -> np.ndarray:
 
 def write_checkpoint(path: Path, payload: dict) -> Path:
     """Tensors plus plain values only, so it loads with weights_only=True."""
+    import torch  # here, not at the top: `newllm --help` must not wait for torch
+
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -100,6 +101,8 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
 def read_checkpoint(path: Path, what: str) -> dict:
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
+    import torch
+
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or not a checkpoint at all

@@ -1,15 +1,17 @@
 """The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
 from __future__ import annotations
 
+import ast
 import inspect
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 
-from . import __version__, interrupt, report, stages
+from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .options import ANALYZE, COMMON, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
@@ -37,28 +39,39 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     (Phase 2), stage by stage on disk."""
 
 
-def command(name: str, stage: Callable, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
-    """Register `stage(settings, **extra)` as a command whose options come from the settings model."""
+def _stage_docs() -> dict[str, str]:
+    """Each stage's docstring, read from stages.py's source: help must not import torch (seconds)."""
+    tree = ast.parse((Path(__file__).parent / "stages.py").read_text())
+    return {f.name: ast.get_docstring(f) or "" for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+
+DOCS = _stage_docs()
+
+
+def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
+    """Register `stages.<stage>(settings, **extra)` as a command whose options come from the settings
+    model; stages (and torch with it) is imported only when a command runs."""
     def run(**kwargs):
+        from . import stages
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
         stages.apply_threads(settings.runtime.threads)
         with interrupt.graceful():
-            result = stage(settings, **rest)
+            result = getattr(stages, stage)(settings, **rest)
         render(result)
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters()])
-    run.__doc__ = stage.__doc__
+    run.__doc__ = DOCS[stage]
     app.command(name)(run)
 
 
-command("prepare-data", stages.prepare_data, report.prepare)
-command("phase1", stages.phase1, report.phase1, [SPLIT, REBUILD])
-command("analyze", stages.analyze, report.analysis, ANALYZE)
-command("phase2", stages.phase2, report.phase2, [FORCE, REBUILD])
-command("full", stages.full, report.full, [FORCE])
-command("generate", stages.generate, report.generate, GENERATE)
+command("prepare-data", "prepare_data", report.prepare)
+command("phase1", "phase1", report.phase1, [SPLIT, REBUILD])
+command("analyze", "analyze", report.analysis, ANALYZE)
+command("phase2", "phase2", report.phase2, [FORCE, REBUILD])
+command("full", "full", report.full, [FORCE])
+command("generate", "generate", report.generate, GENERATE)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -180,3 +180,14 @@ def test_version(cli):
     from newllm_cli import __version__
     r = cli("--version")
     assert r.code == 0 and r.out.strip() == f"newllm {__version__}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["phase1", "--help"], ["--version"]])
+def test_help_imports_no_torch(args):
+    """Help and --version answer without importing torch or numba (seconds of start-up)."""
+    import subprocess
+    import sys
+    code = ("import sys; from newllm_cli.cli import main; code = main(%r); "
+            "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "heavy: [] 0"
