@@ -119,7 +119,7 @@ def check_same(expected: dict, found: dict, what: str) -> None:
     if diff:
         parts = ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in sorted(diff.items()))
         raise RefusedError(f"{what} does not match the current settings ({parts}); "
-                           "rerun the stage that produces it")
+                           "rerun the stage that produces it, or add --rebuild to rerun the stages before")
 
 
 class Workspace:

@@ -48,7 +48,12 @@ def _stage_docs() -> dict[str, str]:
 DOCS = _stage_docs()
 
 
-def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = ()) -> None:
+ALL = ("model", "data", "phase1", "phase2", "runtime")
+RECURRENCE = ("model", "data", "phase1", "runtime")
+
+
+def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
+            sections: tuple[str, ...] = ALL) -> None:
     """Register `stages.<stage>(settings, **extra)` as a command whose options come from the settings
     model; stages (and torch with it) is imported only when a command runs."""
     def run(**kwargs):
@@ -61,14 +66,14 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
             result = getattr(stages, stage)(settings, **rest)
         render(result)
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
-    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters()])
+    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]
     app.command(name)(run)
 
 
-command("prepare-data", "prepare_data", report.prepare)
-command("phase1", "phase1", report.phase1, [SPLIT, REBUILD])
-command("analyze", "analyze", report.analysis, ANALYZE)
+command("prepare-data", "prepare_data", report.prepare, sections=("data", "runtime"))
+command("phase1", "phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
+command("analyze", "analyze", report.analysis, ANALYZE, RECURRENCE)
 command("phase2", "phase2", report.phase2, [FORCE, REBUILD])
 command("full", "full", report.full, [FORCE])
 command("generate", "generate", report.generate, GENERATE)

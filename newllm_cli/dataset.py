@@ -248,6 +248,10 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
 def load_meta(s: Settings) -> tuple[Workspace, dict]:
     ws = workspace_for(s)
     if not ws.dataset_meta().exists():
+        runs = sorted(p.name for p in (ws.root / "runs").glob("*") if p.is_dir())
+        if not ws.run_dir.exists() and runs:  # most likely a mistyped --run
+            raise RefusedError(f"no run named {ws.run_dir.name!r} in {ws.root} (runs there: {', '.join(runs)}); "
+                               "check --run, or start it with `newllm prepare-data --run NAME`")
         raise RefusedError(f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
                            "run `newllm prepare-data` with the same data options first")
     return ws, read_json(ws.dataset_meta(), "dataset description")

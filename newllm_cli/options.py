@@ -24,19 +24,23 @@ def _metavar(annotation) -> str:
     return "TEXT"
 
 
-def settings_parameters() -> list[inspect.Parameter]:
+def settings_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
+    """Every setting as an option; those of sections the command does not use are accepted (so one
+    set of flags can be passed along a whole pipeline) but hidden from its help."""
     params = []
     for section, model in SECTIONS.items():
+        hidden = section not in sections
         for name, f in model.model_fields.items():
             flag = cli_name(section, name)
             panel = f"{section.title()} settings"
             if f.annotation is bool:
                 option = typer.Option(None, f"--{flag}/--no-{flag}", help=f"{f.description} (default: {'on' if f.default else 'off'})", rich_help_panel=panel,
-                                      show_default=False)
+                                      show_default=False, hidden=hidden)
                 annotation = Optional[bool]
             else:
                 option = typer.Option(None, f"--{flag}", help=f"{f.description} (default: {f.default})",
-                                      metavar=_metavar(f.annotation), rich_help_panel=panel, show_default=False)
+                                      metavar=_metavar(f.annotation), rich_help_panel=panel, show_default=False,
+                                      hidden=hidden)
                 annotation = Optional[str]
             params.append(inspect.Parameter(f"{section}{SEP}{name}", inspect.Parameter.KEYWORD_ONLY,
                                             default=option, annotation=annotation))

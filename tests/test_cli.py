@@ -21,7 +21,11 @@ def test_help_reads_well(cli):
         assert name in top.out
     for name in ("prepare-data", "phase1", "analyze", "phase2", "full"):
         r = cli(name, "--help")
-        assert r.code == 0 and "--context-dim" in r.out and "--workspace" in r.out
+        assert r.code == 0 and "--workspace" in r.out and "--source" in r.out
+        assert ("--context-dim" in r.out) == (name != "prepare-data")
+    r = cli("prepare-data", "--help")  # only the settings the command uses
+    assert "Phase1 settings" not in r.out and "--scheme" not in r.out and "--phase2-l2" not in r.out
+    assert "--phase2-l2" not in cli("phase1", "--help").out
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -191,3 +195,12 @@ def test_help_imports_no_torch(args):
             "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "heavy: [] 0"
+
+
+def test_mistyped_run_lists_the_runs_and_a_mismatch_mentions_rebuild(cli, base_args):
+    assert cli("prepare-data", *base_args).code == 0
+    r = cli("analyze", "--workspace", base_args[1], "--run", "defualt")
+    assert r.code == 3 and "'defualt'" in r.err and "default" in r.err.split("runs there:")[1]
+    assert cli("phase1", *base_args, "--phase1-max-iterations", "2").code == 0
+    r = cli("phase1", *base_args, "--split", "val", "--context-dim", "8")
+    assert r.code == 3 and "--rebuild" in r.err
