@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import json
 import os
@@ -40,9 +41,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _stage_docs() -> dict[str, str]:
-    """Each stage's docstring, read from stages.py's source: help must not import torch (seconds)."""
-    tree = ast.parse((Path(__file__).parent / "stages.py").read_text())
-    return {f.name: ast.get_docstring(f) or "" for f in tree.body if isinstance(f, ast.FunctionDef)}
+    """Each stage's docstring, read from source: help must not import torch (seconds)."""
+    docs = {}
+    for module in ("stages", "settings"):
+        tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
+        docs.update({f"{module}.{f.name}": ast.get_docstring(f) or "" for f in tree.body
+                     if isinstance(f, ast.FunctionDef)})
+    return docs
 
 
 DOCS = _stage_docs()
@@ -54,16 +59,19 @@ RECURRENCE = ("model", "data", "phase1", "runtime")
 
 def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
             sections: tuple[str, ...] = ALL) -> None:
-    """Register `stages.<stage>(settings, **extra)` as a command whose options come from the settings
-    model; stages (and torch with it) is imported only when a command runs."""
+    """Register `<module>.<function>(settings, **extra)` as a command whose options come from the
+    settings model; its module (stages, and torch with it) is imported only when the command runs."""
+    module, function = stage.split(".")
+
     def run(**kwargs):
-        from . import stages
+        core = importlib.import_module(f".{module}", __package__)
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
-        stages.apply_threads(settings.runtime.threads)
+        if module == "stages":
+            core.apply_threads(settings.runtime.threads)
         with interrupt.graceful():
-            result = getattr(stages, stage)(settings, **rest)
+            result = getattr(core, function)(settings, **rest)
         render(result)
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
@@ -71,12 +79,13 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
     app.command(name)(run)
 
 
-command("prepare-data", "prepare_data", report.prepare, sections=("data", "runtime"))
-command("phase1", "phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
-command("analyze", "analyze", report.analysis, ANALYZE, RECURRENCE)
-command("phase2", "phase2", report.phase2, [FORCE, REBUILD])
-command("full", "full", report.full, [FORCE])
-command("generate", "generate", report.generate, GENERATE)
+command("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
+command("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
+command("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE)
+command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD])
+command("full", "stages.full", report.full, [FORCE])
+command("generate", "stages.generate", report.generate, GENERATE)
+command("config", "settings.effective", lambda result: None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

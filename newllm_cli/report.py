@@ -18,6 +18,8 @@ def primary_path(command: str, result: dict) -> str:
         return result["run_dir"]
     if command == "generate":
         return result["text"]
+    if command == "config":
+        return result["toml"]
     return str(result.get("path", ""))
 
 

@@ -189,3 +189,15 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
                 for k in group:
                     saved.get("data", {}).pop(k, None)
     return validate(merge(saved, file_layer, options))
+
+
+def effective(s: Settings) -> dict:
+    """The settings in force for a run (options > --config > saved > defaults), as TOML that --config
+    accepts: edit it and pass it back."""
+    lines = []
+    for section, values in s.model_dump().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():  # JSON literals are TOML for strings, numbers and booleans
+            lines.append(f"# {key}: unset" if value is None else f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return {"toml": "\n".join(lines), "settings": s.model_dump()}

@@ -204,3 +204,16 @@ def test_mistyped_run_lists_the_runs_and_a_mismatch_mentions_rebuild(cli, base_a
     assert cli("phase1", *base_args, "--phase1-max-iterations", "2").code == 0
     r = cli("phase1", *base_args, "--split", "val", "--context-dim", "8")
     assert r.code == 3 and "--rebuild" in r.err
+
+
+def test_config_prints_the_effective_settings_as_toml_that_config_accepts(cli, base_args, tmp_path):
+    assert cli("prepare-data", *base_args, "--run", "cfg").code == 0
+    assert cli("phase1", *base_args, "--run", "cfg", "--context-dim", "8", "--phase1-max-iterations", "2").code == 0
+    r = cli("config", "--workspace", base_args[1], "--run", "cfg")  # the run's saved settings
+    assert r.code == 0 and "[model]" in r.out and "context_dim = 8" in r.out
+    toml = tmp_path / "edited.toml"
+    toml.write_text(r.out.replace("context_dim = 8", "context_dim = 12"))
+    again = cli("config", "--config", toml, "--json")
+    settings = json.loads(again.out)["settings"]
+    assert settings["model"]["context_dim"] == 12 and settings["phase1"]["max_iterations"] == 2
+    assert settings["data"]["source"] == "text_file"
