@@ -44,7 +44,10 @@ def _path_state(path: str | None, pattern: str) -> object:
 
 def dataset_key(s: Settings) -> str:
     d = s.data
-    parts = {"data": d.model_dump(), "path": _path_state(d.path, d.pattern),
+    data = d.model_dump()
+    if data["encoding"] == "utf-8":  # the default leaves the keys of datasets made before it existed
+        data.pop("encoding")
+    parts = {"data": data, "path": _path_state(d.path, d.pattern),
              "val_path": _path_state(d.val_path, d.pattern),
              "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None}
     return fingerprint(parts)

@@ -6,6 +6,7 @@ ambiguous), so cli.py generates the options instead of writing them out per comm
 """
 from __future__ import annotations
 
+import codecs
 import json
 try:
     import tomllib
@@ -14,7 +15,7 @@ except ModuleNotFoundError:  # Python 3.10
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UsageError
 
@@ -53,8 +54,21 @@ class DataSettings(Section):
                               "sampling seed keeps the same data).", ge=0)
     ultrachat_dataset: str = opt("HuggingFaceH4/ultrachat_200k", "Hub id of the UltraChat dataset.")
     ultrachat_split: str = opt("train_sft", "Split of the UltraChat dataset.")
+    encoding: str = opt("utf-8", "Text encoding of text_file / text_dir sources (utf-8, latin-1, cp1252, ...).")
     tokenizer: str = opt("bpe", "bpe (trained offline on the training text), byte, gpt2, or a tokenizer.json path.")
     tokenizer_vocab_size: int = opt(4096, "Vocabulary size of the trained bpe tokenizer.", ge=260, le=1_000_000)
+
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, name: str) -> str:
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"unknown encoding {name!r} (try utf-8, latin-1 or cp1252)") from None
+        if "\n".encode(name) != b"\n":  # documents are split at line breaks, byte by byte
+            raise ValueError(f"encoding {name!r} is not supported: its line breaks are not single bytes")
+        return name
 
 
 class Phase1Settings(Section):

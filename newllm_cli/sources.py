@@ -96,14 +96,15 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
         raise UsageError(f"{where}: reading failed after {count} records: {first_line(e)}") from None
 
 
-def _decode(raw: bytes, path: Path, offset: int) -> str:
+def _decode(raw: bytes, path: Path, offset: int, encoding: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: undecodable UTF-8 byte at offset {offset + e.start}") from None
+        raise UsageError(f"{path}: byte 0x{raw[e.start]:02x} at offset {offset + e.start} is not valid {encoding}; "
+                         "if the file uses another encoding, pass it with --encoding (e.g. latin-1)") from None
 
 
-def text_file_documents(path: str | None) -> Iterator[str]:
+def text_file_documents(path: str | None, encoding: str = "utf-8") -> Iterator[str]:
     """Blank-line-separated blocks; a file without blank lines gives one document per line."""
     p = _existing(path, "text_file")
     if p.is_dir():
@@ -118,7 +119,7 @@ def text_file_documents(path: str | None) -> Iterator[str]:
     offset = 0
     with open(p, "rb") as f:
         for raw in f:
-            line = _decode(raw, p, offset).rstrip("\r\n")
+            line = _decode(raw, p, offset, encoding).rstrip("\r\n")
             offset += len(raw)
             if not blank_lines:
                 if line.strip():
@@ -150,7 +151,7 @@ def text_dir_files(path: str | None, pattern: str) -> list[Path]:
     return files
 
 
-def text_dir_documents(path: str | None, pattern: str) -> Iterator[str]:
+def text_dir_documents(path: str | None, pattern: str, encoding: str = "utf-8") -> Iterator[str]:
     """One file, one document. Files holding NUL bytes are binary: skipped with a warning."""
     files = text_dir_files(path, pattern)
     if not files:
@@ -160,7 +161,7 @@ def text_dir_documents(path: str | None, pattern: str) -> Iterator[str]:
         if b"\x00" in raw:
             warn(f"skipping binary file {p}")
             continue
-        text = _decode(raw, p, 0).strip()
+        text = _decode(raw, p, 0, encoding).strip()
         if text:
             yield text
 
@@ -173,7 +174,8 @@ def documents(source: str, path: str | None, data, limit: int | None) -> Iterato
     if source == "ultrachat":
         yield from ultrachat_documents(path, data.ultrachat_dataset, data.ultrachat_split, limit)
         return
-    it = text_file_documents(path) if source == "text_file" else text_dir_documents(path, data.pattern)
+    it = (text_file_documents(path, data.encoding) if source == "text_file"
+          else text_dir_documents(path, data.pattern, data.encoding))
     for i, doc in enumerate(it):
         if limit is not None and i >= limit:
             return

@@ -172,3 +172,18 @@ def test_a_new_source_does_not_inherit_the_old_path(cli, tmp_path):
     r = cli("prepare-data", *ws, "--source", "sample", "--num-samples", "4", "--json")
     assert r.code == 0, r.err
     assert r.json()["data"]["path"] is None and r.json()["data"]["tokenizer"] == "byte"
+
+
+def test_encoding_reads_latin1_and_the_error_names_the_option(cli, tmp_path):
+    p = tmp_path / "latin.txt"
+    p.write_bytes("un caf\u00e9 cr\u00e8me\n\nune cr\u00eape br\u00fbl\u00e9e\n".encode("latin-1"))
+    ws = str(tmp_path / "ws")
+    r = cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--tokenizer", "byte")
+    assert r.code == 2 and "--encoding" in r.err and "0xe9" in r.err and len(r.err.strip().splitlines()) == 1
+    assert list(sources.text_file_documents(str(p), "latin-1")) == ["un caf\u00e9 cr\u00e8me", "une cr\u00eape br\u00fbl\u00e9e"]
+    assert cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--tokenizer", "byte",
+               "--encoding", "latin-1", "--val-ratio", "0.5").code == 0
+    for bad in ("klingon", "utf-16"):  # unknown, or line breaks wider than a byte
+        r = cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--encoding", bad)
+        assert r.code == 2 and "data.encoding" in r.err
+    assert DataSettings().encoding == "utf-8"
