@@ -1,7 +1,7 @@
 """Where every artifact lives and the one way to write and read it: atomically, with provenance.
 
     WORKSPACE/datasets/<key>/   tokenizer.json, {train,val}.tokens.npy, {train,val}.offsets.npy, dataset.json
-    WORKSPACE/runs/<run>/       settings.json, phase1.pt, phase1_{train,val}.json,
+    WORKSPACE/runs/<run>/       settings.json, log.txt, metrics.csv, phase1.pt, phase1_{train,val}.json,
                                 contexts_{train,val}.npy, control_contexts_{train,val}.npy (the
                                 untrained network's), analysis.json, phase2.pt, phase2.json
 Each JSON artifact carries a `provenance` dict (fingerprints of what produced it), and readers compare
@@ -162,6 +162,8 @@ class Workspace:
     def phase2_checkpoint(self) -> Path: return self.run_dir / "phase2.pt"
     def phase2_report(self) -> Path: return self.run_dir / "phase2.json"
     def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"
+    def log(self) -> Path: return self.run_dir / "log.txt"
+    def metrics(self) -> Path: return self.run_dir / "metrics.csv"
 
 
 class Resumable:

@@ -15,6 +15,7 @@ import typer
 from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
+from .progress import log_to
 from .options import ANALYZE, COMMON, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
 from .settings import resolve
 
@@ -70,9 +71,12 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
         if module == "stages":
             core.apply_threads(settings.runtime.threads)
-        with interrupt.graceful():
-            result = getattr(core, function)(settings, **rest)
-        render(result)
+        try:
+            with interrupt.graceful():
+                result = getattr(core, function)(settings, **rest)
+            render(result)  # the tables go to the run's log too
+        finally:
+            log_to(None)
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, verdict
+from . import analysis, baselines, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, verdict
 from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
 from .errors import RefusedError, UsageError
 from .model import NewLLM
 from .phase1 import run_cvfp
 from .rowstore import RowStore
-from .progress import info, warn
+from .progress import info, log_to, warn
 from .settings import Settings
 
 SPLITS = ("train", "val")
@@ -48,6 +48,7 @@ def open_run(s: Settings) -> tuple[Workspace, dict]:
     """The run's workspace and its prepared dataset."""
     ws, meta = dataset.load_meta(s)
     ws.ensure()
+    log_to(ws.log())
     return ws, meta
 
 
@@ -89,6 +90,7 @@ def prepare_data(s: Settings) -> dict:
     out = dataset.prepare(s)
     ws = Workspace(s.runtime.workspace, s.runtime.run)  # the run's settings need no dataset key
     ws.ensure()
+    log_to(ws.log())
     save_settings(ws, s)
     return out
 
@@ -157,6 +159,8 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
     }
     write_json(ws.phase1_report(split), report)
+    metrics.record(ws.metrics(), "phase1", split, res.history)
+    metrics.record(ws.metrics(), "phase1_solve", split, res.solve)
     resumable.clear()
     save_settings(ws, s)
     return report
@@ -357,7 +361,10 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
              else np.zeros(vocab))
     info(f"  {label}: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs")
 
+    blocks = []
+
     def show(r: dict) -> None:
+        blocks.append(r)
         info(f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
              f"iterations  {r['seconds']:.1f}s")
     resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
@@ -371,6 +378,7 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
             if isinstance(split.inputs, RowStore):
                 split.inputs.close()  # the streamed pairs' file
     resumable.clear()
+    metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks)
     info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
          f"for {vocab:,} tokens (never-target tokens tied)")
     if res.capped:

@@ -217,3 +217,25 @@ def test_config_prints_the_effective_settings_as_toml_that_config_accepts(cli, b
     settings = json.loads(again.out)["settings"]
     assert settings["model"]["context_dim"] == 12 and settings["phase1"]["max_iterations"] == 2
     assert settings["data"]["source"] == "text_file"
+
+
+def test_full_writes_a_log_and_metrics_matching_the_reports(cli, base_args):
+    import csv
+    assert cli("full", *base_args, "--force").code == 0
+    run = run_dir(base_args)
+    log = (run / "log.txt").read_text()
+    assert "newllm" in log and "phase1 train:" in log and "\x1b[" not in log  # plain text
+    assert "verdict" in log.lower() or "beats" in log or "ties" in log or "loses" in log  # the tables too
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    history = json.loads((run / "phase1_train.json").read_text())["history"]
+    mine = [r for r in rows if r["stage"] == "phase1" and r["split"] == "train"]
+    assert len(mine) == len(history)
+    for r, h in zip(mine, history):
+        assert int(r["step"]) == h["iteration"]
+        for key in ("cvfp_loss", "converged_ratio", "lr", "seconds"):
+            assert (r[key] == "" and h[key] is None) or float(r[key]) == h[key], key
+    assert {r["stage"] for r in rows} >= {"phase1", "phase2_phase1", "phase2_untrained"}
+    assert cli("phase1", *base_args, "--split", "val").code == 0  # a rerun replaces its own rows
+    again = list(csv.DictReader((run / "metrics.csv").open()))
+    assert len([r for r in again if r["stage"] == "phase1" and r["split"] == "val"]) == \
+        len([r for r in rows if r["stage"] == "phase1" and r["split"] == "val"])

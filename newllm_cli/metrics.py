@@ -1,0 +1,33 @@
+"""runs/NAME/metrics.csv: one row per step of each stage and split, for plots and scripts.
+
+A rerun of a stage replaces its own rows (the file holds the run's current figures, like the JSON
+reports); log.txt keeps the history of what was printed.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .artifacts import atomic_path
+
+FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "converged_ratio", "residual",
+          "l2", "objective", "seconds"]
+
+
+def record(path: Path, stage: str, split: str, rows: list[dict]) -> None:
+    """Write `rows` (Phase 1 history records or Phase 2 blocks) as the rows of (stage, split)."""
+    kept = []
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (r.get("stage"), r.get("split")) != (stage, split)]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+        out.writeheader()
+        out.writerows(kept)
+        for r in rows:
+            step = r.get("iteration", r.get("iterations"))
+            out.writerow({k: _cell(v) for k, v in {**r, "stage": stage, "split": split, "step": step}.items()})
+
+
+def _cell(value) -> str:
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
