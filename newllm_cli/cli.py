@@ -1,13 +1,11 @@
 """The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
 from __future__ import annotations
 
-import ast
 import importlib
 import inspect
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 import typer
@@ -16,17 +14,16 @@ from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .progress import log_to
-from .options import ANALYZE, COMMON, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
-from .settings import resolve
+from .options import ANALYZE, COMMON, DOCS, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
+from .settings import SECTIONS, resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
 except ImportError:  # pragma: no cover
     from click import ClickException as CliError
 
-app = typer.Typer(help="New-LLM research toolkit: CVFP context training (Phase 1), analysis and "
-                       "next-token heads (Phase 2), stage by stage on disk.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
 
 def _version(value: bool) -> None:
     if value:
@@ -41,25 +38,11 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     (Phase 2), stage by stage on disk."""
 
 
-def _stage_docs() -> dict[str, str]:
-    """Each stage's docstring, read from source: help must not import torch (seconds)."""
-    docs = {}
-    for module in ("stages", "settings"):
-        tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
-        docs.update({f"{module}.{f.name}": ast.get_docstring(f) or "" for f in tree.body
-                     if isinstance(f, ast.FunctionDef)})
-    return docs
-
-
-DOCS = _stage_docs()
-
-
-ALL = ("model", "data", "phase1", "phase2", "runtime")
 RECURRENCE = ("model", "data", "phase1", "runtime")
 
 
 def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-            sections: tuple[str, ...] = ALL) -> None:
+            sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
     """Register `<module>.<function>(settings, **extra)` as a command whose options come from the
     settings model; its module (stages, and torch with it) is imported only when the command runs."""
     module, function = stage.split(".")

@@ -5,6 +5,7 @@ gives the same one-line error whether it came from an option, a config file or s
 """
 from __future__ import annotations
 
+import ast
 import inspect
 from pathlib import Path
 from typing import Optional
@@ -74,6 +75,20 @@ ANALYZE = [
     extra("probe_rows", int, 10_000, "--probe-rows", "Positions sampled per split for the decodability probes (0: none)."),
     REBUILD,
 ]
+
+
+def _stage_docs() -> dict[str, str]:
+    """Each command's help: its function's docstring, read from source so that help never imports
+    torch (seconds)."""
+    docs = {}
+    for module in ("stages", "settings"):
+        tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
+        docs.update({f"{module}.{f.name}": ast.get_docstring(f) or "" for f in tree.body
+                     if isinstance(f, ast.FunctionDef)})
+    return docs
+
+
+DOCS = _stage_docs()
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:

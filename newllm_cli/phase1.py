@@ -23,6 +23,7 @@ import torch
 
 from . import interrupt
 from .adam import Adam
+from .analysis import merge_moments
 from .errors import Interrupted, NumericalError
 from .model import NewLLM
 from .recurrence import choose_kernel, embedding_table, shifted, sweep
@@ -87,7 +88,7 @@ def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0
 @dataclass
 class Comparison:
     """Q against P, accumulated chunk by chunk in float64: losses, per-dimension mean and variance
-    (Chan's pairwise merge, so no cancellation), and the converged share."""
+    (merge_moments), and the converged share."""
     rows: int = 0
     sq: float = 0.0
     converged: int = 0
@@ -108,14 +109,8 @@ class Comparison:
         m2 -= n * (mean - mean.float().double()) ** 2  # the centre was rounded to float32
         mean, m2 = mean.numpy(), m2.numpy()
         self.finite &= bool(np.isfinite(m2).all())  # a NaN or inf anywhere in q makes its sums so
-        if self.mean is None:
-            self.rows, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.rows + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * n / total
-        self.m2 = self.m2 + m2 + delta ** 2 * self.rows * n / total
-        self.rows = total
+        seen = None if self.mean is None else (self.rows, self.mean, self.m2)
+        self.rows, self.mean, self.m2 = merge_moments(seen, n, mean, m2)
 
     @property
     def var(self) -> np.ndarray:

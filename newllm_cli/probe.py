@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import interrupt
+from .analysis import merge_moments
 from .errors import Interrupted, NumericalError
 from .rowstore import RowStore
 
@@ -101,19 +102,14 @@ class Whitening:
 
     @staticmethod
     def fit(inputs: torch.Tensor | RowStore, device: torch.device) -> "Whitening":
-        """Mean and covariance accumulated in float64 chunk by chunk (Chan's pairwise merge)."""
-        n, mean, scatter = 0, None, None
+        """Mean and covariance accumulated in float64 chunk by chunk (merge_moments)."""
+        part = None
         for x in raw_chunks(inputs, device):
             x64 = x.double()
-            k, m = len(x64), x64.mean(0)
+            m = x64.mean(0)
             c = x64 - m
-            if mean is None:
-                n, mean, scatter = k, m, c.T @ c
-                continue
-            delta = m - mean
-            mean = mean + delta * (k / (n + k))
-            scatter = scatter + c.T @ c + torch.outer(delta, delta) * (n * k / (n + k))
-            n += k
+            part = merge_moments(part, len(x64), m, c.T @ c)
+        n, mean, scatter = part
         cov = scatter / max(n - 1, 1)
         values, vectors = torch.linalg.eigh(cov)
         keep = values > max(float(values.max()), 1e-30) * 1e-7

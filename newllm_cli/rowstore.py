@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import atomic_path, share, write_array
+from .artifacts import share, write_array
 
 
 class RowStore:
@@ -108,15 +108,8 @@ class RowStore:
             return path
         if self.array is not None:
             return write_array(Path(path), self.array)
-        with atomic_path(Path(path)) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.shape)
-            offset = out.offset
-            del out
-            with open(tmp, "r+b") as f:
-                f.seek(offset)
-                for s, e in self.chunks(chunk):
-                    f.write(np.ascontiguousarray(self.read(s, e)).tobytes())
-        return path
+        copy = RowStore.from_array(self, Path(path).parent, chunk)  # another directory: copy, then rename
+        return copy.save(path)
 
     def close(self) -> None:
         """Free the rows: an unsaved file is deleted."""
