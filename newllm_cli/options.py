@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .settings import SECTIONS, cli_name
+from .settings import SECTIONS, cli_aliases, cli_name
 
 SEP = "__"
 
@@ -27,25 +27,25 @@ def _metavar(annotation) -> str:
 
 def settings_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
     """Every setting as an option; those of sections the command does not use are accepted (so one
-    set of flags can be passed along a whole pipeline) but hidden from its help."""
+    set of flags can be passed along a whole pipeline) but hidden from its help, like older names."""
     params = []
     for section, model in SECTIONS.items():
-        hidden = section not in sections
         for name, f in model.model_fields.items():
-            flag = cli_name(section, name)
-            panel = f"{section.title()} settings"
-            if f.annotation is bool:
-                option = typer.Option(None, f"--{flag}/--no-{flag}", help=f"{f.description} (default: {'on' if f.default else 'off'})", rich_help_panel=panel,
-                                      show_default=False, hidden=hidden)
-                annotation = Optional[bool]
-            else:
-                option = typer.Option(None, f"--{flag}", help=f"{f.description} (default: {f.default})",
-                                      metavar=_metavar(f.annotation), rich_help_panel=panel, show_default=False,
-                                      hidden=hidden)
-                annotation = Optional[str]
-            params.append(inspect.Parameter(f"{section}{SEP}{name}", inspect.Parameter.KEYWORD_ONLY,
-                                            default=option, annotation=annotation))
+            names = [cli_name(section, name), *cli_aliases(section, name)]
+            for i, flag in enumerate(names):  # the name first: it wins over an alias given too
+                key = f"{section}{SEP}{name}" + (f"{SEP}{i}" if i else "")
+                params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY,
+                                                **_option(f, flag, section, i > 0 or section not in sections)))
     return params
+
+
+def _option(f, flag: str, section: str, hidden: bool) -> dict:
+    common = dict(rich_help_panel=f"{section.title()} settings", show_default=False, hidden=hidden)
+    if f.annotation is bool:
+        return dict(annotation=Optional[bool], default=typer.Option(
+            None, f"--{flag}/--no-{flag}", help=f"{f.description} (default: {'on' if f.default else 'off'})", **common))
+    return dict(annotation=Optional[str], default=typer.Option(
+        None, f"--{flag}", help=f"{f.description} (default: {f.default})", metavar=_metavar(f.annotation), **common))
 
 
 def extra(name: str, annotation, default, flag: str, help: str) -> inspect.Parameter:
@@ -98,8 +98,8 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     for key, value in kwargs.items():
         if SEP in key:
             if value is not None:
-                section, name = key.split(SEP, 1)
-                nested.setdefault(section, {})[name] = value
+                section, name = key.split(SEP)[:2]
+                nested.setdefault(section, {}).setdefault(name, value)
         else:
             rest[key] = value
     return nested, rest

@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UsageError
 
 
-def opt(default: Any, help: str, cli: str | None = None, **kw: Any) -> Any:
-    """A field with its help text and, when the bare kebab name would be ambiguous, its CLI name."""
-    extra = {"cli": cli} if cli else None
+def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A field with its help text, its CLI name when the bare kebab name would be ambiguous or too long
+    for an 80-column help, and older names still accepted (hidden from help)."""
+    extra = {k: v for k, v in (("cli", cli), ("aliases", list(aliases))) if v} or None
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
@@ -87,7 +88,8 @@ class Phase1Settings(Section):
     lr_medium: float = opt(0.0005, "Learning rate for iterations 4-8.", gt=0)
     lr_finetune: float = opt(0.0001, "Learning rate from iteration 9 on.", gt=0)
     dist_reg_weight: float = opt(0.2, "Weight w of the distribution regularizer (0..1).", ge=0, le=1)
-    use_distribution_reg: bool = opt(True, "Use the distribution regularizer.")
+    use_distribution_reg: bool = opt(True, "Use the distribution regularizer.", cli="dist-reg",
+                                     aliases=("use-distribution-reg",))
     scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
     concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
     kernel: Literal["auto", "numba", "torch"] = opt("auto", "Sweep: numba (one document per thread) or torch "
@@ -140,6 +142,10 @@ SECTIONS = {name: f.annotation for name, f in Settings.model_fields.items()}
 def cli_name(section: str, field: str) -> str:
     extra = SECTIONS[section].model_fields[field].json_schema_extra or {}
     return extra.get("cli") or field.replace("_", "-")
+
+
+def cli_aliases(section: str, field: str) -> list[str]:
+    return (SECTIONS[section].model_fields[field].json_schema_extra or {}).get("aliases", [])
 
 
 def read_config_file(path: Path) -> dict:

@@ -26,6 +26,15 @@ def test_help_reads_well(cli):
     r = cli("prepare-data", "--help")  # only the settings the command uses
     assert "Phase1 settings" not in r.out and "--scheme" not in r.out and "--phase2-l2" not in r.out
     assert "--phase2-l2" not in cli("phase1", "--help").out
+    assert cli("config", "--no-use-distribution-reg", "--json").json()["settings"]["phase1"]["use_distribution_reg"] is False
+
+
+def test_no_option_name_is_cut_at_80_columns(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for name in (None, "prepare-data", "phase1", "analyze", "phase2", "full", "generate", "config"):
+        r = cli(*([name] if name else []), "--help")
+        assert r.code == 0 and max(map(len, r.out.splitlines())) <= 80, name
+        assert "\u2026" not in r.out, (name, [line for line in r.out.splitlines() if "\u2026" in line])
 
 
 @pytest.mark.parametrize("args, needle", [
