@@ -129,9 +129,9 @@ class Settings(Section):
     def _cross_checks(self) -> "Settings":
         d = self.data
         if d.source in ("text_file", "text_dir") and not d.path:
-            raise ValueError(f"data.source={d.source} needs --path")
+            raise ValueError(f"--source {d.source} needs --path (the file or directory to read)")
         if d.val_source in ("manual", "text_file", "text_dir") and not d.val_path:
-            raise ValueError(f"data.val_source={d.val_source} needs --val-path")
+            raise ValueError(f"--val-source {d.val_source} needs --val-path (the file or directory to read)")
         return self
 
 
@@ -183,9 +183,33 @@ def validate(data: dict) -> Settings:
         raise UsageError(_one_line(e)) from None
 
 
+_WORDS = {  # pydantic's error types in our words; {ctx keys} come from the error
+    "int_parsing": "expected a whole number", "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number", "bool_parsing": "expected true or false",
+    "greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}", "less_than_equal": "must be at most {le}",
+    "literal_error": "must be one of {expected}",
+    "string_pattern_mismatch": "may hold only letters, digits, '_', '.' and '-'",
+    "extra_forbidden": "is not a setting", "model_type": "must be a table of settings",
+    "dict_type": "must be a table of settings",
+}
+
+
 def _one_line(e: ValidationError, prefix: str = "") -> str:
-    parts = [f"invalid setting {prefix}{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-             for err in e.errors()]
+    """Each problem as `--option VALUE: what is wrong (section.field)`, the option being what people
+    type and the dotted name what config files hold."""
+    parts = []
+    for err in e.errors():
+        loc = f"{prefix}{'.'.join(str(p) for p in err['loc'])}".split(".")
+        ctx = err.get("ctx", {})
+        words = (str(ctx["error"]) if err["type"] == "value_error"
+                 else _WORDS.get(err["type"], err["msg"]).format(**ctx))
+        if len(loc) != 2 or loc[0] not in SECTIONS or loc[1] not in SECTIONS[loc[0]].model_fields:
+            parts.append(f"{'.'.join(loc)} {words}" if loc != [""] else words)
+            continue
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" {given}"
+        parts.append(f"--{cli_name(*loc)}{shown}: {words} ({'.'.join(loc)})")
     return "; ".join(parts)
 
 
