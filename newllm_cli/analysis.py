@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NumericalError
+from .progress import progress
 
 ROWS = 1 << 18          # contexts per streamed chunk (16 MB of float32 at C = 16)
 PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)
@@ -36,9 +37,17 @@ def _backing_file(contexts: np.ndarray) -> str | None:
     return name if isinstance(contexts, np.memmap) and name and contexts.flags.c_contiguous else None
 
 
-def chunks(contexts: np.ndarray, rows: int):
-    """(start, float64 block) over the rows. A memory-mapped .npy is read with plain file reads, so
-    the whole file never becomes resident memory of this process."""
+def chunks(contexts: np.ndarray, rows: int, what: str = "analysis"):
+    """(start, float64 block) over the rows, with a progress bar named `what`."""
+    with progress(what, len(contexts), "rows") as advance:
+        for s, block in _read_chunks(contexts, rows):
+            yield s, block
+            advance(len(block))
+
+
+def _read_chunks(contexts: np.ndarray, rows: int):
+    """A memory-mapped .npy is read with plain file reads, so the whole file never becomes resident
+    memory of this process."""
     n, c = contexts.shape
     name = _backing_file(contexts)
     if name:
@@ -120,7 +129,7 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
     tail, tail_doc = np.zeros((0, contexts.shape[1])), np.zeros(0, dtype=np.int64)
     cos_sum, cos_n = 0.0, 0
     acc = {k: np.zeros(3) for k in LAGS}  # cross, left energy, right energy
-    for s, x in chunks(contexts, ROWS):
+    for s, x in chunks(contexts, ROWS, "analysis: steps"):
         doc = np.searchsorted(offsets, np.arange(s, s + len(x)), side="right") - 1
         block, block_doc = np.concatenate([tail, x]), np.concatenate([tail_doc, doc])
         first = len(tail)  # rows before this index were paired in an earlier chunk
@@ -155,7 +164,7 @@ def _norm_moments(sums: np.ndarray, n: int) -> tuple[float, float]:
 def steps(contexts: np.ndarray, offsets: np.ndarray | None = None) -> dict:
     """The "steps" figures of `analyze_contexts` alone: one pass for the norms and mean, one for the steps."""
     sums, total = np.zeros(2), np.zeros(contexts.shape[1])
-    for s, x in chunks(contexts, ROWS):
+    for s, x in chunks(contexts, ROWS, "analysis: norms"):
         r = np.sqrt((x ** 2).sum(1))
         sums += [r.sum(), (r * r).sum()]
         total += x.sum(0)
@@ -173,7 +182,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     norms = np.empty(n, dtype=np.float32)  # kept only for their median: 4 bytes per row
     norm_sums = np.zeros(2)
     near_zero = 0
-    for s, x in chunks(contexts, ROWS):
+    for s, x in chunks(contexts, ROWS, "analysis: spectrum"):
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():
             raise NumericalError(f"contexts contain NaN or Inf (first at row {s + int(np.argmax(bad))}); rerun phase1")
@@ -215,7 +224,7 @@ def top_tokens(contexts: np.ndarray, eigenvectors: np.ndarray, tokens, decode) -
     whose contexts project most."""
     dirs = eigenvectors[:, ::-1][:, :TOP_DIRECTIONS]
     best = [(np.empty(0), np.empty(0, dtype=np.int64)) for _ in range(dirs.shape[1])]
-    for s, x in chunks(contexts, ROWS):
+    for s, x in chunks(contexts, ROWS, "analysis: directions"):
         proj = x @ dirs
         for j in range(dirs.shape[1]):
             vals = np.concatenate([best[j][0], proj[:, j]])

@@ -13,7 +13,7 @@ import typer
 from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
-from .progress import log_to
+from .progress import begin, log_to, record, set_quiet
 from .options import ANALYZE, COMMON, DOCS, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
 from .settings import SECTIONS, resolve
 
@@ -51,15 +51,13 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
         core = importlib.import_module(f".{module}", __package__)
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
+        set_quiet(rest.pop("quiet"))
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
         if module == "stages":
             core.apply_threads(settings.runtime.threads)
-        try:
-            with interrupt.graceful():
-                result = getattr(core, function)(settings, **rest)
-            render(result)  # the tables go to the run's log too
-        finally:
-            log_to(None)
+        with interrupt.graceful():
+            result = getattr(core, function)(settings, **rest)
+        render(result)  # the tables go to the run's log too
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]
@@ -76,33 +74,35 @@ command("config", "settings.effective", lambda result: None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point: one error boundary, one line per error, meaningful exit codes."""
+    """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
+    argv = sys.argv[1:] if argv is None else argv
+    begin(argv)
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)
         return code if isinstance(code, int) else 0
-    except typer.Abort:
-        print("Error: interrupted", file=sys.stderr)
-        return 130
+    except (typer.Abort, KeyboardInterrupt):
+        return _fail("interrupted", 130)
     except CliError as e:
         if type(e).__name__ == "NoArgsIsHelpError":
             print(e.format_message(), file=sys.stderr)
-        else:
-            print(f"Error: {e.format_message()}", file=sys.stderr)
-        return e.exit_code
+            return e.exit_code
+        return _fail(e.format_message(), e.exit_code)
     except NewLLMError as e:
         if os.environ.get("NEWLLM_DEBUG"):
             raise
-        print(f"Error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(str(e), e.exit_code)
     except OSError as e:  # full disk, permissions, a path that is a file: the user's to fix
         if os.environ.get("NEWLLM_DEBUG"):
             raise
-        where = f": {e.filename}" if e.filename else ""
-        print(f"Error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
+    finally:
+        log_to(None)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"Error: {message}", file=sys.stderr)
+    record(f"Error: {message}\n")
+    return code
 
 
 def entry() -> None:

@@ -77,7 +77,7 @@ def probe_all(sources: dict[str, tuple[np.ndarray, np.ndarray]], train: tuple[np
                 splits.append(probe.Split(x.to(device), y.to(device), docs.to(device)))
             if on_fit:
                 on_fit(f"{PROBES[key]} ({name})")
-            res = probe.fit(splits[0], splits[1], vocab, prior, device=device)
+            res = probe.fit(splits[0], splits[1], vocab, prior, device=device, label=f"probe {key} ({name})")
             out[key][name] = {"val_perplexity": res.val["perplexity"], "val_accuracy": res.val["accuracy"],
                               "train_perplexity": res.train["perplexity"], "train_accuracy": res.train["accuracy"],
                               "l2": res.l2}

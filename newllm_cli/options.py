@@ -48,15 +48,17 @@ def _option(f, flag: str, section: str, hidden: bool) -> dict:
         None, f"--{flag}", help=f"{f.description} (default: {f.default})", metavar=_metavar(f.annotation), **common))
 
 
-def extra(name: str, annotation, default, flag: str, help: str) -> inspect.Parameter:
+def extra(name: str, annotation, default, flag: str, help: str, *short: str) -> inspect.Parameter:
     """A command-specific option that is not a setting (what to do now, not how a run is made)."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, flag, help=help))
+                             default=typer.Option(default, flag, *short, help=help))
 
 
 COMMON = [
     extra("config", Optional[Path], None, "--config", "Settings file (JSON or TOML), by section."),
     extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
+    extra("quiet", bool, False, "--quiet", "No progress or summaries on stderr, only warnings and errors "
+          "(the run's log.txt keeps everything).", "-q"),
 ]
 SPLIT = extra("split", str, "train", "--split", "train (learns) or val (weights frozen).")
 REBUILD = extra("rebuild", bool, False, "--rebuild", "Rerun the upstream stages first instead of refusing mismatched inputs.")

@@ -26,6 +26,7 @@ from .adam import Adam
 from .analysis import merge_moments
 from .errors import Interrupted, NumericalError
 from .model import NewLLM
+from .progress import progress
 from .recurrence import choose_kernel, embedding_table, shifted, sweep
 from .rowstore import RowStore
 from .settings import Phase1Settings
@@ -141,7 +142,8 @@ def loss_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phas
 
 def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
                         traj: RowStore | None, c0: np.ndarray, q: RowStore, p: RowStore,
-                        stats: Comparison, cfg: Phase1Settings, chunk: int) -> None:
+                        stats: Comparison, cfg: Phase1Settings, chunk: int,
+                        advance: Callable[[int], None] = lambda n: None) -> None:
     """Add d loss(Q, P) / d weights to .grad: Q = f(x, incoming.detach()) recomputed chunk by chunk,
     each chunk back-propagating its rows of the closed-form dL/dQ."""
     device = table.device
@@ -153,10 +155,12 @@ def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, 
         # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
         # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
         (model.step(table[ids], inc) * grad).sum().backward()
+        advance(e - s)
 
 
 def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
-           prev: RowStore | None, c0: np.ndarray, out: RowStore, chunk: int) -> np.ndarray:
+           prev: RowStore | None, c0: np.ndarray, out: RowStore, chunk: int,
+           advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Q = f(x, shift(P)) with wrap-around, chunk by chunk; returns each document's last context."""
     device = table.device
     with torch.no_grad():
@@ -164,6 +168,7 @@ def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.n
             ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
             inc = torch.from_numpy(incoming_rows(prev, s, e, offsets, c0)).to(device)
             out.write(s, model.step(table[ids], inc).cpu().numpy())
+            advance(e - s)
     return out.gather(offsets[1:] - 1)
 
 
@@ -196,7 +201,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
              train: bool, device: torch.device, memory_budget: int = DEFAULT_BUDGET,
              scratch: Path | None = None,
              on_iteration: Callable[[dict], None] | None = None, resume: dict | None = None,
-             save_resume: Callable[[dict], None] | None = None) -> CVFPResult:
+             save_resume: Callable[[dict], None] | None = None, label: str = "phase1") -> CVFPResult:
     """Iterate to the fixed point; train=True also updates the context blocks (only them).
 
     Contexts live in two RowStores (this iteration's and the previous one's), in memory or, beyond
@@ -232,38 +237,42 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         for k in range(first, cfg.max_iterations):
             start = time.perf_counter()
             c0 = prev_last
-            if cfg.scheme == "sequential":
-                last = sweep(model, kernel, table, tokens, offsets, c0, q, plan.window)
-                traj = q
-            else:
-                last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk)
-                traj = prev
-            stats = Comparison()
-            for s, e in q.chunks(plan.chunk):
-                stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
-            if not stats.finite:
-                raise NumericalError(f"non-finite contexts at iteration {k + 1}")
-            record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
-                      "converged_ratio": None, "residual": None}
-            reason = None
-            if prev is not None:
-                losses = stats.losses(cfg)
-                ratio = stats.converged / n
-                record.update(losses, converged_ratio=ratio, residual=stats.sq / (n * C))
-                if not all(np.isfinite(v) for v in losses.values()):
-                    raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
-                                         f"(learning rate {learning_rate(k, cfg)} may be too high)")
-                reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
-            if k == cfg.max_iterations - 1 and reason != "converged":
-                reason = "max_iterations"
-            if prev is not None and train and reason is None:
-                lr = learning_rate(k, cfg)
-                optimizer.lr = lr
-                optimizer.zero_grad()
-                accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats, cfg, plan.chunk)
-                optimizer.step()
-                result.optimizer_steps += 1
-                record["lr"] = lr
+            passes = 3 if train and prev is not None else 2  # sweep, comparison, gradient
+            with progress(f"{label} iteration {k + 1}", passes * n, "tok") as advance:
+                if cfg.scheme == "sequential":
+                    last = sweep(model, kernel, table, tokens, offsets, c0, q, plan.window, advance)
+                    traj = q
+                else:
+                    last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk, advance)
+                    traj = prev
+                stats = Comparison()
+                for s, e in q.chunks(plan.chunk):
+                    stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
+                    advance(e - s)
+                if not stats.finite:
+                    raise NumericalError(f"non-finite contexts at iteration {k + 1}")
+                record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
+                          "converged_ratio": None, "residual": None}
+                reason = None
+                if prev is not None:
+                    losses = stats.losses(cfg)
+                    ratio = stats.converged / n
+                    record.update(losses, converged_ratio=ratio, residual=stats.sq / (n * C))
+                    if not all(np.isfinite(v) for v in losses.values()):
+                        raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
+                                             f"(learning rate {learning_rate(k, cfg)} may be too high)")
+                    reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
+                if k == cfg.max_iterations - 1 and reason != "converged":
+                    reason = "max_iterations"
+                if prev is not None and train and reason is None:
+                    lr = learning_rate(k, cfg)
+                    optimizer.lr = lr
+                    optimizer.zero_grad()
+                    accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats, cfg, plan.chunk,
+                                        advance)
+                    optimizer.step()
+                    result.optimizer_steps += 1
+                    record["lr"] = lr
             record["seconds"] = time.perf_counter() - start
             result.history.append(record)
             if on_iteration:
@@ -297,7 +306,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.
         settled = run_cvfp(model, tokens, offsets, cfg, train=False, device=device, memory_budget=memory_budget,
-                           scratch=scratch, resume={"next": 0, "prev": prev, "history": [],
+                           scratch=scratch, label=f"{label} solve", resume={"next": 0, "prev": prev, "history": [],
                                                     "optimizer_steps": 0, "model": model.state_dict()})
         result.contexts, result.solve = settled.contexts, settled.history
         if settled.stopped_by != "converged":

@@ -33,6 +33,7 @@ from . import interrupt
 from .analysis import merge_moments
 from .errors import Interrupted, NumericalError
 from .rowstore import RowStore
+from .progress import progress
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # tried from strong to weak
@@ -251,8 +252,9 @@ class ProbeResult:
 def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | None = None,
         max_iterations: int = 200, device: torch.device = torch.device("cpu"),
         on_block: Callable[[dict], None] | None = None, resume: dict | None = None,
-        save_resume: Callable[[dict], None] | None = None) -> ProbeResult:
-    """The protocol of the module docstring; `l2` given skips the selection.
+        save_resume: Callable[[dict], None] | None = None, label: str = "probe") -> ProbeResult:
+    """The protocol of the module docstring; `l2` given skips the selection. `label` names its
+    progress bars.
 
     On Ctrl-C the state at the next block boundary goes to `save_resume`; passing it back as
     `resume` gives exactly the uninterrupted result.
@@ -300,32 +302,36 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                 raise NumericalError("non-finite probe loss; the features may be too large")
             phi.grad = grad * scale
             return torch.tensor(value)
-        while True:
-            t0 = time.perf_counter()
-            state = opt.state[phi] if phi in opt.state else {}
-            iters, evals = state.get("n_iter", 0), state.get("func_evals", 0)
-            opt.step(closure)
-            done_iters = opt.state[phi]["n_iter"] - iters
-            st["iterations"] += done_iters
-            st["block"] += 1
-            cols = phi.detach() * scale
-            value = float(opt.state[phi]["prev_loss"])  # at the block's last point
-            # L-BFGS ending a block early without running out of evaluations means no change was
-            # measurable any more in float32; otherwise compare with the previous block
-            stalled = done_iters < BLOCK and opt.state[phi]["func_evals"] - evals < 4 * BLOCK
-            converged = stalled or (st["last"] is not None and st["last"] - value < TOLERANCE)
-            capped = st["block"] * BLOCK >= max_iterations
-            st["last"] = value
-            if on_block:
-                on_block({"l2": lam, "stage": "select" if selecting else "refit", "objective": value,
-                          "iterations": st["block"] * BLOCK, "seconds": time.perf_counter() - t0})
-            if converged or capped:
-                st["capped"] = st["capped"] or (capped and not converged)
-                break
-            if interrupt.requested() and save_resume is not None:
-                st.update(cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict())
-                save_resume(st)
-                raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
+        what = "selection" if selecting else "refit"
+        with progress(f"{label} l2={lam:g} ({what})", max_iterations, "it") as advance:
+            advance(st["block"] * BLOCK)  # resumed mid-solve
+            while True:
+                t0 = time.perf_counter()
+                state = opt.state[phi] if phi in opt.state else {}
+                iters, evals = state.get("n_iter", 0), state.get("func_evals", 0)
+                opt.step(closure)
+                done_iters = opt.state[phi]["n_iter"] - iters
+                st["iterations"] += done_iters
+                st["block"] += 1
+                advance(BLOCK)
+                cols = phi.detach() * scale
+                value = float(opt.state[phi]["prev_loss"])  # at the block's last point
+                # L-BFGS ending a block early without running out of evaluations means no change was
+                # measurable any more in float32; otherwise compare with the previous block
+                stalled = done_iters < BLOCK and opt.state[phi]["func_evals"] - evals < 4 * BLOCK
+                converged = stalled or (st["last"] is not None and st["last"] - value < TOLERANCE)
+                capped = st["block"] * BLOCK >= max_iterations
+                st["last"] = value
+                if on_block:
+                    on_block({"l2": lam, "stage": "select" if selecting else "refit", "objective": value,
+                              "iterations": st["block"] * BLOCK, "seconds": time.perf_counter() - t0})
+                if converged or capped:
+                    st["capped"] = st["capped"] or (capped and not converged)
+                    break
+                if interrupt.requested() and save_resume is not None:
+                    st.update(cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict())
+                    save_resume(st)
+                    raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
         st.update(lbfgs=None, block=0, last=None, cols=cols)
         if not selecting:
             break

@@ -9,22 +9,49 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 
 _log: Path | None = None
+_pending: list[str] | None = None  # said before the command's run directory was known
+_command = ""
+_quiet = False
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def set_quiet(quiet: bool) -> None:
+    """--quiet: no progress bars, info lines or summaries on stderr (the log still gets them)."""
+    global _quiet
+    _quiet = quiet
+
+
+def begin(argv: list[str]) -> None:
+    """A command starts: what it says is kept until `log_to` names its run's log."""
+    global _pending, _command, _log
+    _pending, _command, _log = [], " ".join(argv), None
 
 
 def log_to(path: Path | None) -> None:
     """From now on (until None), what people see on stderr is also appended, as plain text, to
-    `path`: the run's log.txt. Progress bars are not logged."""
-    global _log
+    `path`: the run's log.txt, starting with what the command said before. Progress bars are not
+    logged."""
+    global _log, _pending
     if path == _log:  # the same run again within one command (`full`): one header
         return
     _log = path
     if path is not None:
-        _append(path, f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} newllm {' '.join(sys.argv[1:])}\n")
+        _append(path, f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} newllm {_command}\n" + "".join(_pending or []))
+    _pending = None if path is None else []
+
+
+def record(text: str) -> None:
+    """Into the run's log, or kept for it until the run is known."""
+    if _log is not None:
+        _append(_log, text)
+    elif _pending is not None:
+        _pending.append(text)
 
 
 def _append(path: Path, text: str) -> None:
@@ -38,11 +65,11 @@ def _append(path: Path, text: str) -> None:
 class _Tee:
     """stderr, with a plain-text copy of everything written going to the log."""
 
-    def __init__(self, stream, path: Path):
-        self.stream, self.path = stream, path
+    def __init__(self, stream):
+        self.stream = stream
 
     def write(self, text: str) -> int:
-        _append(self.path, text)
+        record(text)
         return self.stream.write(text)
 
     def flush(self) -> None:
@@ -55,31 +82,55 @@ class _Tee:
         return self.stream.fileno()
 
 
-def console(log: bool = True) -> Console:
+class _Null:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def console(log: bool = True, quiet: bool = False) -> Console:
     """A console bound to the current sys.stderr (tests swap it), plain when not a terminal, and
-    copied to the run's log when one is open."""
-    stream = _Tee(sys.stderr, _log) if log and _log is not None else sys.stderr
+    copied to the run's log when one is open; `quiet` output is silenced by --quiet (not logged)."""
+    screen = _Null() if quiet and _quiet else sys.stderr
+    stream = _Tee(screen) if log else screen
     return Console(file=stream, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:
-    console().print(message)
+    console(quiet=True).print(message)
 
 
 def warn(message: str) -> None:
     console().print(f"[yellow]warning:[/] {message}")
 
 
-@contextmanager
-def progress(description: str, total: int | None) -> Iterator:
-    """A progress bar on stderr when it is a terminal; `advance(n)` either way."""
-    con = console(log=False)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
-                   console=con, transient=True, disable=not con.is_terminal)
-    with bar:
-        task = bar.add_task(description, total=total, status="")
+class _Rate(ProgressColumn):
+    """Units per second, with k/M prefixes."""
 
-        def advance(n: int = 1, status: str = "") -> None:
-            bar.update(task, advance=n, status=status)
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text("")
+        scaled = next((f"{speed / f:.1f}{p}" for f, p in ((1e6, "M"), (1e3, "k")) if speed >= f), f"{speed:.1f}")
+        return Text(f"{scaled} {task.fields['unit']}/s")
+
+
+@contextmanager
+def progress(description: str, total: int | None, unit: str = "rows") -> Iterator:
+    """A bar with rate and ETA on stderr when it is a terminal and --quiet is off; `advance(n)`
+    either way. Nothing of it reaches the log."""
+    con = console(log=False)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(), _Rate(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                   console=con, transient=True, disable=_quiet or not con.is_terminal)
+    with bar:
+        task = bar.add_task(description, total=total, status="", unit=unit)
+
+        def advance(n: int = 1, status: str | None = None) -> None:
+            bar.update(task, advance=n, **({"status": status} if status is not None else {}))
         yield advance

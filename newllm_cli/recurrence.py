@@ -12,10 +12,14 @@ corpus never has to be in memory at once. Also the shift that builds each token'
 """
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import numpy as np
 import torch
 
 from .model import NewLLM
+from .progress import info
 from .rowstore import RowStore
 
 try:  # numba is a dependency, but a broken LLVM install should not make newllm unusable on CUDA
@@ -96,12 +100,25 @@ def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
     """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6."""
     if numba is None:
         raise RuntimeError("numba is not installed; use --kernel torch")
+    if not _kernel_ready():
+        info("compiling the Phase 1 kernel (first run with this numba; 10-20 s, cached afterwards)")
     tab = np.ascontiguousarray(table.detach().cpu().numpy(), dtype=np.float32)
     start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
     out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
     _sweep_kernel(tab, np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
                   np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out)
     return torch.from_numpy(out).to(table.device)
+
+
+def _kernel_ready() -> bool:
+    """Compiled in this process or cached on disk; otherwise its first call compiles. Reads numba's
+    cache index path, a private attribute: if that moves, say nothing rather than fail."""
+    if _sweep_kernel.overloads:
+        return True
+    try:
+        return os.path.exists(_sweep_kernel._cache._cache_file._index_path)
+    except AttributeError:  # pragma: no cover
+        return True
 
 
 KERNELS = {"numba": sweep_numba, "torch": sweep_torch}
@@ -122,7 +139,7 @@ def choose_kernel(kernel: str, device: torch.device, context_dim: int, offsets: 
 
 
 def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
-          c0: np.ndarray, out: RowStore, window: int) -> np.ndarray:
+          c0: np.ndarray, out: RowStore, window: int, advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """Run the recurrence over every document from c0, writing Q into `out`; return each document's
     last context (the carry-over into the next iteration).
 
@@ -149,6 +166,7 @@ def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, o
             q = fn(model, table, ids, local, torch.as_tensor(carry[group], device=device)).cpu().numpy()
             carry[group] = q[local[1:] - 1]
             _write_segments(out, starts[group] + t0, local, q)
+            advance(len(q))
         t0 += span
 
 

@@ -30,13 +30,13 @@ def prepare(r: dict) -> None:
     for split in ("train", "val"):
         t.add_row(split, f"{r[split]['documents']:,}", f"{r[split]['tokens']:,}")
     t.caption = f"tokenizer {r['tokenizer']}, vocabulary {r['vocab_size']:,}"
-    console().print(t)
+    console(quiet=True).print(t)
 
 
 def phase1(r: dict) -> None:
     ratio = r["converged_ratio"]
     settled = f", then {len(r['solve'])} no-update iterations" if r.get("solve") else ""
-    console().print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps "
+    console(quiet=True).print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps "
                     f"({r['stopped_by']}){settled}; saved contexts {ratio:.1%} converged, fixed-point residual "
                     f"{r['residual']:.2g}; {r['token_iterations_per_second']:,.0f} token-iterations/s")
 
@@ -84,7 +84,7 @@ def _rank(eff: float, top: int) -> str:
 def analysis(r: dict) -> None:
     """One table per section, one column per split; degenerate figures in red."""
     splits = [s for s in ("train", "val", "contexts") if s in r]
-    con = console()
+    con = console(quiet=True)
     for title, rows in SECTIONS.items():
         t = Table(title=title, title_justify="left")
         t.add_column("figure")
@@ -121,10 +121,10 @@ def decodability(d: dict, control_steps: dict) -> None:
     for key, by_source in d["probes"].items():
         t.add_row(PROBE_NAMES.get(key, key), *(f"{v['val_perplexity']:.1f} / {v['val_accuracy']:.3f}"
                                               for v in by_source.values()))
-    console().print(t)
+    console(quiet=True).print(t)
     for split, st in control_steps.items():
         auto = st["autocorrelation"]
-        console().print(f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
+        console(quiet=True).print(f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
                         f"autocorrelation lag 1/10/100 {_num(auto['lag_1'])} / {_num(auto['lag_10'])} / "
                         f"{_num(auto['lag_100'])}")
 
@@ -147,11 +147,11 @@ def phase2(r: dict) -> None:
         t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", acc,
                   f"{b['ratio']:.4f} [{b['ratio_low']:.4f}, {b['ratio_high']:.4f}]", f"[{colour}]{b['verdict']}[/]")
     t.caption = f"interval: bootstrap over {next(iter(r['baselines'].values()))['resampled']}"
-    console().print(t)
+    console(quiet=True).print(t)
 
 
 def generate(r: dict) -> None:
-    console().print(f"generated {len(r['token_ids'])} tokens after a {len(r['prompt_ids'])}-token prompt")
+    console(quiet=True).print(f"generated {len(r['token_ids'])} tokens after a {len(r['prompt_ids'])}-token prompt")
 
 
 def full(r: dict) -> None:

@@ -136,7 +136,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     resumable = Resumable(ws.resume(f"phase1_{split}"), {
         "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
         "seed": s.runtime.seed, "split": split, "network": mid})
-    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
+    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show, label=f"phase1 {split}",
                    resume=resumable.load(), save_resume=resumable.save, **budget(ws, s))
     seconds = time.perf_counter() - t0
     for w in res.warnings:
@@ -283,7 +283,8 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
         return read_array(path, f"{split} control contexts")
     tokens, offsets = dataset.load_split(ws, split)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
-    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, **budget(ws, s))
+    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, label=f"control {split}",
+                   **budget(ws, s))
     res.contexts.save(path)
     write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
                           "iterations": len(res.history), "provenance": key})
@@ -372,7 +373,8 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
         "vocab": vocab, "pairs": [len(data["train"].targets), len(data["val"].targets)]})
     try:
         res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
-                        device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save)
+                        device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save,
+                        label=f"head on {label}")
     finally:
         for split in data.values():
             if isinstance(split.inputs, RowStore):
