@@ -50,6 +50,16 @@ class Bigram:
         pair = np.where(found, self.counts[np.minimum(at, len(self.keys) - 1)], 0)
         return np.log((pair + k) / (self.context_counts[prev] + k * self.vocab))
 
+    def predict(self, prev: np.ndarray, fallback: int) -> np.ndarray:
+        """The most frequent successor of each token (the smallest id among ties, as argmax would);
+        `fallback` for tokens never seen with a successor. Independent of k."""
+        first, nxt = self.keys // self.vocab, self.keys % self.vocab
+        order = np.lexsort((nxt, -self.counts, first))  # per first token: most counts, then smallest id
+        best = np.full(self.vocab, fallback, dtype=np.int64)
+        head = np.unique(first[order], return_index=True)[1]
+        best[first[order][head]] = nxt[order][head]
+        return best[np.asarray(prev, np.int64)]
+
     def perplexity(self, prev: np.ndarray, nxt: np.ndarray, k: float) -> float:
         return float(math.exp(-self.log_probs(prev, nxt, k).mean()))
 
@@ -79,8 +89,13 @@ def training_pairs(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
 
 def bigram_perplexity(train_tokens: np.ndarray, train_offsets: np.ndarray, val_tokens: np.ndarray,
                       val_offsets: np.ndarray, vocab_size: int) -> dict:
+    """The add-k bigram on the val pairs: perplexity, per-pair log-probabilities, and the accuracy of
+    its most likely successor."""
     k = choose_k(np.asarray(train_tokens), train_offsets, vocab_size)
     vp, val_tokens = pair_positions(val_offsets), np.asarray(val_tokens)
-    log_probs = Bigram(*training_pairs(train_tokens, train_offsets), vocab_size).log_probs(
-        val_tokens[vp], val_tokens[vp + 1], k)
-    return {"k": k, "val_perplexity": float(math.exp(-log_probs.mean())), "log_probs": log_probs}
+    model = Bigram(*training_pairs(train_tokens, train_offsets), vocab_size)
+    prev, nxt = val_tokens[vp], val_tokens[vp + 1]
+    log_probs = model.log_probs(prev, nxt, k)
+    top = int(np.argmax(unigram_log_probs(train_tokens, vocab_size)))
+    return {"k": k, "val_perplexity": float(math.exp(-log_probs.mean())), "log_probs": log_probs,
+            "accuracy": float(np.mean(model.predict(prev, top) == nxt)) if len(nxt) else 0.0}

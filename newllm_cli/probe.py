@@ -359,3 +359,19 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                        train=metrics(train_losses, train_hits), val=metrics(val_losses, val_hits),
                        val_losses=val_losses, head_rows=len(classes.representative),
                        iterations=st["iterations"], capped=st["capped"])
+
+
+def advice(res: ProbeResult, label: str, max_iterations: int) -> list[str]:
+    """What a fit's ending means and what to do about it, in words."""
+    out = []
+    if res.capped:
+        out.append(f"{label}: a fit stopped at --phase2-max-iterations {max_iterations} while its objective "
+                   "was still falling; raise it for the optimum")
+    tried = [r["l2"] for r in res.selection]
+    if len(tried) == len(L2_GRID) and res.l2 == L2_GRID[-1]:
+        out.append(f"{label}: the held-out loss still fell at the weakest penalty tried (l2 {res.l2:g}); "
+                   f"try --phase2-l2 {res.l2 / 10:g}")
+    if len(tried) > 1 and res.l2 == L2_GRID[0]:
+        out.append(f"{label}: the held-out loss was lowest at the strongest penalty tried (l2 {res.l2:g}): "
+                   "the head stays close to its unigram start, so the features add little it can use")
+    return out

@@ -134,19 +134,21 @@ NAMES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
 
 
 def phase2(r: dict) -> None:
-    """The head beside each baseline, with the perplexity ratio's 95% interval and the verdict."""
+    """The head beside each baseline: perplexity ratio with its 95% interval, and how much it wins or
+    loses by."""
     val = r["val"]
     t = Table(title=f"phase2: head reads {r['provenance']['head_input']} (l2 {r['l2']:g})")
-    for col in ("model", "val perplexity", "val accuracy", "head / model, 95% interval", "the head"):
+    t.add_column("model")
+    for col in ("val ppl", "val acc", "the head against it"):
         t.add_column(col, justify="right")
-    t.add_row("head on Phase 1 contexts", f"{val['perplexity']:.2f}", f"{val['accuracy']:.3f}", "", "")
+    t.add_row("head on Phase 1 contexts", f"{val['perplexity']:.2f}", f"{val['accuracy']:.3f}", "")
     for key, b in r["baselines"].items():
         extra = f" (k={b['k']:g})" if "k" in b else ""
-        acc = f"{b['accuracy']:.3f}" if "accuracy" in b else "-"
         colour = {"beats": "green", "ties": "yellow"}.get(b["verdict"], "bold red")
-        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", acc,
-                  f"{b['ratio']:.4f} [{b['ratio_low']:.4f}, {b['ratio_high']:.4f}]", f"[{colour}]{b['verdict']}[/]")
-    t.caption = f"interval: bootstrap over {next(iter(r['baselines'].values()))['resampled']}"
+        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", f"{b['accuracy']:.3f}",
+                  f"[{colour}]{b['size']}[/]")
+    t.caption = ("the head's val perplexity lower (beats) or higher (loses) by this much; 95% interval in "
+                 f"parentheses, bootstrap over {next(iter(r['baselines'].values()))['resampled']}")
     console(quiet=True).print(t)
 
 

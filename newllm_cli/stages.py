@@ -319,9 +319,11 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
     targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
     bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
-    losses = {"unigram_add_one": -baselines.unigram_log_probs(train_tokens, vocab)[targets],
-              "bigram_add_k": -bigram["log_probs"]}
-    table = {"unigram_add_one": {}, "bigram_add_k": {"k": bigram["k"]}}
+    unigram = baselines.unigram_log_probs(train_tokens, vocab)
+    losses = {"unigram_add_one": -unigram[targets], "bigram_add_k": -bigram["log_probs"]}
+    table = {"unigram_add_one": {"accuracy": float(np.mean(targets == np.argmax(unigram)))},
+             "bigram_add_k": {"k": bigram["k"], "accuracy": bigram["accuracy"]}}
+    warnings = probe.advice(res, "head", cfg.max_iterations)
     if cfg.control:
         untrained = untrained_network(s, vocab, device)
         control = {split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
@@ -330,15 +332,22 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
                               network=model_id(untrained))
         losses["untrained_network"] = ctrl.val_losses
         table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2}
+        warnings += probe.advice(ctrl, "control", cfg.max_iterations)
     for key, entry in table.items():
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
+    if table["unigram_add_one"]["verdict"] != "beats":
+        warnings.append("the head does not beat add-one unigram, its own starting point: the contexts add "
+                        "nothing a linear head can use beyond token frequencies")
+    for w in warnings:
+        warn(w)
     provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
     head = p2.Head.from_probe(res)
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
     out = {"val": res.val, "train": res.train, "l2": res.l2, "selection": res.selection,
            "iterations": res.iterations, "capped": res.capped, "head_rows": res.head_rows,
-           "baselines": table, "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+           "baselines": table, "warnings": warnings,
+           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
            "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
     write_json(ws.phase2_report(), out)
     save_settings(ws, s)
@@ -383,8 +392,6 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
     metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks)
     info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
          f"for {vocab:,} tokens (never-target tokens tied)")
-    if res.capped:
-        warn(f"{label}: a fit stopped at --phase2-max-iterations {cfg.max_iterations} before converging")
     return res, data["val"].groups.cpu().numpy()
 
 

@@ -39,5 +39,17 @@ def compare(losses_a: np.ndarray, losses_b: np.ndarray, groups: np.ndarray, seed
         means[s:s + len(draw)] = sums[draw].sum(1) / counts[draw].sum(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     verdict = "beats" if hi < 0 else "loses to" if lo > 0 else "ties"
-    return {"ratio": math.exp(diff.mean()), "ratio_low": math.exp(lo), "ratio_high": math.exp(hi),
-            "verdict": verdict, "resampled": how}
+    out = {"ratio": math.exp(diff.mean()), "ratio_low": math.exp(lo), "ratio_high": math.exp(hi),
+           "verdict": verdict, "resampled": how}
+    return {**out, "size": size(out)}
+
+
+def size(c: dict) -> str:
+    """The verdict with its size in perplexity: 'beats by 4.4% (3.1-5.8%)', 'loses by 1.7% (...)',
+    'ties (-0.8% to +1.2%)'."""
+    lo, mid, hi = (c[k] - 1 for k in ("ratio_low", "ratio", "ratio_high"))
+    if c["verdict"] == "beats":
+        return f"beats by {-mid:.1%} ({-hi:.1%}-{-lo:.1%})"
+    if c["verdict"] == "loses to":
+        return f"loses by {mid:.1%} ({lo:.1%}-{hi:.1%})"
+    return f"ties ({lo:+.1%} to {hi:+.1%})"

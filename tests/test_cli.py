@@ -77,7 +77,9 @@ def test_full_leaves_every_artifact(cli, base_args):
     assert set(out["analysis"]["train"]["steps"]["autocorrelation"]) == {"lag_1", "lag_10", "lag_100"}
     for b in report["baselines"].values():  # every comparison carries its interval and its verdict
         assert b["verdict"] in ("beats", "ties", "loses to") and b["ratio_low"] <= b["ratio"] <= b["ratio_high"]
-    assert "accuracy" in report["baselines"]["untrained_network"]
+    assert all(0 <= b["accuracy"] <= 1 for b in report["baselines"].values())  # every figure filled
+    assert all(b["size"].startswith(b["verdict"].split()[0].replace("loses", "loses by").replace("beats", "beats by"))
+               for b in report["baselines"].values()) and isinstance(report["warnings"], list)
 
 
 def test_stage_by_stage_equals_full(cli, base_args):

@@ -70,7 +70,20 @@ def test_bigram_baseline_equals_hand_computation():
     p01 = (2 + k) / (2 + 3 * k)  # refitted on all training pairs: (0,1) x2, (1,0), (1,1)
     p12 = (0 + k) / (2 + 3 * k)
     assert val["val_perplexity"] == pytest.approx(math.exp(-(math.log(p01) + math.log(p12)) / 2))
+    # most frequent successor: 0 -> 1; after 1 a tie between 0 and 1 -> 0 (argmax's smallest id)
+    assert val["accuracy"] == pytest.approx(0.5)  # val pairs (0,1) right, (1,2) wrong
     assert k in baselines.K_GRID
+
+
+def test_bigram_prediction_is_the_argmax_of_the_count_matrix():
+    rng = np.random.default_rng(3)
+    prev, nxt = rng.integers(0, 7, 300), rng.integers(0, 9, 300)
+    prev[prev == 5] = 4  # token 5 is never followed: the fallback
+    dense = np.zeros((9, 9), int)
+    np.add.at(dense, (prev, nxt), 1)
+    expected = np.where(dense.sum(1) > 0, dense.argmax(1), 8)
+    got = baselines.Bigram(prev, nxt, 9).predict(np.arange(9), fallback=8)
+    assert got.tolist() == expected.tolist()
 
 
 def test_vocab_classes_tie_untargeted_tokens_with_equal_start():
@@ -161,6 +174,24 @@ def test_bootstrap_verdict_against_hand_cases():
     assert tie["verdict"] == "ties" and tie["ratio_low"] < 1 < tie["ratio_high"]
     assert verdict.compare(np.full(200, 3.0), np.full(200, 2.0), groups)["verdict"] == "loses to"
     assert verdict.units(np.zeros(90, dtype=int))[1] == "30 blocks of contiguous pairs"
+    # the size in words: exp(-0.5) = 0.6065, so 39.3% lower perplexity, a degenerate interval
+    assert same["size"] == "beats by 39.3% (39.3%-39.3%)"
+    assert verdict.size({"verdict": "loses to", "ratio_low": 1.01, "ratio": 1.017, "ratio_high": 1.025}) == \
+        "loses by 1.7% (1.0%-2.5%)"
+    assert verdict.size({"verdict": "ties", "ratio_low": 0.992, "ratio": 1.001, "ratio_high": 1.012}) == \
+        "ties (-0.8% to +1.2%)"
+
+
+def test_probe_advice_says_what_to_do():
+    def result(**kw):
+        return probe.ProbeResult(weight=torch.zeros(1), bias=torch.zeros(1), **kw)
+    assert probe.advice(result(l2=1e-3, selection=[{"l2": 1e-1}, {"l2": 3e-2}, {"l2": 1e-2}, {"l2": 3e-3}, {"l2": 1e-3}]), "head", 200) == []
+    capped = probe.advice(result(l2=1e-3, capped=True), "head", 200)
+    assert len(capped) == 1 and "--phase2-max-iterations 200" in capped[0]
+    weakest = probe.advice(result(l2=probe.L2_GRID[-1], selection=[{"l2": v} for v in probe.L2_GRID]), "head", 200)
+    assert len(weakest) == 1 and f"--phase2-l2 {probe.L2_GRID[-1] / 10:g}" in weakest[0]
+    strongest = probe.advice(result(l2=probe.L2_GRID[0], selection=[{"l2": v} for v in probe.L2_GRID[:2]]), "head", 200)
+    assert len(strongest) == 1 and "unigram start" in strongest[0]
 
 
 def _synthetic(encode: bool, n_docs=60, length=80, vocab=24, seed=0):
