@@ -164,6 +164,7 @@ class Workspace:
     def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"
     def log(self) -> Path: return self.run_dir / "log.txt"
     def metrics(self) -> Path: return self.run_dir / "metrics.csv"
+    def tensorboard(self) -> Path: return self.run_dir / "tensorboard"
 
 
 class Resumable:

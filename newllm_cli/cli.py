@@ -14,7 +14,7 @@ from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .progress import begin, log_to, record, set_quiet
-from .options import ANALYZE, COMMON, DOCS, FORCE, GENERATE, REBUILD, SPLIT, settings_parameters, split_kwargs
+from .options import ANALYZE, COMMON, DOCS, FORCE, GENERATE, PLOT, REBUILD, SPLIT, settings_parameters, split_kwargs
 from .settings import SECTIONS, resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -67,7 +67,7 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
 command("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
 command("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
 command("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE)
-command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD])
+command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
 command("full", "stages.full", report.full, [FORCE])
 command("generate", "stages.generate", report.generate, GENERATE)
 command("config", "settings.effective", lambda result: None)

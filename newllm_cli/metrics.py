@@ -6,16 +6,21 @@ reports); log.txt keeps the history of what was printed.
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 from .artifacts import atomic_path
+from .errors import UsageError
 
 FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "converged_ratio", "residual",
           "l2", "objective", "seconds"]
 
 
-def record(path: Path, stage: str, split: str, rows: list[dict]) -> None:
-    """Write `rows` (Phase 1 history records or Phase 2 blocks) as the rows of (stage, split)."""
+def record(path: Path, stage: str, split: str, rows: list[dict], board: Path | None = None) -> None:
+    """Write `rows` (Phase 1 history records or Phase 2 blocks) as the rows of (stage, split), and as
+    TensorBoard events under `board` when given."""
+    if board is not None:
+        _events(board / f"{stage}_{split}", rows)
     kept = []
     if path.exists():
         with open(path, newline="") as f:
@@ -31,3 +36,20 @@ def record(path: Path, stage: str, split: str, rows: list[dict]) -> None:
 
 def _cell(value) -> str:
     return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def _events(directory: Path, rows: list[dict]) -> None:
+    """One event file per (stage, split), replaced on a rerun like its CSV rows; a scalar per figure,
+    under the row's l2 for Phase 2 (each penalty's fit restarts its iteration count)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'newllm[tensorboard]'") from None
+    shutil.rmtree(directory, ignore_errors=True)
+    with SummaryWriter(str(directory)) as writer:
+        for r in rows:
+            step = r.get("iteration", r.get("iterations"))
+            prefix = f"l2={r['l2']:g} {r['stage']}/" if "l2" in r else ""
+            for key in FIELDS[3:]:
+                if key != "l2" and isinstance(r.get(key), (int, float)):
+                    writer.add_scalar(prefix + key, r[key], step)

@@ -69,11 +69,12 @@ GENERATE = [
     extra("temperature", float, 1.0, "--temperature", "Softmax temperature (0 = greedy)."),
     extra("top_k", int, 0, "--top-k", "Sample among the k most likely tokens (0 = all)."),
 ]
+PLOT = extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra).")
 ANALYZE = [
     extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
     extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
-    extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra)."),
+    PLOT,
     extra("probe_rows", int, 10_000, "--probe-rows", "Positions sampled per split for the decodability probes (0: none)."),
     REBUILD,
 ]

@@ -1,4 +1,4 @@
-"""PNG figures for people who would rather look: singular-value spectrum and Phase 1 convergence.
+"""PNG figures for people who would rather look: singular-value spectrum, Phase 1 convergence, Phase 2 fits.
 
 matplotlib is an optional extra (`pip install 'newllm[plot]'`); without it, a clear one-line error.
 """
@@ -45,25 +45,66 @@ def spectrum(reports: dict[str, dict], out_dir: Path) -> Path:
     return path
 
 
-def convergence(history: list[dict], out_dir: Path) -> Path:
-    """Phase 1 losses (log scale) and converged share per iteration."""
+def convergence(histories: dict[str, list[dict]], target: float, out_dir: Path) -> Path:
+    """Phase 1 per iteration: the losses of training (log scale), and the converged share of each
+    split beside the stopping target."""
     plt = _pyplot()
-    rows = [h for h in history if h.get("cvfp_loss") is not None]
-    it = [h["iteration"] for h in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [h for h in histories.get("train", []) if h.get("cvfp_loss") is not None]
     for key in ("loss", "cvfp_loss", "dist_loss"):
-        ax.semilogy(it, [max(h[key], 1e-12) for h in rows], marker="o", label=key)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax2 = ax.twinx()
-    ax2.plot(it, [h["converged_ratio"] for h in rows], "k--", marker="s", label="converged share")
-    ax2.set_ylim(0, 1.02)
-    ax2.set_ylabel("converged share")
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
-    ax.set_title("Phase 1 convergence (train)")
-    ax.grid(alpha=0.3)
+        left.semilogy([h["iteration"] for h in train], [max(h[key], 1e-12) for h in train], marker=".", label=key)
+    left.set(xlabel="iteration", ylabel="loss", title="Phase 1 training losses")
+    for split, history in histories.items():
+        rows = [h for h in history if h.get("converged_ratio") is not None]
+        right.plot([h["iteration"] for h in rows], [h["converged_ratio"] for h in rows], marker=".", label=split)
+    right.axhline(target, color="k", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    right.set(xlabel="iteration", ylabel="share of tokens converged", ylim=(0, 1.02),
+              title="converged share (val: weights frozen)")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
     path = _save(fig, out_dir / "convergence.png")
+    plt.close(fig)
+    return path
+
+
+BASELINES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
+             "untrained_network": "untrained control"}
+
+
+def phase2(report: dict, out_dir: Path) -> Path:
+    """Phase 2: each fit's training objective over L-BFGS iterations, and val perplexity against
+    the penalty chosen on held-out training documents, with the baselines as horizontal lines."""
+    import math
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, blocks in report.get("curves", {}).items():
+        for (l2, stage), style in zip(dict.fromkeys((b["l2"], b["stage"]) for b in blocks), ("-", "--", ":", "-.") * 9):
+            rows = [b for b in blocks if (b["l2"], b["stage"]) == (l2, stage)]
+            left.plot([b["iterations"] for b in rows], [b["objective"] for b in rows], style, marker="o",
+                      label=f"{name} {stage} l2={l2:g}", linewidth=2 if stage == "refit" else 1)
+    left.set(xlabel="L-BFGS iterations", ylabel="training objective (nats / pair)", title="Phase 2 fits (a point per block of iterations)")
+    left.legend(fontsize=7)
+    heads = [("head", report.get("selection", []), report["val"]["perplexity"], report["l2"])]
+    control = report["baselines"].get("untrained_network")
+    if control:
+        heads.append(("control", control.get("selection", []), control["val_perplexity"], control["l2"]))
+    for name, selection, val, l2 in heads:
+        if selection:
+            right.semilogx([r["l2"] for r in selection], [math.exp(r["heldout_loss"]) for r in selection],
+                           marker="o", label=f"{name}: held-out perplexity")
+        right.plot([l2], [val], marker="*", markersize=12, linestyle="none", label=f"{name}: val perplexity {val:.1f}")
+    for key, label in BASELINES.items():
+        if key in report["baselines"]:
+            v = report["baselines"][key]["val_perplexity"]
+            right.axhline(v, linestyle="--", linewidth=1, color="grey" if key != "untrained_network" else "k")
+            right.annotate(f"{label} {v:.1f}", (0.01, v), xycoords=("axes fraction", "data"), fontsize=7,
+                           va="bottom")
+    right.set_xscale("log")
+    right.set(xlabel="l2 penalty", ylabel="perplexity", title="penalty choice and baselines (val)")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    path = _save(fig, out_dir / "phase2.png")
     plt.close(fig)
     return path

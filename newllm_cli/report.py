@@ -150,6 +150,8 @@ def phase2(r: dict) -> None:
     t.caption = ("the head's val perplexity lower (beats) or higher (loses) by this much; 95% interval in "
                  f"parentheses, bootstrap over {next(iter(r['baselines'].values()))['resampled']}")
     console(quiet=True).print(t)
+    for p in r.get("plots", []):
+        console(quiet=True).print(f"wrote {p}")
 
 
 def generate(r: dict) -> None:

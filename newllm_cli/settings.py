@@ -116,6 +116,8 @@ class RuntimeSettings(Section):
     memory_budget: float = opt(1.0, "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
                                     "it they go to files in the run directory, processed in chunks.", gt=0)
     threads: int = opt(0, "CPU threads for torch and numba (0: one per core).", ge=0)
+    tensorboard: bool = opt(False, "Also write each stage's figures as TensorBoard events under "
+                                   "runs/NAME/tensorboard (needs the tensorboard extra).")
 
 
 class Settings(Section):

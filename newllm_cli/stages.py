@@ -6,6 +6,7 @@ rerun alone and nothing produced under other settings is silently mixed in.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import time
 from pathlib import Path
 
@@ -71,6 +72,16 @@ def budget(ws: Workspace, s: Settings) -> dict:
     return {"memory_budget": int(s.runtime.memory_budget * 2 ** 30), "scratch": ws.run_dir}
 
 
+def board(ws: Workspace, s: Settings) -> Path | None:
+    """Where --tensorboard events go (None when off); refuses at once when the package is missing,
+    not after the work."""
+    if not s.runtime.tensorboard:
+        return None
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install 'newllm[tensorboard]'")
+    return ws.tensorboard()
+
+
 def build_model(s: Settings, vocab_size: int) -> NewLLM:
     m = s.model
     return NewLLM(vocab_size, m.context_dim, m.embed_dim, m.num_layers, m.layers_per_block)
@@ -112,6 +123,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     if rebuild:
         rebuild_upstream(s, f"phase1_{split}")
     ws, meta = open_run(s)
+    events = board(ws, s)
     tokens, offsets = dataset.load_split(ws, split)
     device = resolve_device(s.runtime.device)
     train = split == "train"
@@ -159,8 +171,8 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
     }
     write_json(ws.phase1_report(split), report)
-    metrics.record(ws.metrics(), "phase1", split, res.history)
-    metrics.record(ws.metrics(), "phase1_solve", split, res.solve)
+    metrics.record(ws.metrics(), "phase1", split, res.history, events)
+    metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
     resumable.clear()
     save_settings(ws, s)
     return report
@@ -227,9 +239,9 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
         out["control_steps"] = {split: analysis.steps(c, data[split][1]) for split, c in zip(SPLITS, control)}
     if plot is not None:
         out["plots"] = [str(plots.spectrum(reports, plot))]
-        if ws.phase1_report("train").exists():
-            history = read_json(ws.phase1_report("train"), "train Phase 1 report")["history"]
-            out["plots"].append(str(plots.convergence(history, plot)))
+        histories = {split: read_json(ws.phase1_report(split), f"{split} Phase 1 report")["history"]
+                     for split in SPLITS if ws.phase1_report(split).exists()}
+        out["plots"].append(str(plots.convergence(histories, s.phase1.min_converged_ratio, plot)))
     write_json(ws.analysis(), out)
     save_settings(ws, s)
     return out
@@ -291,11 +303,12 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
     return read_array(path, f"{split} control contexts")
 
 
-def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
+def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path | None = None) -> dict:
     """Fit the head on the saved contexts, behind the Phase-1 gate, beside baselines and the control."""
     if rebuild:
         rebuild_upstream(s, "phase2")
     ws, meta = open_run(s)
+    board(ws, s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
     mid = ckpt["model_id"]
@@ -314,7 +327,9 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
-    res, val_groups = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
+    res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws,
+                                          network=mid)
+    curves = {"head": curves}
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
     targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
@@ -328,10 +343,10 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
         untrained = untrained_network(s, vocab, device)
         control = {split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
                    for split, (_, tok, off) in splits.items()}
-        ctrl, _ = fit_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
+        ctrl, _, curves["control"] = fit_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
                               network=model_id(untrained))
         losses["untrained_network"] = ctrl.val_losses
-        table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2}
+        table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2, "selection": ctrl.selection}
         warnings += probe.advice(ctrl, "control", cfg.max_iterations)
     for key, entry in table.items():
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
@@ -346,9 +361,11 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False) -> dict:
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
     out = {"val": res.val, "train": res.train, "l2": res.l2, "selection": res.selection,
            "iterations": res.iterations, "capped": res.capped, "head_rows": res.head_rows,
-           "baselines": table, "warnings": warnings,
+           "baselines": table, "warnings": warnings, "curves": curves,
            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
            "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
+    if plot is not None:
+        out["plots"] = [str(plots.phase2(out, plot))]
     write_json(ws.phase2_report(), out)
     save_settings(ws, s)
     return out
@@ -389,10 +406,10 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
             if isinstance(split.inputs, RowStore):
                 split.inputs.close()  # the streamed pairs' file
     resumable.clear()
-    metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks)
+    metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
     info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
          f"for {vocab:,} tokens (never-target tokens tied)")
-    return res, data["val"].groups.cpu().numpy()
+    return res, data["val"].groups.cpu().numpy(), blocks
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:

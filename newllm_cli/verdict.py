@@ -46,10 +46,12 @@ def compare(losses_a: np.ndarray, losses_b: np.ndarray, groups: np.ndarray, seed
 
 def size(c: dict) -> str:
     """The verdict with its size in perplexity: 'beats by 4.4% (3.1-5.8%)', 'loses by 1.7% (...)',
-    'ties (-0.8% to +1.2%)'."""
+    'loses: 11.41x (9.05-14.21x)' from twice the perplexity up, 'ties (-0.8% to +1.2%)'."""
     lo, mid, hi = (c[k] - 1 for k in ("ratio_low", "ratio", "ratio_high"))
     if c["verdict"] == "beats":
         return f"beats by {-mid:.1%} ({-hi:.1%}-{-lo:.1%})"
+    if c["verdict"] == "loses to" and mid >= 1:  # percentages past 100% read badly
+        return f"loses: {mid + 1:.2f}x ({lo + 1:.2f}-{hi + 1:.2f}x)"
     if c["verdict"] == "loses to":
         return f"loses by {mid:.1%} ({lo:.1%}-{hi:.1%})"
     return f"ties ({lo:+.1%} to {hi:+.1%})"

@@ -78,7 +78,7 @@ def test_full_leaves_every_artifact(cli, base_args):
     for b in report["baselines"].values():  # every comparison carries its interval and its verdict
         assert b["verdict"] in ("beats", "ties", "loses to") and b["ratio_low"] <= b["ratio"] <= b["ratio_high"]
     assert all(0 <= b["accuracy"] <= 1 for b in report["baselines"].values())  # every figure filled
-    assert all(b["size"].startswith(b["verdict"].split()[0].replace("loses", "loses by").replace("beats", "beats by"))
+    assert all(b["size"].startswith(b["verdict"].split()[0]) and "%" in b["size"] or "x (" in b["size"]
                for b in report["baselines"].values()) and isinstance(report["warnings"], list)
 
 
@@ -251,3 +251,16 @@ def test_full_writes_a_log_and_metrics_matching_the_reports(cli, base_args):
     again = list(csv.DictReader((run / "metrics.csv").open()))
     assert len([r for r in again if r["stage"] == "phase1" and r["split"] == "val"]) == \
         len([r for r in rows if r["stage"] == "phase1" and r["split"] == "val"])
+
+
+def test_tensorboard_events_hold_the_reported_figures(cli, base_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    assert cli("prepare-data", *base_args).code == 0
+    assert cli("phase1", *base_args, "--phase1-max-iterations", "4", "--tensorboard").code == 0
+    history = json.loads((run_dir(base_args) / "phase1_train.json").read_text())["history"]
+    events = EventAccumulator(str(run_dir(base_args) / "tensorboard" / "phase1_train"))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("converged_ratio")]
+    want = [(h["iteration"], h["converged_ratio"]) for h in history if h["converged_ratio"] is not None]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert np.allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
