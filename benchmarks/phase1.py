@@ -2,7 +2,8 @@
 multiply, the C=16 kernel against the previous one, the kernel crossover, and the original loop.
 
 Tokens are the bytes of a real text (byte tokenizer: id = byte value), documents split at blank
-lines; make one with `bash ../shared/corpora.sh DIR` and repeat it to the size you need.
+lines; make one with `python benchmarks/corpus.py T.txt --licences --bytes 12600000` (the figures in
+docs/EXPERIMENTS.md used that text).
 
     python benchmarks/phase1.py tokens    --text FILE [--sizes 100000 1000000 10000000]
     python benchmarks/phase1.py width     --text FILE [--widths 16 64 256 768] [--layers 2 6] [--repeats 3]

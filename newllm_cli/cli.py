@@ -14,7 +14,8 @@ from . import __version__, interrupt, report
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .progress import begin, log_to, record, set_quiet
-from .options import ANALYZE, COMMON, DOCS, FORCE, GENERATE, PLOT, REBUILD, SPLIT, settings_parameters, split_kwargs
+from .options import (ANALYZE, COMMON, COMPARE, CSV, DOCS, FORCE, GENERATE, PLOT, REBUILD, SPLIT, SWEEP,
+                      settings_parameters, split_kwargs)
 from .settings import SECTIONS, resolve
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -42,9 +43,10 @@ RECURRENCE = ("model", "data", "phase1", "runtime")
 
 
 def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-            sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+            sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True) -> None:
     """Register `<module>.<function>(settings, **extra)` as a command whose options come from the
-    settings model; its module (stages, and torch with it) is imported only when the command runs."""
+    settings model (a run's saved settings too, unless `saved` is False); its module (stages, and
+    torch with it) is imported only when the command runs."""
     module, function = stage.split(".")
 
     def run(**kwargs):
@@ -52,9 +54,11 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         set_quiet(rest.pop("quiet"))
-        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings())
-        if module == "stages":
-            core.apply_threads(settings.runtime.threads)
+        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
+        if "argv" in inspect.signature(getattr(core, function)).parameters:
+            rest["argv"] = _argv
+        if module in ("stages", "sweep"):  # the commands that compute
+            importlib.import_module(".stages", __package__).apply_threads(settings.runtime.threads)
         with interrupt.graceful():
             result = getattr(core, function)(settings, **rest)
         render(result)  # the tables go to the run's log too
@@ -71,11 +75,16 @@ command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
 command("full", "stages.full", report.full, [FORCE])
 command("generate", "stages.generate", report.generate, GENERATE)
 command("config", "settings.effective", lambda result: None)
+command("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
+command("runs", "compare.runs", report.runs, [CSV], ("runtime",), saved=False)
+command("compare", "compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
+_argv: list[str] = []
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
-    argv = sys.argv[1:] if argv is None else argv
+    global _argv
+    argv = _argv = sys.argv[1:] if argv is None else list(argv)
     begin(argv)
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)

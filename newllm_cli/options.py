@@ -84,7 +84,7 @@ def _stage_docs() -> dict[str, str]:
     """Each command's help: its function's docstring, read from source so that help never imports
     torch (seconds)."""
     docs = {}
-    for module in ("stages", "settings"):
+    for module in ("stages", "settings", "sweep", "compare"):
         tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
         docs.update({f"{module}.{f.name}": ast.get_docstring(f) or "" for f in tree.body
                      if isinstance(f, ast.FunctionDef)})
@@ -106,3 +106,30 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
         else:
             rest[key] = value
     return nested, rest
+
+
+SWEEP = [
+    extra("name", str, ..., "--name", "The sweep's name: its study, and the prefix of its runs."),
+    extra("grid", list[str], [], "--grid", "NAME=v1,v2,... (any setting by its option name), or NAME=LOW:HIGH[:log] "
+          "for a search; repeat for more axes."),
+    extra("sampler", str, "grid", "--sampler", "grid (every point), random or tpe (a search of --trials points)."),
+    extra("trials", Optional[int], None, "--trials", "Points of a search."),
+    extra("storage", Optional[str], None, "--storage", "Optuna storage URL shared by workers, e.g. "
+          "postgresql+psycopg://user@host/db (default: sqlite WORKSPACE/sweeps.db)."),
+    extra("jobs", int, 1, "--jobs", "Local worker processes."),
+    extra("probe_rows", int, 10_000, "--probe-rows", "Decodability probe rows of each trial's analysis (0: none)."),
+    extra("heartbeat", float, 10.0, "--heartbeat", "Seconds between a worker's heartbeats; a trial silent for 3 "
+          "of them counts as killed."),
+    FORCE,
+    inspect.Parameter("worker", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--worker", hidden=True)),
+]
+CSV = extra("csv_output", bool, False, "--csv", "Print the rows as CSV on stdout.")
+COMPARE = [
+    inspect.Parameter("names", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                      default=typer.Argument(None, help="Runs to compare.", show_default=False)),
+    extra("sweep", Optional[str], None, "--sweep", "Compare the finished trials of this sweep."),
+    extra("storage", Optional[str], None, "--storage", "The sweep's Optuna storage URL (default: the workspace's)."),
+    PLOT,
+    CSV,
+]

@@ -108,3 +108,38 @@ def phase2(report: dict, out_dir: Path) -> Path:
     path = _save(fig, out_dir / "phase2.png")
     plt.close(fig)
     return path
+
+
+def comparison(result: dict, out_dir: Path) -> list[Path]:
+    """`compare --plot`: the log-log scaling of perplexity with training tokens (with each fitted law)
+    and val effective rank against perplexity."""
+    plt = _pyplot()
+    rows = {r["run"]: r for r in result["runs"]}
+    paths = []
+    if result["scaling"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for fit in result["scaling"]:
+            members = sorted((rows[n] for n in fit["runs"]), key=lambda r: r["tokens"])
+            xs, ys = [m["tokens"] for m in members], [m["perplexity"] for m in members]
+            label = ", ".join(f"{k}={v}" for k, v in fit["group"].items()) or "runs"
+            points = ax.loglog(xs, ys, "o", label=label)[0]
+            ax.loglog(xs, [fit["A"] * x ** fit["alpha"] for x in xs], "-", color=points.get_color(),
+                      label=f"PPL = {fit['A']:.3g} N^{fit['alpha']:.3f} (R^2 {fit['r2'] or 0:.3f})")
+        ax.set(xlabel="training tokens N", ylabel="val perplexity (head)", title="scaling with data")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        paths.append(_save(fig, out_dir / "scaling.png"))
+        plt.close(fig)
+    both = [r for r in result["runs"] if r["rank_val"] is not None and r["perplexity"] is not None]
+    if both:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["rank_val"] for r in both], [r["perplexity"] for r in both], "o")
+        for r in both:
+            ax.annotate(r["run"].split(".", 1)[-1], (r["rank_val"], r["perplexity"]), fontsize=6)
+        corr = result.get("rank_perplexity") or {}
+        ax.set(xlabel="val effective rank (centred)", ylabel="val perplexity (head)",
+               title=f"rank against perplexity (r = {corr.get('r') or float('nan'):.3f})")
+        ax.grid(alpha=0.3)
+        paths.append(_save(fig, out_dir / "rank_perplexity.png"))
+        plt.close(fig)
+    return paths

@@ -20,6 +20,12 @@ def primary_path(command: str, result: dict) -> str:
         return result["text"]
     if command == "config":
         return result["toml"]
+    if "csv" in result:
+        return result["csv"].rstrip("\n")
+    if command in ("runs", "compare"):
+        return "\n".join(r["run"] for r in result["runs"])
+    if command == "sweep":
+        return result["storage"]
     return str(result.get("path", ""))
 
 
@@ -164,3 +170,68 @@ def full(r: dict) -> None:
     phase1(r["phase1_val"])
     analysis(r["analysis"])
     phase2(r["phase2"])
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _count(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e4 else f"{n / 1e3:.1f}k"
+
+
+def _setup(settings: dict) -> str:
+    """A run's key settings in a few characters: C16 L2 sample/12 w0.2 byte."""
+    g = settings.get
+    size = f"/{g('data.num_samples')}" if g("data.num_samples") else ""
+    return f"C{g('model.context_dim')} L{g('model.num_layers')} {g('data.source')}{size} w{g('phase1.dist_reg_weight')} {g('data.tokenizer')}"
+
+
+def runs(r: dict, title: str = "runs") -> None:
+    """One row per run: its settings (the varied ones, or a short summary), Phase 1 converged share
+    (train/val), val effective rank, Phase 2 perplexities, time."""
+    from rich import box
+    from .compare import flag
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t.add_column("run", overflow="fold", min_width=12)
+    varied = r.get("varied")
+    names = [flag(k) for k in r["settings"]] if varied else ["setup"]
+    for name in names:
+        t.add_column(name, justify="right", overflow="fold", min_width=6)
+    for col in ("tokens", "conv%", "rank", "ppl", "uni", "bi", "ctrl", "time"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for row in r["runs"]:
+        conv = "/".join("-" if row[k] is None else f"{100 * row[k]:.0f}" for k in ("converged_train", "converged_val"))
+        cells = [_fmt(row["settings"].get(k), "g") for k in r["settings"]] if varied else [_setup(row["settings"])]
+        name = row["run"].split(".", 1)[1] if r.get("sweep") and "." in row["run"] else row["run"]
+        t.add_row(name, *cells, _count(row["tokens"]), conv, _fmt(row["rank_val"], ".1f"),
+                  *(_fmt(row[k], ".1f") for k in ("perplexity", "unigram", "bigram", "control")),
+                  "-" if row["seconds"] is None else f"{row['seconds']:.0f}s")
+    t.caption = ("conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
+                 "val perplexity beside add-one unigram, add-k bigram and the untrained control")
+    console(quiet=True).print(t)
+
+
+def compare(r: dict) -> None:
+    runs({**r, "varied": True}, title=f"sweep {r['sweep']}" if r.get("sweep") else "runs compared")
+    con = console(quiet=True)
+    for fit in r["scaling"]:
+        group = ", ".join(f"{k}={v}" for k, v in fit["group"].items())
+        con.print(f"scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}, "
+                  f"R^2 {_fmt(fit['r2'], '.4f')} over {fit['points']} runs")
+    if r["rank_perplexity"]:
+        c = r["rank_perplexity"]
+        con.print(f"correlation of val effective rank with perplexity: r = {_fmt(c['r'], '.4f')} over {c['runs']} runs")
+    for p in r.get("plots", []):
+        con.print(f"wrote {p}")
+
+
+def sweep(r: dict) -> None:
+    t = Table(title=f"sweep {r['sweep']}", title_justify="left")
+    for col in ("trial", "run", "state", "val ppl", "error"):
+        t.add_column(col, overflow="fold")
+    for trial in r["trials"]:
+        t.add_row(str(trial["number"]), trial["run"], trial["state"].lower(), _fmt(trial["value"]), trial["error"] or "")
+    console(quiet=True).print(t)

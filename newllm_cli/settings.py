@@ -146,6 +146,12 @@ def cli_name(section: str, field: str) -> str:
     return extra.get("cli") or field.replace("_", "-")
 
 
+def flag_index() -> dict[str, tuple[str, str]]:
+    """Every option name (without --), aliases included, to its (section, field)."""
+    return {flag: (section, name) for section, model in SECTIONS.items() for name in model.model_fields
+            for flag in (cli_name(section, name), *cli_aliases(section, name))}
+
+
 def cli_aliases(section: str, field: str) -> list[str]:
     return (SECTIONS[section].model_fields[field].json_schema_extra or {}).get("aliases", [])
 

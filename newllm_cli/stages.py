@@ -307,6 +307,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     """Fit the head on the saved contexts, behind the Phase-1 gate, beside baselines and the control."""
     if rebuild:
         rebuild_upstream(s, "phase2")
+    t0 = time.perf_counter()
     ws, meta = open_run(s)
     board(ws, s)
     device = resolve_device(s.runtime.device)
@@ -363,7 +364,8 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
            "iterations": res.iterations, "capped": res.capped, "head_rows": res.head_rows,
            "baselines": table, "warnings": warnings, "curves": curves,
            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
-           "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint())}
+           "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint()),
+           "seconds": time.perf_counter() - t0}
     if plot is not None:
         out["plots"] = [str(plots.phase2(out, plot))]
     write_json(ws.phase2_report(), out)
@@ -436,12 +438,12 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
             "prompt_ids": ids.tolist(), "token_ids": new}
 
 
-def full(s: Settings, force: bool = False) -> dict:
+def full(s: Settings, force: bool = False, probe_rows: int = PROBE_ROWS) -> dict:
     """Every stage in order, each writing its artifacts exactly as when run alone."""
     out = {"prepare_data": prepare_data(s)}
     out["phase1_train"] = phase1(s, "train")
     out["phase1_val"] = phase1(s, "val")
-    out["analysis"] = analyze(s)
+    out["analysis"] = analyze(s, probe_rows=probe_rows)
     out["phase2"] = phase2(s, force=force)
     out["run_dir"] = str(Workspace(s.runtime.workspace, s.runtime.run).run_dir)
     return out

@@ -1,0 +1,39 @@
+"""Real English text that every Python install has, for benchmarks and trials: the topics of the
+Python documentation shipped with the interpreter (`pydoc_data`), optionally with the system's
+licence texts, one document per topic or licence, documents separated by blank lines.
+
+    python benchmarks/corpus.py OUT.txt [--licences] [--bytes N]   # N: repeat up to N bytes
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def documents(licences: bool = False) -> list[str]:
+    from pydoc_data import topics
+    docs = [re.sub(r"\n\s*\n", "\n", text.strip()) for _, text in sorted(topics.topics.items())]
+    if licences:
+        for f in sorted(Path("/usr/share/common-licenses").glob("*")):
+            if f.is_file() and not f.is_symlink():
+                docs.append(re.sub(r"\n\s*\n", "\n", f.read_text(errors="replace").strip()))
+    return [d for d in docs if d]
+
+
+def build(out: Path, licences: bool = False, size: int | None = None) -> Path:
+    """Write the documents to `out`, repeated until `size` bytes when given; return `out`."""
+    text = "\n\n".join(documents(licences)) + "\n"
+    if size:
+        text = ((text + "\n") * (size // len(text) + 1))[:size]
+    out.write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--licences", action="store_true")
+    ap.add_argument("--bytes", type=int)
+    a = ap.parse_args()
+    print(build(a.out, a.licences, a.bytes))
