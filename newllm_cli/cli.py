@@ -76,7 +76,7 @@ command("full", "stages.full", report.full, [FORCE])
 command("generate", "stages.generate", report.generate, GENERATE)
 command("config", "settings.effective", lambda result: None)
 command("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
-command("runs", "compare.runs", report.runs, [CSV], ("runtime",), saved=False)
+command("runs", "compare.runs", report.runs, CSV, ("runtime",), saved=False)
 command("compare", "compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
 _argv: list[str] = []
 

@@ -140,16 +140,50 @@ def to_csv(rows: list[dict], settings: list[str]) -> str:
     return buf.getvalue()
 
 
-def runs(s, csv_output: bool = False) -> dict:
+def to_markdown(result: dict) -> str:
+    """The rows and the fits as a Markdown table and lines, ready for a notebook or the docs."""
+    cols = ["run", *map(flag, result["settings"]), "train tokens", "converged train / val", "val rank (centred)",
+            "val ppl", "unigram", "bigram", "control", "seconds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in result["runs"]:
+        conv = " / ".join("-" if r[k] is None else f"{r[k]:.1%}" for k in ("converged_train", "converged_val"))
+        cells = [r["run"], *(str(r["settings"].get(k)) for k in result["settings"]), _num(r["tokens"], ","), conv,
+                 _num(r["rank_val"]), *(_num(r[k]) for k in ("perplexity", "unigram", "bigram", "control")),
+                 _num(r["seconds"], ".0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    for fit in result.get("scaling", []):
+        group = ", ".join(f"{k}={v}" for k, v in fit["group"].items())
+        lines.append(f"\nScaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
+                     f"R^2 = {_num(fit['r2'], '.4f')} ({fit['points']} runs).")
+    if result.get("rank_perplexity"):
+        c = result["rank_perplexity"]
+        lines.append(f"\nCorrelation of val effective rank with val perplexity: r = {_num(c['r'], '.3f')} ({c['runs']} runs).")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _formats(out: dict, csv_output: bool, markdown: bool) -> dict:
+    if csv_output and markdown:
+        raise UsageError("choose --csv or --markdown")
+    if csv_output:
+        out["text"] = to_csv(out["runs"], out["settings"])
+    if markdown:
+        out["text"] = to_markdown(out)
+    return out
+
+
+def runs(s, csv_output: bool = False, markdown: bool = False) -> dict:
     """Every run of the workspace, one row each: key settings, Phase 1 converged share, centred
     effective rank, Phase 2 perplexity beside unigram, bigram and the control, and time."""
     rows = [run_row(p) for p in workspace_runs(s.runtime.workspace)]
-    out = {"runs": rows, "settings": list(KEY_SETTINGS)}
-    return {**out, "csv": to_csv(rows, list(KEY_SETTINGS))} if csv_output else out
+    return _formats({"runs": rows, "settings": list(KEY_SETTINGS)}, csv_output, markdown)
 
 
 def compare(s, names: list[str] | None = None, sweep: str | None = None, storage: str | None = None,
-            plot: Path | None = None, csv_output: bool = False) -> dict:
+            plot: Path | None = None, csv_output: bool = False, markdown: bool = False) -> dict:
     """The chosen runs (or a sweep's) side by side with their varied settings, the scaling law
     when the data size varies, and the rank-perplexity correlation."""
     if bool(names) == bool(sweep):
@@ -165,7 +199,7 @@ def compare(s, names: list[str] | None = None, sweep: str | None = None, storage
     if plot is not None:
         from . import plots
         out["plots"] = [str(p) for p in plots.comparison(out, plot)]
-    return {**out, "csv": to_csv(rows, out["settings"])} if csv_output else out
+    return _formats(out, csv_output, markdown)
 
 
 def sweep_runs(workspace: str, name: str, storage: str | None) -> list[str]:

@@ -124,12 +124,13 @@ SWEEP = [
     inspect.Parameter("worker", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                       default=typer.Option(False, "--worker", hidden=True)),
 ]
-CSV = extra("csv_output", bool, False, "--csv", "Print the rows as CSV on stdout.")
+CSV = [extra("csv_output", bool, False, "--csv", "Print the rows as CSV on stdout."),
+       extra("markdown", bool, False, "--markdown", "Print the rows (and fits) as Markdown on stdout.")]
 COMPARE = [
     inspect.Parameter("names", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
                       default=typer.Argument(None, help="Runs to compare.", show_default=False)),
     extra("sweep", Optional[str], None, "--sweep", "Compare the finished trials of this sweep."),
     extra("storage", Optional[str], None, "--storage", "The sweep's Optuna storage URL (default: the workspace's)."),
     PLOT,
-    CSV,
+    *CSV,
 ]

@@ -75,7 +75,7 @@ class DataSettings(Section):
 class Phase1Settings(Section):
     # 100 iterations and no "diverging" stop, not the seed's 10 and 2 drops: on real text training
     # needs 35-100 iterations to settle after its first, disruptive Adam steps, and the converged
-    # share wobbles on the way (docs/EXPERIMENTS.md, Phase 1 settles).
+    # share wobbles on the way (docs/EXPERIMENTS.md).
     max_iterations: int = opt(100, "Most CVFP iterations (also the cap of the no-update solve that follows "
                                    "unconverged training).", cli="phase1-max-iterations", ge=2)
     stop_on_drops: int = opt(0, "Stop training when the converged share fell by over a point this many "
@@ -216,7 +216,9 @@ def _one_line(e: ValidationError, prefix: str = "") -> str:
             parts.append(f"{'.'.join(loc)} {words}" if loc != [""] else words)
             continue
         given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" {given}"
+        shown = ("" if isinstance(given, (dict, list)) else
+                 f" {given}" if not isinstance(given, str) or (given.isprintable() and given.strip() == given and given)
+                 else f" {given!r}")
         parts.append(f"--{cli_name(*loc)}{shown}: {words} ({'.'.join(loc)})")
     return "; ".join(parts)
 
