@@ -3,6 +3,7 @@ Python documentation shipped with the interpreter (`pydoc_data`), optionally wit
 licence texts, one document per topic or licence, documents separated by blank lines.
 
     python benchmarks/corpus.py OUT.txt [--licences] [--bytes N]   # N: repeat up to N bytes
+    python benchmarks/corpus.py OUT.txt --val-every 5    # every 5th document to OUT.val.txt instead
 """
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ def documents(licences: bool = False) -> list[str]:
     return [d for d in docs if d]
 
 
-def build(out: Path, licences: bool = False, size: int | None = None) -> Path:
-    """Write the documents to `out`, repeated until `size` bytes when given; return `out`."""
-    text = "\n\n".join(documents(licences)) + "\n"
+def build(out: Path, licences: bool = False, size: int | None = None, val_every: int | None = None) -> Path:
+    """Write the documents to `out`, repeated until `size` bytes when given, every `val_every`-th
+    one to OUT.val.txt instead when given (a validation set that does not move); return `out`."""
+    docs = documents(licences)
+    if val_every:
+        out.with_suffix(".val.txt").write_text("\n\n".join(docs[val_every - 1::val_every]) + "\n")
+        docs = [d for i, d in enumerate(docs) if (i + 1) % val_every]
+    text = "\n\n".join(docs) + "\n"
     if size:
         text = ((text + "\n") * (size // len(text) + 1))[:size]
     out.write_text(text)
@@ -35,5 +41,6 @@ if __name__ == "__main__":
     ap.add_argument("out", type=Path)
     ap.add_argument("--licences", action="store_true")
     ap.add_argument("--bytes", type=int)
+    ap.add_argument("--val-every", type=int)
     a = ap.parse_args()
-    print(build(a.out, a.licences, a.bytes))
+    print(build(a.out, a.licences, a.bytes, a.val_every))

@@ -151,13 +151,15 @@ def to_markdown(result: dict) -> str:
                  _num(r["rank_val"]), *(_num(r[k]) for k in ("perplexity", "unigram", "bigram", "control")),
                  _num(r["seconds"], ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if result.get("scaling") or result.get("rank_perplexity"):
+        lines.append("")
     for fit in result.get("scaling", []):
         group = ", ".join(f"{k}={v}" for k, v in fit["group"].items())
-        lines.append(f"\nScaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
+        lines.append(f"Scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
                      f"R^2 = {_num(fit['r2'], '.4f')} ({fit['points']} runs).")
     if result.get("rank_perplexity"):
         c = result["rank_perplexity"]
-        lines.append(f"\nCorrelation of val effective rank with val perplexity: r = {_num(c['r'], '.3f')} ({c['runs']} runs).")
+        lines.append(f"Correlation of val effective rank with val perplexity: r = {_num(c['r'], '.3f')} ({c['runs']} runs).")
     return "\n".join(lines) + "\n"
 
 
