@@ -1,5 +1,7 @@
 """newllm: a command-line toolkit for New-LLM (context vector fixed-point) research."""
 import os
+import signal
+import sys
 
 # Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs, spinning
 # threads steal the cores the work needs (Phase 1 training 1.38x faster beside one busy core, 4%
@@ -7,3 +9,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+
+def _interrupted_at_startup(signum, frame):  # pragma: no cover - exercised by a subprocess test
+    os.write(2, b"Error: interrupted\n")
+    os._exit(130)
+
+
+# Run as the `newllm` command: a Ctrl-C while modules load (seconds with torch) is one line and
+# exit 130, not a traceback; cli.main() puts Python's own handler back once it can catch it.
+if os.path.basename(sys.argv[0]) == "newllm" or sys.argv[0].endswith(os.path.join("newllm_cli", "__main__.py")):
+    signal.signal(signal.SIGINT, _interrupted_at_startup)

@@ -63,13 +63,18 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, fix: str = "the stage that writes it", schema=None) -> dict:
+    """A JSON artifact, parsed and, given a pydantic `schema`, checked for the fields readers use."""
+    from .validate import Damaged, json_fields
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise RefusedError(f"{what} at {path} is unreadable ({e}); rerun the stage that writes it") from None
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        raise Damaged(path, f"not JSON ({str(e).splitlines()[0][:80]})", fix) from None
+    if not isinstance(data, dict):
+        raise Damaged(path, "not a JSON object", fix)
+    return json_fields(data, schema, path, fix) if schema is not None else data
 
 
 def write_array(path: Path, array: np.ndarray) -> Path:
@@ -79,26 +84,33 @@ def write_array(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def read_array(path: Path, what: str) -> np.ndarray:
+def read_array(path: Path, what: str, fix: str = "the stage that writes it") -> np.ndarray:
     """Memory-mapped, read-only: later stages never load a whole corpus into memory."""
+    from .validate import Damaged
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     try:
         return np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise RefusedError(f"{what} at {path} is unreadable ({e}); rerun the stage that writes it") from None
+    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+        raise Damaged(path, f"not a .npy array ({str(e).splitlines()[0][:80] if str(e) else 'empty'})", fix) from None
 
 
 def write_checkpoint(path: Path, payload: dict) -> Path:
-    """Tensors plus plain values only, so it loads with weights_only=True."""
+    """Tensors plus plain values only, so it loads with weights_only=True. Serialised in memory
+    first, then written with plain file I/O, so a full disk is an OSError (ENOSPC), not torch's
+    "unexpected pos"."""
+    import io
     import torch  # here, not at the top: `newllm --help` must not wait for torch
 
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return path
 
 
-def read_checkpoint(path: Path, what: str) -> dict:
+def read_checkpoint(path: Path, what: str, fix: str = "the stage that writes it") -> dict:
+    from .validate import Damaged
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     import torch
@@ -106,10 +118,9 @@ def read_checkpoint(path: Path, what: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign or not a checkpoint at all
-        raise RefusedError(f"{what} at {path} cannot be loaded ({type(e).__name__}); "
-                           "rerun the stage that writes it") from None
-    if not isinstance(payload, dict) or "provenance" not in payload:
-        raise RefusedError(f"{what} at {path} is not a newllm checkpoint")
+        raise Damaged(path, f"cannot be loaded ({type(e).__name__})", fix) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("provenance"), dict):
+        raise Damaged(path, "not a newllm checkpoint (no provenance)", fix)
     return payload
 
 
@@ -176,8 +187,12 @@ class Resumable:
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
-        payload = read_checkpoint(self.path, "resume checkpoint")
-        if payload["provenance"].get("fingerprint") != self.fingerprint:
+        try:
+            payload = read_checkpoint(self.path, "resume checkpoint")
+        except RefusedError as e:
+            warn(f"ignoring {self.path.name}: {e}; starting afresh")
+            return None
+        if payload["provenance"].get("fingerprint") != self.fingerprint or not isinstance(payload.get("state"), dict):
             warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
             return None
         info(f"resuming from {self.path}")

@@ -5,7 +5,9 @@ import importlib
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 import typer
@@ -84,6 +86,8 @@ _argv: list[str] = []
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
     global _argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt from here on
     argv = _argv = sys.argv[1:] if argv is None else list(argv)
     begin(argv)
     try:

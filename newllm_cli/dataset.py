@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import sources, tokenizer as tokenizers
+from . import sources, tokenizer as tokenizers, validate
 from .artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
 from .errors import RefusedError, UsageError, first_line
 from .progress import info, progress, warn
@@ -182,10 +182,14 @@ def _as_documents(data, p: Path) -> list[np.ndarray]:
 def prepare(s: Settings) -> dict:
     """Build (or find in the cache) the dataset the settings describe; return its description."""
     ws = workspace_for(s)
-    if ws.dataset_meta().exists():
-        meta = read_json(ws.dataset_meta(), "dataset description")
-        info(f"cache hit: dataset {ws.data_dir.name} already prepared")
-        return {**meta, "cache_hit": True, "dataset_dir": str(ws.data_dir)}
+    if ws.data_dir.exists():
+        try:
+            meta = check_dataset(ws)
+            info(f"cache hit: dataset {ws.data_dir.name} already prepared")
+            return {**meta, "cache_hit": True, "dataset_dir": str(ws.data_dir)}
+        except RefusedError as e:  # damaged or half-removed: this command writes it, so it replaces it
+            warn(f"rebuilding dataset {ws.data_dir.name}: {e}")
+            shutil.rmtree(ws.data_dir)
     ws.data_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.", dir=ws.data_dir.parent))
     try:
@@ -248,6 +252,26 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
             "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val}
 
 
+FIX = "newllm prepare-data"
+
+
+def read_meta(ws: Workspace) -> dict:
+    """dataset.json, checked, and naming its own directory."""
+    meta = read_json(ws.dataset_meta(), "dataset description", FIX, validate.DatasetMeta)
+    if meta["key"] != ws.data_dir.name:
+        raise validate.Damaged(ws.dataset_meta(), f"key {meta['key']!r} is not its directory's", FIX)
+    return meta
+
+
+def check_dataset(ws: Workspace) -> dict:
+    """Every file of a prepared dataset, checked (a pass over the token ids); its description."""
+    meta = read_meta(ws)
+    for split in ("train", "val"):
+        load_split(ws, split, meta)
+    validate.tokenizer(ws.tokenizer(), meta["vocab_size"], FIX)
+    return meta
+
+
 def load_meta(s: Settings) -> tuple[Workspace, dict]:
     ws = workspace_for(s)
     if not ws.dataset_meta().exists():
@@ -257,9 +281,16 @@ def load_meta(s: Settings) -> tuple[Workspace, dict]:
                                "check --run, or start it with `newllm prepare-data --run NAME`")
         raise RefusedError(f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
                            "run `newllm prepare-data` with the same data options first")
-    return ws, read_json(ws.dataset_meta(), "dataset description")
+    return ws, read_meta(ws)
 
 
-def load_split(ws: Workspace, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids (memory-mapped) and document offsets of one split."""
-    return read_array(ws.tokens(split), f"{split} tokens"), np.array(read_array(ws.offsets(split), f"{split} offsets"))
+def load_split(ws: Workspace, split: str, meta: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (memory-mapped) and document offsets of one split, checked against the dataset's
+    description: counts, boundaries, ids within the vocabulary."""
+    meta = meta or read_meta(ws)
+    m = meta[split]
+    tokens = validate.array(read_array(ws.tokens(split), f"{split} tokens", FIX), ws.tokens(split), FIX,
+                            kind="int", rows=m["tokens"], below=meta["vocab_size"])
+    offsets = validate.offsets(np.array(read_array(ws.offsets(split), f"{split} offsets", FIX)), ws.offsets(split),
+                               FIX, m["documents"], m["tokens"])
+    return tokens, offsets

@@ -1,8 +1,8 @@
 """Ctrl-C as a request, not a crash: training loops stop at their next safe point and save.
 
-Inside `graceful()`, the first SIGINT only sets a flag that Phase 1 (per iteration) and Phase 2 (per
-epoch) check; they then save a resume checkpoint and raise Interrupted. A second SIGINT aborts at
-once, for a user who really wants out.
+Inside `graceful()`, while a loop with safe points runs (`safe_points()`: Phase 1 per iteration,
+Phase 2 per L-BFGS block), the first SIGINT only sets a flag the loop checks; it then saves a resume
+checkpoint and raises Interrupted. Anywhere else, and at a second SIGINT, Ctrl-C stops at once.
 """
 from __future__ import annotations
 
@@ -12,10 +12,22 @@ from contextlib import contextmanager
 from typing import Iterator
 
 _requested = False
+_armed = 0
 
 
 def requested() -> bool:
     return _requested
+
+
+@contextmanager
+def safe_points() -> Iterator[None]:
+    """A loop that checks `requested()` runs: the first Ctrl-C waits for it."""
+    global _armed
+    _armed += 1
+    try:
+        yield
+    finally:
+        _armed -= 1
 
 
 @contextmanager
@@ -28,7 +40,7 @@ def graceful() -> Iterator[None]:
 
     def handler(signum, frame):
         global _requested
-        if _requested:
+        if _requested or not _armed:
             raise KeyboardInterrupt
         _requested = True
     previous = signal.signal(signal.SIGINT, handler)

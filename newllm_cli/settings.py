@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -29,6 +30,15 @@ def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info) -> Any:
+        """`context_dim = true` in a config file is a mistake, not 1."""
+        annotation = str(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+            raise ValueError("expected a number, not true or false")
+        return value
 
 
 class ModelSettings(Section):
@@ -59,6 +69,8 @@ class DataSettings(Section):
     tokenizer: str = opt("bpe", "bpe (trained offline on the training text), byte, gpt2, or a tokenizer.json path.")
     tokenizer_vocab_size: int = opt(4096, "Vocabulary size of the trained bpe tokenizer.", ge=260, le=1_000_000)
 
+
+    _home = field_validator("path", "val_path")(classmethod(lambda cls, v: _expand(v)))
 
     @field_validator("encoding")
     @classmethod
@@ -108,6 +120,10 @@ class Phase2Settings(Section):
     control: bool = opt(True, "Also fit the head on an untrained network's contexts (the control).")
 
 
+def _expand(path: Optional[str]) -> Optional[str]:
+    return os.path.expanduser(path) if path else path
+
+
 class RuntimeSettings(Section):
     seed: int = opt(42, "Random seed.", ge=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto uses CUDA when present.")
@@ -116,6 +132,15 @@ class RuntimeSettings(Section):
     memory_budget: float = opt(1.0, "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
                                     "it they go to files in the run directory, processed in chunks.", gt=0)
     threads: int = opt(0, "CPU threads for torch and numba (0: one per core).", ge=0)
+
+    _home = field_validator("workspace")(classmethod(lambda cls, v: _expand(v)))
+
+    @field_validator("run")
+    @classmethod
+    def _not_a_directory_alias(cls, run: str) -> str:
+        if run in (".", ".."):
+            raise ValueError(f"{run!r} names a directory, not a run")
+        return run
     tensorboard: bool = opt(False, "Also write each stage's figures as TensorBoard events under "
                                    "runs/NAME/tensorboard (needs the tensorboard extra).")
 
@@ -162,6 +187,8 @@ def read_config_file(path: Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
@@ -234,7 +261,7 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
     saved = {}
     saved_file = saved_path_for(runtime.workspace, runtime.run)
     if saved_file is not None and saved_file.exists():
-        saved = json.loads(saved_file.read_text())
+        saved = _saved(saved_file)
         for key in ("workspace", "run"):  # where a run lives is never read from the run itself
             saved.get("runtime", {}).pop(key, None)
         given = {**file_layer.get("data", {}), **options.get("data", {})}
@@ -243,6 +270,19 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
                 for k in group:
                     saved.get("data", {}).pop(k, None)
     return validate(merge(saved, file_layer, options))
+
+
+def _saved(path: Path) -> dict:
+    """A run's settings.json, or nothing when it is damaged: every stage writes it again, so a bad
+    copy must not lock the run (a mismatch with its artifacts is still refused, by provenance)."""
+    from .progress import warn
+    try:
+        saved = json.loads(path.read_text())
+        validate(saved)
+        return saved
+    except (OSError, ValueError, UsageError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        warn(f"ignoring damaged {path} ({str(e).splitlines()[0][:100]})")
+        return {}
 
 
 def effective(s: Settings) -> dict:

@@ -6,6 +6,7 @@ rerun alone and nothing produced under other settings is silently mixed in.
 from __future__ import annotations
 
 import hashlib
+import math
 import importlib.util
 import time
 from pathlib import Path
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, verdict
+from . import analysis, baselines, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
 from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
-from .errors import RefusedError, UsageError
+from .errors import RefusedError, UsageError, first_line
 from .model import NewLLM
 from .phase1 import run_cvfp
 from .rowstore import RowStore
@@ -88,11 +89,12 @@ def build_model(s: Settings, vocab_size: int) -> NewLLM:
 
 
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[NewLLM, dict]:
-    ckpt = read_checkpoint(ws.phase1_checkpoint(), "Phase 1 checkpoint (run `newllm phase1 --split train`)")
+    fix = "newllm phase1 --split train"
+    ckpt = read_checkpoint(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
     check_same({"dataset": meta["key"], "model": s.model.model_dump()},
                {k: ckpt["provenance"].get(k) for k in ("dataset", "model")}, "the Phase 1 checkpoint")
     model = build_model(s, meta["vocab_size"])
-    model.load_state_dict(ckpt["state"])
+    validate.state(model, ckpt, ws.phase1_checkpoint(), fix, keys=("state", "provenance", "model_id"))
     return model.to(device), ckpt
 
 
@@ -148,8 +150,9 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     resumable = Resumable(ws.resume(f"phase1_{split}"), {
         "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
         "seed": s.runtime.seed, "split": split, "network": mid})
-    res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show, label=f"phase1 {split}",
-                   resume=resumable.load(), save_resume=resumable.save, **budget(ws, s))
+    with interrupt.safe_points():
+        res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
+                       label=f"phase1 {split}", resume=resumable.load(), save_resume=resumable.save, **budget(ws, s))
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
@@ -178,15 +181,17 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     return report
 
 
-def load_contexts(ws: Workspace, split: str, meta: dict, expected_model: str | None = None) -> tuple[np.ndarray, dict]:
-    rep = read_json(ws.phase1_report(split), f"{split} contexts report (run `newllm phase1 --split {split}`)")
+def load_contexts(ws: Workspace, split: str, meta: dict, width: int,
+                  expected_model: str | None = None) -> tuple[np.ndarray, dict]:
+    """A split's saved contexts and their report, checked: N x C, finite, from these inputs."""
+    fix = f"newllm phase1 --split {split}"
+    rep = read_json(ws.phase1_report(split), f"{split} contexts report (run `{fix}`)", fix, validate.Phase1Report)
     expected = {"dataset": meta["key"]}
     if expected_model:
         expected["model_id"] = expected_model
     check_same(expected, rep["provenance"], f"the {split} contexts")
-    ctx = read_array(ws.contexts(split), f"{split} contexts")
-    if ctx.ndim != 2 or len(ctx) != meta[split]["tokens"]:
-        raise RefusedError(f"{ws.contexts(split)} has shape {ctx.shape}, expected {meta[split]['tokens']} rows")
+    ctx = validate.array(read_array(ws.contexts(split), f"{split} contexts", fix), ws.contexts(split), fix,
+                         kind="float", rows=meta[split]["tokens"], cols=width, finite=True)
     return ctx, rep
 
 
@@ -210,12 +215,12 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
     if rebuild:
         rebuild_upstream(s, "analyze")
     ws, meta = open_run(s)
-    tok = tokenizers.load(ws.tokenizer())
+    tok = validate.tokenizer(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     reports, ids, data, ctxs = {}, {}, {}, {}
     for split in SPLITS:
         if not ws.phase1_report(split).exists():
             continue
-        ctx, rep = load_contexts(ws, split, meta)
+        ctx, rep = load_contexts(ws, split, meta, s.model.context_dim)
         toks, offs = dataset.load_split(ws, split)
         reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode,
                                                    offsets=offs)
@@ -239,7 +244,8 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
         out["control_steps"] = {split: analysis.steps(c, data[split][1]) for split, c in zip(SPLITS, control)}
     if plot is not None:
         out["plots"] = [str(plots.spectrum(reports, plot))]
-        histories = {split: read_json(ws.phase1_report(split), f"{split} Phase 1 report")["history"]
+        histories = {split: read_json(ws.phase1_report(split), f"{split} Phase 1 report",
+                                      f"newllm phase1 --split {split}", validate.Phase1Report)["history"]
                      for split in SPLITS if ws.phase1_report(split).exists()}
         out["plots"].append(str(plots.convergence(histories, s.phase1.min_converged_ratio, plot)))
     write_json(ws.analysis(), out)
@@ -252,23 +258,26 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
     try:
         ctx = np.load(contexts, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read contexts {contexts}: {e}") from None
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        raise UsageError(f"cannot read contexts {contexts}: {first_line(e) if str(e) else 'empty file'}") from None
     if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
         raise UsageError(f"{contexts}: expected a non-empty N x C float array, found {ctx.dtype} {ctx.shape}")
     ids = None
     if tokens is not None:
         try:
             ids = np.load(tokens, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read tokens {tokens}: {e}") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise UsageError(f"cannot read tokens {tokens}: {first_line(e) if str(e) else 'empty file'}") from None
         if ids.ndim != 1 or len(ids) != len(ctx):
             raise UsageError(f"{tokens}: expected {len(ctx)} token ids (one per context row), found shape {ids.shape}")
     decode = None
     if tokenizer_file is not None:
         if ids is None:
             raise UsageError("--tokenizer-file needs --tokens")
-        decode = tokenizers.pretrained(str(tokenizer_file)).decode
+        try:
+            decode = tokenizers.pretrained(str(tokenizer_file)).decode
+        except Exception as e:  # the tokenizers library's own error types
+            raise UsageError(f"cannot load tokenizer {tokenizer_file}: {first_line(e)}") from None
     rep = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=ids, decode=decode)
     gate = analysis.gate(rep, None)
     out_path = contexts.with_name(contexts.stem + ".analysis.json")
@@ -291,8 +300,14 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
     against. Computed once per run and settings, then read from disk."""
     key = {"dataset": meta["key"], "model_id": model_id(untrained), "phase1": s.phase1.model_dump()}
     path, rep_path = ws.control_contexts(split), ws.control_report(split)
-    if path.exists() and rep_path.exists() and read_json(rep_path, "control report").get("provenance") == key:
-        return read_array(path, f"{split} control contexts")
+    width, fix = untrained.context_dim, "newllm phase2"  # phase2 recomputes them when damaged
+    if path.exists() and rep_path.exists():
+        try:
+            if read_json(rep_path, "control report", fix, validate.ControlReport)["provenance"] == key:
+                return validate.array(read_array(path, f"{split} control contexts", fix), path, fix, kind="float",
+                                      rows=meta[split]["tokens"], cols=width, finite=True)
+        except RefusedError as e:
+            warn(f"recomputing the {split} control contexts: {e}")
     tokens, offsets = dataset.load_split(ws, split)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
     res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, label=f"control {split}",
@@ -300,7 +315,7 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
     res.contexts.save(path)
     write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
                           "iterations": len(res.history), "provenance": key})
-    return read_array(path, f"{split} control contexts")
+    return read_array(path, f"{split} control contexts", fix)
 
 
 def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path | None = None) -> dict:
@@ -315,11 +330,16 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     mid = ckpt["model_id"]
     splits = {}
     for split in SPLITS:
-        ctx, _ = load_contexts(ws, split, meta, expected_model=mid)
+        ctx, _ = load_contexts(ws, split, meta, s.model.context_dim, expected_model=mid)
         tokens, offsets = dataset.load_split(ws, split)
         splits[split] = (ctx, tokens, offsets)
-    ana = read_json(ws.analysis(), "analysis") if ws.analysis().exists() else None
-    if ana is None or ana.get("provenance", {}).get("model_id") != mid or "val" not in ana:
+    try:
+        ana = read_json(ws.analysis(), "analysis", "newllm analyze", validate.AnalysisReport) \
+            if ws.analysis().exists() else None
+    except RefusedError as e:  # this stage can make it again
+        warn(f"recomputing the analysis: {e}")
+        ana = None
+    if ana is None or ana["provenance"].get("model_id") != mid or ana.get("val") is None:
         ana = analyze(s, probe_rows=0)
     problems = analysis.gate(ana.get("train"), ana.get("val"))
     if problems:
@@ -400,9 +420,10 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
         "network": network, "format": "probe", "phase2": cfg.model_dump(), "seed": s.runtime.seed,
         "vocab": vocab, "pairs": [len(data["train"].targets), len(data["val"].targets)]})
     try:
-        res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
-                        device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save,
-                        label=f"head on {label}")
+        with interrupt.safe_points():
+            res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
+                            device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save,
+                            label=f"head on {label}")
     finally:
         for split in data.values():
             if isinstance(split.inputs, RowStore):
@@ -416,19 +437,23 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:
     """Sample text from a run: the prompt's fixed context, then the head and the recurrence."""
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
-        raise UsageError("--max-new-tokens, --temperature and --top-k must not be negative")
+    if max_new_tokens < 0 or not math.isfinite(temperature) or temperature < 0 or top_k < 0:
+        raise UsageError("--max-new-tokens, --temperature and --top-k must be finite and not negative")
     ws, meta = open_run(s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
-    head_ckpt = read_checkpoint(ws.phase2_checkpoint(), "Phase 2 checkpoint (run `newllm phase2`)")
+    head_path = ws.phase2_checkpoint()
+    head_ckpt = read_checkpoint(head_path, "Phase 2 checkpoint (run `newllm phase2`)", "newllm phase2")
     check_same({"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"],
                "the Phase 2 head")
-    head_input = head_ckpt["provenance"]["head_input"]
+    head_input = head_ckpt["provenance"].get("head_input")
+    if head_input not in ("context", "context+token"):
+        raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")
     in_dim = s.model.context_dim + (s.model.embed_dim if head_input == "context+token" else 0)
-    head = p2.Head(in_dim, meta["vocab_size"]).to(device)
-    head.load_state_dict(head_ckpt["state"])
-    tok = tokenizers.load(ws.tokenizer())
+    head = p2.Head(in_dim, meta["vocab_size"])
+    validate.state(head, head_ckpt, head_path, "newllm phase2")
+    head = head.to(device)
+    tok = validate.tokenizer(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) == 0:
         raise UsageError("--prompt has no tokens")

@@ -1,0 +1,150 @@
+"""What a sound artifact looks like, checked on every read, so that a damaged file ends a command
+with one line (exit 3) naming the file, what is wrong, and the command that rebuilds it, instead of
+an exception deep inside a stage.
+
+JSON reports are checked against small pydantic models of the fields readers use (other fields are
+free); arrays by dtype, dimensions, shape, id range and finiteness; checkpoints by keys, shapes
+(loading into the model they are for) and finiteness; tokenizers by loading them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import RefusedError
+
+CHUNK = 1 << 20  # rows read at a time for range and finiteness checks
+
+
+class Damaged(RefusedError):
+    """An artifact that is there but unusable (exit 3)."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path} is damaged: {problem}; rebuild it with `{fix}`")
+
+
+class _Free(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SplitMeta(_Free):
+    tokens: int = Field(ge=0)
+    documents: int = Field(ge=0)
+
+
+class DatasetMeta(_Free):
+    key: str
+    vocab_size: int = Field(gt=0)
+    dtype: Literal["uint8", "uint16", "uint32", "int32", "int64"]
+    tokenizer: str
+    train: SplitMeta
+    val: SplitMeta
+
+
+class Provenance(_Free):
+    dataset: str
+
+
+class Phase1Provenance(Provenance):
+    model_id: Optional[str]
+    model: dict
+
+
+class Phase1Report(_Free):
+    split: Literal["train", "val"]
+    tokens: int = Field(ge=0)
+    history: list[dict]
+    converged_ratio: Optional[float]
+    provenance: Phase1Provenance
+
+
+class SplitAnalysis(_Free):
+    n: int = Field(gt=0)
+    dim: int = Field(gt=0)
+    centred: dict
+    information: dict
+
+
+class AnalysisReport(_Free):
+    provenance: dict
+    train: Optional[SplitAnalysis] = None
+    val: Optional[SplitAnalysis] = None
+
+
+class ControlReport(_Free):
+    provenance: dict
+
+
+def json_fields(data, schema: type[BaseModel], path: Path, fix: str) -> dict:
+    """`data` when it has the fields (and types) `schema` asks for."""
+    try:
+        schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "the top level"
+        raise Damaged(path, f"{where}: {err['msg'].lower()}", fix) from None
+    return data
+
+
+def array(a: np.ndarray, path: Path, fix: str, *, kind: str, rows: int | None = None, cols: int | None = None,
+          below: int | None = None, finite: bool = False) -> np.ndarray:
+    """`a` when it is a `kind` ("int" or "float") array of `rows` x `cols` (1-D without cols) whose
+    ids lie in [0, below) and whose values are finite, as asked."""
+    ok_kind = a.dtype.kind in ("iu" if kind == "int" else "f")
+    if not ok_kind:
+        raise Damaged(path, f"dtype {a.dtype}, expected {kind}", fix)
+    if a.ndim != (1 if cols is None else 2):
+        raise Damaged(path, f"{a.ndim} dimensions, expected {1 if cols is None else 2}", fix)
+    if rows is not None and a.shape[0] != rows:
+        raise Damaged(path, f"{a.shape[0]} rows, expected {rows}", fix)
+    if cols is not None and a.shape[1] != cols:
+        raise Damaged(path, f"{a.shape[1]} columns, expected {cols}", fix)
+    for s in range(0, len(a), CHUNK):
+        block = np.asarray(a[s:s + CHUNK])
+        if below is not None and len(block) and (block.min() < 0 or block.max() >= below):
+            raise Damaged(path, f"ids outside 0..{below - 1}", fix)
+        if finite and not np.isfinite(block).all():
+            raise Damaged(path, "NaN or Inf values", fix)
+    return a
+
+
+def offsets(o: np.ndarray, path: Path, fix: str, documents: int, tokens: int) -> np.ndarray:
+    """Document boundaries: documents + 1 non-decreasing integers from 0 to the token count."""
+    array(o, path, fix, kind="int", rows=documents + 1)
+    if o[0] != 0 or o[-1] != tokens or (np.diff(o) < 0).any():
+        raise Damaged(path, f"offsets must rise from 0 to {tokens}", fix)
+    return o
+
+
+def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = ("state", "provenance")) -> None:
+    """Load a checkpoint's weights into `module`: every key there, every shape right, all finite."""
+    import torch
+    missing = [k for k in keys if k not in payload]
+    if missing:
+        raise Damaged(path, f"no {', '.join(missing)}", fix)
+    weights = payload["state"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise Damaged(path, "its state is not a set of tensors", fix)
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise Damaged(path, str(e).splitlines()[0].rstrip(":").lower(), fix) from None
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+        raise Damaged(path, "NaN or Inf weights", fix)
+
+
+def tokenizer(path: Path, vocab_size: int, fix: str):
+    """The tokenizer, loaded, with the vocabulary size its dataset records."""
+    from . import tokenizer as tokenizers
+    if not path.exists():
+        raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
+    try:
+        tok = tokenizers.load(path)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise Damaged(path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix) from None
+    if tok.get_vocab_size() != vocab_size:
+        raise Damaged(path, f"vocabulary {tok.get_vocab_size()}, the dataset says {vocab_size}", fix)
+    return tok
