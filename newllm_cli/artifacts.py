@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import locks
 from .errors import RefusedError, UsageError
 from .progress import info, warn
 
@@ -46,7 +47,7 @@ def share(path: Path, directory: bool = False) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{locks.tag()}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -91,7 +92,7 @@ def read_array(path: Path, what: str, fix: str = "the stage that writes it") -> 
         raise RefusedError(f"missing {what}: {path}")
     try:
         return np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:  # EOFError: an empty file
+    except Exception as e:  # numpy raises ValueError, EOFError, even SyntaxError for a damaged header
         raise Damaged(path, f"not a .npy array ({str(e).splitlines()[0][:80] if str(e) else 'empty'})", fix) from None
 
 

@@ -1,6 +1,7 @@
 """The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
-from . import __version__, interrupt, report
+from . import __version__, interrupt, locks, report
 from .artifacts import Workspace
 from .errors import NewLLMError
 from .progress import begin, log_to, record, set_quiet
@@ -45,10 +46,11 @@ RECURRENCE = ("model", "data", "phase1", "runtime")
 
 
 def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-            sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True) -> None:
+            sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None) -> None:
     """Register `<module>.<function>(settings, **extra)` as a command whose options come from the
-    settings model (a run's saved settings too, unless `saved` is False); its module (stages, and
-    torch with it) is imported only when the command runs."""
+    settings model (a run's saved settings too, unless `saved` is False), holding the run's lock
+    (`lock`: "write" or "read"); its module (stages, and torch with it) is imported only when the
+    command runs."""
     module, function = stage.split(".")
 
     def run(**kwargs):
@@ -61,7 +63,9 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
             rest["argv"] = _argv
         if module in ("stages", "sweep"):  # the commands that compute
             importlib.import_module(".stages", __package__).apply_threads(settings.runtime.threads)
-        with interrupt.graceful():
+        rt = settings.runtime
+        guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
+        with guard, interrupt.graceful():
             result = getattr(core, function)(settings, **rest)
         render(result)  # the tables go to the run's log too
         print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
@@ -70,12 +74,12 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
     app.command(name)(run)
 
 
-command("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
-command("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
-command("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE)
-command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
-command("full", "stages.full", report.full, [FORCE])
-command("generate", "stages.generate", report.generate, GENERATE)
+command("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"), lock="write")
+command("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE, lock="write")
+command("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE, lock="write")
+command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT], lock="write")
+command("full", "stages.full", report.full, [FORCE], lock="write")
+command("generate", "stages.generate", report.generate, GENERATE, lock="read")
 command("config", "settings.effective", lambda result: None)
 command("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
 command("runs", "compare.runs", report.runs, CSV, ("runtime",), saved=False)

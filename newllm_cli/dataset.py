@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import sources, tokenizer as tokenizers, validate
+from . import locks, sources, tokenizer as tokenizers, validate
 from .artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
 from .errors import RefusedError, UsageError, first_line
 from .progress import info, progress, warn
@@ -180,8 +180,14 @@ def _as_documents(data, p: Path) -> list[np.ndarray]:
 
 
 def prepare(s: Settings) -> dict:
-    """Build (or find in the cache) the dataset the settings describe; return its description."""
+    """Build (or find in the cache) the dataset the settings describe; return its description.
+    One process builds a dataset at a time; others wait, then find it in the cache."""
     ws = workspace_for(s)
+    with locks.dataset(ws.data_dir):
+        return _prepare(s, ws)
+
+
+def _prepare(s: Settings, ws: Workspace) -> dict:
     if ws.data_dir.exists():
         try:
             meta = check_dataset(ws)
@@ -191,7 +197,7 @@ def prepare(s: Settings) -> dict:
             warn(f"rebuilding dataset {ws.data_dir.name}: {e}")
             shutil.rmtree(ws.data_dir)
     ws.data_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.", dir=ws.data_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.{locks.tag()}", dir=ws.data_dir.parent))
     try:
         staged = ws.staged(tmp)
         meta = _build(s, ws.data_dir.name, staged)

@@ -28,7 +28,7 @@ class RowStore:
             self.array = np.zeros(self.shape, dtype=np.float32)
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npy", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".npy", dir=directory)
         os.close(fd)
         self.path = Path(tmp)
         header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=self.shape)

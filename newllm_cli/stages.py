@@ -258,7 +258,7 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
     try:
         ctx = np.load(contexts, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+    except Exception as e:  # numpy: ValueError, EOFError (empty), SyntaxError (damaged header)
         raise UsageError(f"cannot read contexts {contexts}: {first_line(e) if str(e) else 'empty file'}") from None
     if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
         raise UsageError(f"{contexts}: expected a non-empty N x C float array, found {ctx.dtype} {ctx.shape}")
@@ -266,7 +266,7 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
     if tokens is not None:
         try:
             ids = np.load(tokens, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:
+        except Exception as e:  # as for the contexts
             raise UsageError(f"cannot read tokens {tokens}: {first_line(e) if str(e) else 'empty file'}") from None
         if ids.ndim != 1 or len(ids) != len(ctx):
             raise UsageError(f"{tokens}: expected {len(ctx)} token ids (one per context row), found shape {ids.shape}")

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import locks
 from .errors import NewLLMError, UsageError, first_line
 from .progress import info, warn
 from .settings import SECTIONS, Settings, flag_index, merge, validate
@@ -209,8 +210,9 @@ def work(s: Settings, study, axes: list[Axis], base: dict, search_trials: int | 
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         info(f"sweep {trial.study.study_name}: trial {trial.number} -> run {run}")
         try:
-            out = stages.full(trial_settings(base, axes, params, trial.study.study_name), force=force,
-                              probe_rows=probe_rows)
+            settings = trial_settings(base, axes, params, trial.study.study_name)
+            with locks.run(settings.runtime.workspace, run):
+                out = stages.full(settings, force=force, probe_rows=probe_rows)
         except Exception as e:
             trial.set_user_attr("error", first_line(e))
             warn(f"trial {trial.number} ({run}) failed: {first_line(e)}")

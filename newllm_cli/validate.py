@@ -61,15 +61,33 @@ class Phase1Report(_Free):
     provenance: Phase1Provenance
 
 
+class Rank(_Free):
+    effective_rank: float
+
+
+class Flag(_Free):
+    degenerate: bool
+
+
+class ZeroFlag(Flag):
+    mean_norm: float
+
+
 class SplitAnalysis(_Free):
     n: int = Field(gt=0)
     dim: int = Field(gt=0)
-    centred: dict
-    information: dict
+    centred: Rank
+    information: Rank
+    global_attractor: Flag
+    zero_solution: ZeroFlag
+
+
+class AnalysisProvenance(_Free):
+    model_id: Optional[str]
 
 
 class AnalysisReport(_Free):
-    provenance: dict
+    provenance: AnalysisProvenance
     train: Optional[SplitAnalysis] = None
     val: Optional[SplitAnalysis] = None
 
