@@ -18,5 +18,5 @@ def _interrupted_at_startup(signum, frame):  # pragma: no cover - exercised by a
 
 # Run as the `newllm` command: a Ctrl-C while modules load (seconds with torch) is one line and
 # exit 130, not a traceback; cli.main() puts Python's own handler back once it can catch it.
-if os.path.basename(sys.argv[0]) == "newllm" or sys.argv[0].endswith(os.path.join("newllm_cli", "__main__.py")):
+if os.path.basename(sys.argv[0]) == "newllm" or sys.argv[0] == "-m":  # "-m": `python -m newllm_cli` locating us
     signal.signal(signal.SIGINT, _interrupted_at_startup)

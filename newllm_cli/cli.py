@@ -55,6 +55,8 @@ def command(name: str, stage: str, render: Callable, extra: list[inspect.Paramet
 
     def run(**kwargs):
         core = importlib.import_module(f".{module}", __package__)
+        if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         set_quiet(rest.pop("quiet"))
@@ -90,12 +92,12 @@ _argv: list[str] = []
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
     global _argv
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt from here on
     argv = _argv = sys.argv[1:] if argv is None else list(argv)
     begin(argv)
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt into a silent exit 130
+            return _fail("interrupted", 130)
         return code if isinstance(code, int) else 0
     except (typer.Abort, KeyboardInterrupt):
         return _fail("interrupted", 130)
@@ -117,10 +119,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"Error: {message}", file=sys.stderr)
+    print(f"Error: {message}", file=sys.stderr, flush=True)
     record(f"Error: {message}\n")
     return code
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done: a late Ctrl-C must not kill the exit
+    sys.exit(code)

@@ -148,8 +148,9 @@ def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = (
         raise Damaged(path, "its state is not a set of tensors", fix)
     try:
         module.load_state_dict(weights)
-    except RuntimeError as e:
-        raise Damaged(path, str(e).splitlines()[0].rstrip(":").lower(), fix) from None
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...:" then one line per problem
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise Damaged(path, (lines[1] if len(lines) > 1 else lines[0]).rstrip(".").lower(), fix) from None
     if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
         raise Damaged(path, "NaN or Inf weights", fix)
 

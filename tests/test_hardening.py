@@ -1,0 +1,157 @@
+"""The reproductions of the hardening issue, one named test each: damaged or tampered artifacts,
+concurrent writers, left-over temporary files, odd option values, Ctrl-C at start-up."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conftest import make_corpus
+
+
+def finished(cli, base_args) -> Path:
+    assert cli("full", *base_args, "--force").code == 0
+    return Path(base_args[1])
+
+
+def one_error(r, code: int, *needles: str) -> None:
+    lines = r.err.strip().splitlines()
+    assert r.code == code, r.err
+    assert "Traceback" not in r.err and lines[-1].startswith("Error:") and sum(l.startswith("Error:") for l in lines) == 1
+    assert all(n in lines[-1] for n in needles), lines[-1]
+
+
+def dataset_dir(ws: Path) -> Path:
+    return next((ws / "datasets").iterdir())
+
+
+def test_empty_npy_is_refused_not_an_interrupt(cli, base_args, tmp_path):
+    ws = finished(cli, base_args)
+    (ws / "runs/default/contexts_train.npy").write_bytes(b"")
+    one_error(cli("phase2", *base_args, "--force"), 3, "contexts_train.npy", "newllm phase1 --split train")
+    (tmp_path / "zero.npy").write_bytes(b"")
+    one_error(cli("analyze", "--contexts", tmp_path / "zero.npy", "--workspace", ws), 2, "zero.npy")
+
+
+def test_damaged_settings_json_is_ignored_and_rewritten(cli, base_args):
+    ws = finished(cli, base_args)
+    settings = ws / "runs/default/settings.json"
+    for text in ("{x", "[]", '{"runtime": 5}', '{"data": []}'):
+        settings.write_text(text)
+        r = cli("phase1", *base_args, "--split", "val")
+        assert r.code == 0 and "ignoring damaged" in r.err, r.err
+        assert json.loads(settings.read_text())["model"]["context_dim"] == 16  # the stage wrote it again
+
+
+def test_tampered_upstream_artifacts_exit_3(cli, base_args):
+    ws = finished(cli, base_args)
+    data, run = dataset_dir(ws), ws / "runs/default"
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "vocab_size": 10}))
+    one_error(cli("phase1", *base_args, "--split", "val"), 3, "ids outside 0..9", "newllm prepare-data")
+    (data / "dataset.json").write_text(json.dumps(meta))
+    good_tok = (data / "tokenizer.json").read_text()
+    (data / "tokenizer.json").write_text('{"garbage": true}')
+    one_error(cli("generate", *base_args, "--prompt", "The"), 3, "tokenizer.json", "newllm prepare-data")
+    (data / "tokenizer.json").write_text(good_tok)
+    report = json.loads((run / "phase1_val.json").read_text())
+    (run / "phase1_val.json").write_text(json.dumps({k: v for k, v in report.items() if k != "provenance"}))
+    one_error(cli("analyze", *base_args, "--probe-rows", "0"), 3, "phase1_val.json", "provenance")
+    (run / "phase1_val.json").write_text(json.dumps(report))
+    ckpt = torch.load(run / "phase1.pt", weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "state"}, run / "phase1.pt")
+    one_error(cli("phase1", *base_args, "--split", "val"), 3, "phase1.pt", "no state")
+    bad = dict(ckpt, state={**ckpt["state"], "embed.weight": torch.zeros(3, 3)})
+    torch.save(bad, run / "phase1.pt")
+    one_error(cli("phase1", *base_args, "--split", "val"), 3, "phase1.pt", "size mismatch")
+    torch.save(ckpt, run / "phase1.pt")
+    head = torch.load(run / "phase2.pt", weights_only=True)
+    head["state"] = {k: torch.full_like(v, float("nan")) for k, v in head["state"].items()}
+    torch.save(head, run / "phase2.pt")
+    one_error(cli("generate", *base_args, "--prompt", "The"), 3, "phase2.pt", "NaN")
+
+
+def test_contexts_of_the_wrong_width_are_refused(cli, base_args):
+    ws = finished(cli, base_args)
+    path = ws / "runs/default/contexts_train.npy"
+    np.save(path, np.load(path)[:, :8])
+    one_error(cli("phase2", *base_args, "--force"), 3, "contexts_train.npy", "8 columns, expected 16")
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_exit_1(cli, base_args, monkeypatch):
+    import errno
+    assert cli("prepare-data", *base_args).code == 0
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    monkeypatch.setattr(Path, "write_bytes", full)
+    one_error(cli("phase1", *base_args, "--phase1-max-iterations", "2"), 1, "No space left on device")
+
+
+def test_two_writers_on_one_run(base_args, tmp_path):
+    ws = Path(base_args[1])
+    big = make_corpus(tmp_path / "big.txt", docs=1500)
+    base_args = [a if a != base_args[base_args.index("--path") + 1] else str(big) for a in base_args]
+    cmd = [sys.executable, "-m", "newllm_cli", "phase1", *base_args, "--phase1-min-iterations", "40",
+           "--phase1-max-iterations", "40", "--json"]
+    assert subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", *base_args], capture_output=True).returncode == 0
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = ws / "locks" / "run-default.lock"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (lock.exists() and lock.read_text().startswith(str(first.pid))):
+        time.sleep(0.05)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert second.returncode == 3 and f"in use by PID {first.pid}" in second.stderr, second.stderr
+    saved = np.load(ws / "runs/default/contexts_train.npy")  # the run's artifacts are the first command's
+    report = json.loads(out)
+    assert len(saved) == report["tokens"] and json.loads((ws / "runs/default/phase1_train.json").read_text())["seconds"] == report["seconds"]
+
+
+def test_temporary_files_of_dead_processes_are_swept(cli, base_args):
+    assert cli("prepare-data", *base_args).code == 0
+    run = Path(base_args[1]) / "runs/default"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [run / f".contexts.{dead.pid}.abcd1234.npy", run / f".phase1.pt.{dead.pid}.xyz.tmp"]
+    alive = run / f".contexts.{os.getppid()}.abcd1234.npy"  # pytest's parent: alive
+    for p in (*stale, alive):
+        p.write_bytes(b"x")
+    assert cli("phase1", *base_args, "--phase1-max-iterations", "2").code == 0
+    assert not any(p.exists() for p in stale) and alive.exists()
+
+
+def test_odd_values_are_usage_errors(cli, base_args, tmp_path, monkeypatch):
+    one_error(cli("generate", *base_args, "--prompt", "x", "--temperature", "nan"), 2, "--temperature")
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"[model]\ncontext_dim = 8 # \xff\xfe\n")
+    one_error(cli("config", "--config", bad), 2, "not UTF-8")
+    bad.write_text("[model]\ncontext_dim = true\n")
+    one_error(cli("config", "--config", bad), 2, "--context-dim", "not true or false")
+    for name in (".", ".."):
+        one_error(cli("phase1", *base_args, "--run", name), 2, "names a directory")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    r = cli("config", "--workspace", "~/wsx", "--json")
+    assert r.json()["settings"]["runtime"]["workspace"] == str(tmp_path / "wsx")
+
+
+def test_ctrl_c_during_start_up_and_prepare_data_is_one_line_exit_130(tmp_path):
+    corpus = make_corpus(tmp_path / "big.txt", docs=40000)
+    for delay, args in ((0.3, ["phase1", "--workspace", str(tmp_path / "a")]),
+                        (3.5, ["prepare-data", "--workspace", str(tmp_path / "b"), "--source", "text_file",
+                               "--path", str(corpus), "--tokenizer-vocab-size", "30000"])):
+        p = subprocess.Popen([sys.executable, "-m", "newllm_cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
+        assert "Traceback" not in err
