@@ -4,6 +4,9 @@ The file is built from the Python documentation's topic texts (shipped with the 
 repeated until it reaches the size; documents are blank-line separated.
 
     python benchmarks/prepare.py [--megabytes 100] [--tokenizer bpe]
+    python benchmarks/prepare.py --megabytes 50 --single-line   # one 50 MB document, separate val text
+
+The parent only builds files with plain writes, so the child's peak RSS is its own.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ import time
 from pathlib import Path
 
 
-def build_text(path: Path, megabytes: int) -> None:
+def build_text(path: Path, megabytes: int, single_line: bool = False) -> None:
     from pydoc_data import topics
     docs = [re.sub(r"\n\s*\n", "\n", t.strip()) for _, t in sorted(topics.topics.items())]
     block = ("\n\n".join(docs) + "\n\n").encode()
+    if single_line:  # every line break a space: one document, one line
+        block = re.sub(rb"\s+", b" ", block)
     with open(path, "wb") as f:
         for _ in range(max(1, megabytes * 2 ** 20 // len(block))):
             f.write(block)
@@ -31,14 +36,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--megabytes", type=int, default=100)
     ap.add_argument("--tokenizer", default="bpe")
+    ap.add_argument("--single-line", action="store_true")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "big.txt"
-        build_text(text, a.megabytes)
+        build_text(text, a.megabytes, a.single_line)
+        val = []
+        if a.single_line:  # one document cannot be split into train and val
+            build_text(Path(tmp) / "val.txt", 1)
+            val = ["--val-source", "text_file", "--val-path", str(Path(tmp) / "val.txt")]
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", "--source", "text_file",
                               "--path", str(text), "--tokenizer", a.tokenizer, "--workspace", str(Path(tmp) / "ws"),
-                              "--json"], capture_output=True, text=True)
+                              *val, "--json"], capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if out.returncode:
             sys.exit(out.stderr)

@@ -81,27 +81,56 @@ class Spool:
                     yield json.loads(line)
 
 
+PIECE = 1 << 16          # characters: a longer document is tokenized in pieces of about this size
+BATCH_CHARS = 1 << 22    # characters encoded in one call, so memory stays bounded for any document
+
+
+def pieces(text: str) -> Iterator[str]:
+    """A document in pieces of at most PIECE characters, each cut just before a space that follows
+    a non-space: the byte-level pre-tokenizer splits there anyway, so the pieces' ids, concatenated,
+    are the document's (a run of PIECE characters without such a space is cut where it ends)."""
+    start = 0
+    while len(text) - start > PIECE:
+        cut = text.rfind(" ", start + 1, start + PIECE)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = start + PIECE
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def write_tokens(tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, offsets_path: Path,
                  total: int, label: str) -> dict:
-    """Encode documents in batches into a raw file, then copy it into .npy chunk by chunk."""
+    """Encode documents, piece by piece in bounded batches, into a raw file, then copy it into .npy
+    chunk by chunk."""
     raw_path = tokens_path.with_suffix(".raw")
     offsets = [0]
     with open(raw_path, "wb") as raw, progress(f"tokenizing {label}", total) as advance:
-        batch: list[str] = []
+        pending: list[tuple[str, bool]] = []  # (piece, is its document's last)
+        state = {"doc": 0, "chars": 0}
 
         def flush() -> None:
-            for enc in tok.encode_batch(batch, add_special_tokens=False):
+            for (_, last), enc in zip(pending, tok.encode_batch([p for p, _ in pending], add_special_tokens=False)):
                 ids = np.asarray(enc.ids, dtype=dtype)
-                if len(ids):
-                    raw.write(ids.tobytes())
-                    offsets.append(offsets[-1] + len(ids))
-            advance(len(batch))
-            batch.clear()
+                raw.write(ids.tobytes())
+                state["doc"] += len(ids)
+                if last:
+                    if state["doc"]:
+                        offsets.append(offsets[-1] + state["doc"])
+                    state["doc"] = 0
+                    advance(1)
+            pending.clear()
+            state["chars"] = 0
         for doc in docs:
-            batch.append(doc)
-            if len(batch) >= ENCODE_BATCH:
-                flush()
-        if batch:
+            parts = list(pieces(doc))
+            for i, piece in enumerate(parts):
+                pending.append((piece, i == len(parts) - 1))
+                state["chars"] += len(piece)
+                if len(pending) >= ENCODE_BATCH or state["chars"] >= BATCH_CHARS:
+                    flush()
+        if pending:
             flush()
     return _finish_arrays(raw_path, np.asarray(offsets, dtype=np.int64), dtype, tokens_path, offsets_path)
 
@@ -231,7 +260,7 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
             raise UsageError("auto_split needs at least 2 training documents; give --val-source")
         n_val = min(spool.count - 1, max(1, round(d.val_ratio * spool.count)))
         keep[np.random.default_rng(d.split_seed).permutation(spool.count)[:n_val]] = False
-    tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, spool.read(keep))
+    tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, (p for doc in spool.read(keep) for p in pieces(doc)))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
     tok.save(str(ws.tokenizer()))

@@ -187,3 +187,18 @@ def test_encoding_reads_latin1_and_the_error_names_the_option(cli, tmp_path):
         r = cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--encoding", bad)
         assert r.code == 2 and "data.encoding" in r.err
     assert DataSettings().encoding == "utf-8"
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch):
+    """A document is tokenized in bounded pieces (memory for any line length), cut where the
+    byte-level pre-tokenizer cuts anyway, so the ids are those of the whole document."""
+    from newllm_cli import dataset, tokenizer as tokenizers
+    rng = np.random.default_rng(0)
+    words = ["the", "river", "stone,", "light.", "  double", "\nnew", "x" * 40, "tab\t", "", "code()"]
+    text = " ".join(rng.choice(words) for _ in range(3000))
+    tok = tokenizers.train_bpe([text[:5000]], 400)
+    monkeypatch.setattr(dataset, "PIECE", 120)  # longer than any run without a cut point
+    parts = list(dataset.pieces(text))
+    assert "".join(parts) == text and max(map(len, parts)) <= 120 and len(parts) > 100
+    joined = [i for p in parts for i in tok.encode(p, add_special_tokens=False).ids]
+    assert joined == tok.encode(text, add_special_tokens=False).ids
