@@ -155,3 +155,37 @@ def test_ctrl_c_during_start_up_and_prepare_data_is_one_line_exit_130(tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 130 and err.strip().splitlines()[-1] == "Error: interrupted", err
         assert "Traceback" not in err
+
+
+def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_result(tmp_path):
+    """kill -9 in the middle of each stage; the same command again yields exactly what an
+    uninterrupted run yields, and no temporary file of the killed process stays behind."""
+    import random
+    corpus = make_corpus(tmp_path / "corpus.txt", docs=400)
+    rng = random.Random(7)
+
+    def newllm(ws: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "newllm_cli", *args, "--workspace", str(ws), "--source",
+                               "text_file", "--path", str(corpus), "--phase1-max-iterations", "30",
+                               "--phase2-max-iterations", "30", "--no-control"], capture_output=True, text=True)
+    stages = [["prepare-data"], ["phase1"], ["phase1", "--split", "val"], ["phase2", "--force"]]
+    for stage in stages:  # the reference
+        assert newllm(tmp_path / "ref", *stage).returncode == 0, stage
+    for stage in stages:
+        cmd = [sys.executable, "-m", "newllm_cli", *stage, "--workspace", str(tmp_path / "k"), "--source",
+               "text_file", "--path", str(corpus), "--phase1-max-iterations", "30", "--phase2-max-iterations", "30",
+               "--no-control"]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 4.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        again = newllm(tmp_path / "k", *stage)
+        assert again.returncode == 0, (stage, again.stderr)
+    ref_run, run = tmp_path / "ref/runs/default", tmp_path / "k/runs/default"
+    for name in ("contexts_train.npy", "contexts_val.npy"):
+        assert np.array_equal(np.load(ref_run / name), np.load(run / name)), name
+    for name in ("phase1_train.json", "phase2.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (ref_run, run))
+        assert a["converged_ratio" if "phase1" in name else "val"] == b["converged_ratio" if "phase1" in name else "val"]
+    leftovers = [p for p in (tmp_path / "k").rglob(".*") if p.name not in (".lock",) and "locks" not in p.parts]
+    assert not leftovers, leftovers
