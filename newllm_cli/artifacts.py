@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -151,7 +152,7 @@ class Workspace:
     def ensure(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
+            probe = self.run_dir / f".write-test.{os.getpid()}.{threading.get_ident()}"  # parallel commands: one each
             probe.write_text("")
             probe.unlink()
         except OSError as e:

@@ -29,7 +29,7 @@ def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -219,7 +219,7 @@ def validate(data: dict) -> Settings:
 
 
 _WORDS = {  # pydantic's error types in our words; {ctx keys} come from the error
-    "int_parsing": "expected a whole number", "int_from_float": "expected a whole number",
+    "int_parsing": "expected a whole number", "finite_number": "expected a finite number", "int_from_float": "expected a whole number",
     "float_parsing": "expected a number", "bool_parsing": "expected true or false",
     "greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
     "less_than": "must be less than {lt}", "less_than_equal": "must be at most {le}",

@@ -114,13 +114,16 @@ def open_storage(url: str, heartbeat: float):
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials: our own one-line warning
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=max(1, round(heartbeat)),
-                                          grace_period=max(2, round(3 * heartbeat)))
-    except (ImportError, ModuleNotFoundError) as e:
-        raise UsageError(f"--storage {url}: its database driver is missing ({first_line(e)})") from None
-    except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer
-        raise UsageError(f"--storage {url}: {first_line(e)}") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=max(1, round(heartbeat)),
+                                              grace_period=max(2, round(3 * heartbeat)))
+        except (ImportError, ModuleNotFoundError) as e:
+            raise UsageError(f"--storage {url}: its database driver is missing ({first_line(e)})") from None
+        except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer, or two
+            if attempt == 4:    # workers creating the schema of a new database at once (retried)
+                raise UsageError(f"--storage {url}: {first_line(e)}") from None
+            time.sleep(0.5 * (attempt + 1))
 
 
 @contextmanager

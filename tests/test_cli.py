@@ -43,6 +43,7 @@ def test_no_option_name_is_cut_at_80_columns(cli, monkeypatch):
     (["--scheme", "nope"], "--scheme nope: must be one of 'sequential' or 'parallel'"),
     (["--dist-reg-weight", "1.5"], "--dist-reg-weight 1.5: must be at most 1"),
     (["--bogus"], "No such option"),
+    (["--lr-warmup", "inf"], "--lr-warmup inf: expected a finite number"),
     (["--source", "text_file"], "--source text_file needs --path"),
 ])
 def test_bad_values_exit_2_with_one_line(cli, tmp_path, args, needle):

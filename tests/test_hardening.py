@@ -189,3 +189,21 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_result(t
         assert a["converged_ratio" if "phase1" in name else "val"] == b["converged_ratio" if "phase1" in name else "val"]
     leftovers = [p for p in (tmp_path / "k").rglob(".*") if p.name not in (".lock",) and "locks" not in p.parts]
     assert not leftovers, leftovers
+
+
+def test_prepare_data_rebuilds_its_own_damaged_output(cli, base_args):
+    assert cli("prepare-data", *base_args).code == 0
+    meta = dataset_dir(Path(base_args[1])) / "dataset.json"
+    meta.write_text("{garbage")
+    r = cli("prepare-data", *base_args)
+    assert r.code == 0 and "rebuilding dataset" in r.err
+    assert json.loads(meta.read_text())["vocab_size"] == 256
+
+
+def test_parallel_commands_do_not_trip_over_the_writability_probe(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    from newllm_cli.artifacts import Workspace
+    ws = Workspace(tmp_path, "r")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: ws.ensure(), range(800)))  # raised "not writable" before
+    assert [p.name for p in ws.run_dir.iterdir()] == []

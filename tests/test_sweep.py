@@ -55,7 +55,7 @@ def test_grid_with_two_workers_runs_each_point_once_and_survives_a_killed_worker
             found = trials(storage, "g")
         except Exception:  # the study is being created
             found = []
-        running = [t for t in found if t.state.name == "RUNNING"]
+        running = [t for t in found if t.state.name == "RUNNING" and "worker" in t.user_attrs]
         if running and any(t.state.name == "COMPLETE" for t in found):
             victim = running[0]
         time.sleep(0.2)
