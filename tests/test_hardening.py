@@ -125,8 +125,13 @@ def test_temporary_files_of_dead_processes_are_swept(cli, base_args):
     alive = run / f".contexts.{os.getppid()}.abcd1234.npy"  # pytest's parent: alive
     for p in (*stale, alive):
         p.write_bytes(b"x")
+    datasets = Path(base_args[1]) / "datasets"
+    half_built = datasets / f".{next(datasets.iterdir()).name}.{dead.pid}.k2j4x9"  # a killed prepare-data's
+    half_built.mkdir()
+    (half_built / "train.docs.jsonl").write_text("a copy of the corpus\n")
     assert cli("phase1", *base_args, "--phase1-max-iterations", "2").code == 0
     assert not any(p.exists() for p in stale) and alive.exists()
+    assert cli("prepare-data", *base_args).code == 0 and not half_built.exists()
 
 
 def test_odd_values_are_usage_errors(cli, base_args, tmp_path, monkeypatch):
