@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -86,8 +87,8 @@ def _stage_docs() -> dict[str, str]:
     docs = {}
     for module in ("stages", "settings", "sweep", "compare"):
         tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
-        docs.update({f"{module}.{f.name}": ast.get_docstring(f) or "" for f in tree.body
-                     if isinstance(f, ast.FunctionDef)})
+        docs.update({f"{module}.{f.name}": re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(f) or "")
+                     for f in tree.body if isinstance(f, ast.FunctionDef)})  # rich keeps single line breaks
     return docs
 
 

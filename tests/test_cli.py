@@ -31,7 +31,8 @@ def test_help_reads_well(cli):
 
 def test_no_option_name_is_cut_at_80_columns(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    for name in (None, "prepare-data", "phase1", "analyze", "phase2", "full", "generate", "config"):
+    for name in (None, "prepare-data", "phase1", "analyze", "phase2", "full", "generate", "config", "sweep", "runs",
+                 "compare"):
         r = cli(*([name] if name else []), "--help")
         assert r.code == 0 and max(map(len, r.out.splitlines())) <= 80, name
         assert "\u2026" not in r.out, (name, [line for line in r.out.splitlines() if "\u2026" in line])
