@@ -24,6 +24,7 @@ import numpy as np
 from . import locks
 from .errors import RefusedError, UsageError
 from .progress import info, warn
+from .validate import Damaged, json_fields
 
 
 def fingerprint(obj: Any) -> str:
@@ -67,7 +68,6 @@ def write_json(path: Path, data: Any) -> Path:
 
 def read_json(path: Path, what: str, fix: str = "the stage that writes it", schema=None) -> dict:
     """A JSON artifact, parsed and, given a pydantic `schema`, checked for the fields readers use."""
-    from .validate import Damaged, json_fields
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     try:
@@ -88,7 +88,6 @@ def write_array(path: Path, array: np.ndarray) -> Path:
 
 def read_array(path: Path, what: str, fix: str = "the stage that writes it") -> np.ndarray:
     """Memory-mapped, read-only: later stages never load a whole corpus into memory."""
-    from .validate import Damaged
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     try:
@@ -112,7 +111,6 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
 
 
 def read_checkpoint(path: Path, what: str, fix: str = "the stage that writes it") -> dict:
-    from .validate import Damaged
     if not path.exists():
         raise RefusedError(f"missing {what}: {path}")
     import torch

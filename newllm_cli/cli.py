@@ -1,25 +1,18 @@
 """The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
-import json
+import functools
 import os
 import signal
 import sys
-import threading
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from . import __version__, interrupt, locks, report
-from .artifacts import Workspace
+from . import __version__, commands, report
 from .errors import NewLLMError
-from .progress import begin, log_to, record, set_quiet
-from .options import (ANALYZE, COMMON, COMPARE, CSV, DOCS, FORCE, GENERATE, PLOT, REBUILD, SPLIT, SWEEP,
-                      settings_parameters, split_kwargs)
-from .settings import SECTIONS, resolve
+from .progress import begin, log_to, record
+from .options import ANALYZE, COMPARE, CSV, FORCE, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
@@ -43,56 +36,24 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 RECURRENCE = ("model", "data", "phase1", "runtime")
+register = functools.partial(commands.register, app)
 
-
-def command(name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-            sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None) -> None:
-    """Register `<module>.<function>(settings, **extra)` as a command whose options come from the
-    settings model (a run's saved settings too, unless `saved` is False), holding the run's lock
-    (`lock`: "write" or "read"); its module (stages, and torch with it) is imported only when the
-    command runs."""
-    module, function = stage.split(".")
-
-    def run(**kwargs):
-        core = importlib.import_module(f".{module}", __package__)
-        if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
-        options, rest = split_kwargs(kwargs)
-        config, as_json = rest.pop("config"), rest.pop("json_output")
-        set_quiet(rest.pop("quiet"))
-        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
-        if "argv" in inspect.signature(getattr(core, function)).parameters:
-            rest["argv"] = _argv
-        if module in ("stages", "sweep"):  # the commands that compute
-            importlib.import_module(".stages", __package__).apply_threads(settings.runtime.threads)
-        rt = settings.runtime
-        guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
-        with guard, interrupt.graceful():
-            result = getattr(core, function)(settings, **rest)
-        render(result)  # the tables go to the run's log too
-        print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
-    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
-    run.__doc__ = DOCS[stage]
-    app.command(name)(run)
-
-
-command("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"), lock="write")
-command("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE, lock="write")
-command("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE, lock="write")
-command("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT], lock="write")
-command("full", "stages.full", report.full, [FORCE], lock="write")
-command("generate", "stages.generate", report.generate, GENERATE, lock="read")
-command("config", "settings.effective", lambda result: None)
-command("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
-command("runs", "compare.runs", report.runs, CSV, ("runtime",), saved=False)
-command("compare", "compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
-_argv: list[str] = []
+register("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"), lock="write")
+register("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE, lock="write")
+register("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE, lock="write")
+register("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT], lock="write")
+register("full", "stages.full", report.full, [FORCE], lock="write")
+register("generate", "stages.generate", report.generate, GENERATE, lock="read")
+register("config", "settings.effective", lambda result: None)
+register("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
+register("runs", "compare.runs", report.runs, CSV, ("runtime",), saved=False)
+register("compare", "compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
-    global _argv
-    argv = _argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands.ARGV[:] = argv
     begin(argv)
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)

@@ -171,9 +171,9 @@ def _formats(out: dict, csv_output: bool, markdown: bool) -> dict:
     if csv_output and markdown:
         raise UsageError("choose --csv or --markdown")
     if csv_output:
-        out["text"] = to_csv(out["runs"], out["settings"])
+        out["stdout"] = to_csv(out["runs"], out["settings"])
     if markdown:
-        out["text"] = to_markdown(out)
+        out["stdout"] = to_markdown(out)
     return out
 
 

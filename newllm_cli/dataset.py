@@ -109,26 +109,27 @@ def write_tokens(tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, o
     offsets = [0]
     with open(raw_path, "wb") as raw, progress(f"tokenizing {label}", total) as advance:
         pending: list[tuple[str, bool]] = []  # (piece, is its document's last)
-        state = {"doc": 0, "chars": 0}
+        doc_tokens = chars = 0
 
         def flush() -> None:
+            nonlocal doc_tokens, chars
             for (_, last), enc in zip(pending, tok.encode_batch([p for p, _ in pending], add_special_tokens=False)):
                 ids = np.asarray(enc.ids, dtype=dtype)
                 raw.write(ids.tobytes())
-                state["doc"] += len(ids)
+                doc_tokens += len(ids)
                 if last:
-                    if state["doc"]:
-                        offsets.append(offsets[-1] + state["doc"])
-                    state["doc"] = 0
+                    if doc_tokens:
+                        offsets.append(offsets[-1] + doc_tokens)
+                    doc_tokens = 0
                     advance(1)
             pending.clear()
-            state["chars"] = 0
+            chars = 0
         for doc in docs:
             parts = list(pieces(doc))
             for i, piece in enumerate(parts):
                 pending.append((piece, i == len(parts) - 1))
-                state["chars"] += len(piece)
-                if len(pending) >= ENCODE_BATCH or state["chars"] >= BATCH_CHARS:
+                chars += len(piece)
+                if len(pending) >= ENCODE_BATCH or chars >= BATCH_CHARS:
                     flush()
         if pending:
             flush()

@@ -20,8 +20,8 @@ def primary_path(command: str, result: dict) -> str:
         return result["text"]
     if command == "config":
         return result["toml"]
-    if "text" in result:  # --csv, --markdown
-        return result["text"].rstrip("\n")
+    if "stdout" in result:  # --csv, --markdown
+        return result["stdout"].rstrip("\n")
     if command in ("runs", "compare"):
         return "\n".join(r["run"] for r in result["runs"])
     if command == "sweep":

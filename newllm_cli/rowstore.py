@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import locks
 from .artifacts import share, write_array
 
 
@@ -28,7 +29,7 @@ class RowStore:
             self.array = np.zeros(self.shape, dtype=np.float32)
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".npy", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.{locks.tag()}", suffix=".npy", dir=directory)
         os.close(fd)
         self.path = Path(tmp)
         header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=self.shape)

@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,8 +35,8 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_numbers(cls, value: Any, info) -> Any:
         """`context_dim = true` in a config file is a mistake, not 1."""
-        annotation = str(cls.model_fields[info.field_name].annotation)
-        if isinstance(value, bool) and "bool" not in annotation and ("int" in annotation or "float" in annotation):
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {annotation, *get_args(annotation)}:
             raise ValueError("expected a number, not true or false")
         return value
 

@@ -126,7 +126,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         rebuild_upstream(s, f"phase1_{split}")
     ws, meta = open_run(s)
     events = board(ws, s)
-    tokens, offsets = dataset.load_split(ws, split)
+    tokens, offsets = dataset.load_split(ws, split, meta)
     device = resolve_device(s.runtime.device)
     train = split == "train"
     if train:
@@ -221,7 +221,7 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
         if not ws.phase1_report(split).exists():
             continue
         ctx, rep = load_contexts(ws, split, meta, s.model.context_dim)
-        toks, offs = dataset.load_split(ws, split)
+        toks, offs = dataset.load_split(ws, split, meta)
         reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode,
                                                    offsets=offs)
         ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
@@ -308,7 +308,7 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
                                       rows=meta[split]["tokens"], cols=width, finite=True)
         except RefusedError as e:
             warn(f"recomputing the {split} control contexts: {e}")
-    tokens, offsets = dataset.load_split(ws, split)
+    tokens, offsets = dataset.load_split(ws, split, meta)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
     res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, label=f"control {split}",
                    **budget(ws, s))
@@ -331,7 +331,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     splits = {}
     for split in SPLITS:
         ctx, _ = load_contexts(ws, split, meta, s.model.context_dim, expected_model=mid)
-        tokens, offsets = dataset.load_split(ws, split)
+        tokens, offsets = dataset.load_split(ws, split, meta)
         splits[split] = (ctx, tokens, offsets)
     try:
         ana = read_json(ws.analysis(), "analysis", "newllm analyze", validate.AnalysisReport) \

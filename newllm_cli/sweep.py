@@ -260,7 +260,7 @@ def spawn_workers(argv: list[str], jobs: int, threads: int) -> None:
 
 def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials: int | None = None,
           storage: str | None = None, jobs: int = 1, force: bool = False, probe_rows: int = 10_000,
-          heartbeat: float = 10.0, worker: bool = False, argv: list[str] = ()) -> dict:
+          heartbeat: float = 10.0, worker: bool = False) -> dict:
     """Run every point of a grid (or TRIALS points of a search) as ordinary runs named SWEEP.flag-value...,
     with N local workers, sharing the study with any other `newllm sweep` on the same --storage."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
@@ -291,7 +291,8 @@ def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials
         if sampler == "grid":
             info(f"sweep {name}: {len(todo)} points, {fill_queue(store, study, todo)} queued now; study in {url}")
         if jobs > 1:
-            spawn_workers(list(argv), jobs, s.runtime.threads)
+            from .commands import ARGV  # this command's own line, for its worker copies
+            spawn_workers(list(ARGV), jobs, s.runtime.threads)
             return {**summary(study), "storage": url}
     work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows)
     return {**summary(study), "storage": url}

@@ -57,7 +57,8 @@ def test_grid_with_two_workers_runs_each_point_once_and_survives_a_killed_worker
             found = []
         running = [t for t in found if t.state.name == "RUNNING" and "worker" in t.user_attrs]
         if running and any(t.state.name == "COMPLETE" for t in found):
-            victim = running[0]
+            victim = max(running, key=lambda t: t.datetime_start)  # the freshest: far from its end
+            break
         time.sleep(0.2)
     assert victim is not None
     os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)

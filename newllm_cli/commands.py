@@ -1,0 +1,53 @@
+"""How a command runs: options to settings, the run's lock, the stage, its tables and its stdout.
+
+Commands are registered from `<module>.<function>(settings, **extra)` names, so the module (stages,
+and torch with it) is imported only when the command runs: help and argument errors answer at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import signal
+import threading
+from typing import Callable
+
+import typer
+
+from . import interrupt, locks, report
+from .artifacts import Workspace
+from .options import COMMON, DOCS, settings_parameters, split_kwargs
+from .progress import set_quiet
+from .settings import SECTIONS, resolve
+
+ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
+
+
+
+def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
+             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None) -> None:
+    """Register `<module>.<function>(settings, **extra)` as the command `name`: options from the
+    settings model (a run's saved settings too, unless `saved` is False), the run's lock held
+    (`lock`: "write" or "read") while the stage runs."""
+    module, function = stage.split(".")
+
+    def run(**kwargs):
+        core = importlib.import_module(f".{module}", __package__)
+        if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
+        options, rest = split_kwargs(kwargs)
+        config, as_json = rest.pop("config"), rest.pop("json_output")
+        set_quiet(rest.pop("quiet"))
+        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
+        if module in ("stages", "sweep"):  # the commands that compute
+            importlib.import_module(".stages", __package__).apply_threads(settings.runtime.threads)
+        rt = settings.runtime
+        guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
+        with guard, interrupt.graceful():
+            result = getattr(core, function)(settings, **rest)
+        render(result)  # the tables go to the run's log too
+        print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
+    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
+    run.__doc__ = DOCS[stage]
+    app.command(name)(run)
