@@ -6,6 +6,8 @@
                                 untrained network's), analysis.json, phase2.pt, phase2.json
 Each JSON artifact carries a `provenance` dict (fingerprints of what produced it), and readers compare
 it with what they expect, so artifacts from different settings are never silently mixed.
+In a distributed job only the leader publishes run artifacts (write_json, write_array,
+write_checkpoint, and metrics and figures through `publishes`); `atomic_path` itself always writes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,20 @@ def fingerprint(obj: Any) -> str:
     """A short stable hash of any JSON-able value."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_publishing = True
+
+
+def publishing(on: bool) -> None:
+    """Off on the non-leader ranks of a distributed job: they compute the same artifacts as the
+    leader, which alone writes them (distributed.py)."""
+    global _publishing
+    _publishing = on
+
+
+def publishes() -> bool:
+    return _publishing
 
 
 def umask() -> int:
@@ -60,7 +76,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_json(path: Path, data: Any) -> Path:
+def write_json(path: Path, data: Any, private: bool = False) -> Path:
+    """`private`: a file in the caller's own temporary directory, written whatever its rank."""
+    if not (_publishing or private):
+        return path
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
@@ -80,6 +99,8 @@ def read_json(path: Path, what: str, fix: str = "the stage that writes it", sche
 
 
 def write_array(path: Path, array: np.ndarray) -> Path:
+    if not _publishing:
+        return path
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array))
@@ -103,6 +124,8 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
     import io
     import torch  # here, not at the top: `newllm --help` must not wait for torch
 
+    if not _publishing:
+        return path
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     with atomic_path(path) as tmp:
@@ -179,7 +202,11 @@ class Workspace:
 
 
 class Resumable:
-    """A resume checkpoint valid only for the settings and inputs that made it (by fingerprint)."""
+    """A resume checkpoint valid only for the settings and inputs that made it (by fingerprint).
+
+    Row stores (contexts) go to .npy files beside it, named by the caller's `tag` (the iteration),
+    and the checkpoint names them: a process killed between the two writes leaves the previous
+    checkpoint with its own rows, never a checkpoint with another iteration's rows."""
 
     def __init__(self, path: Path, key: dict):
         self.path, self.fingerprint = path, fingerprint(key)
@@ -195,26 +222,37 @@ class Resumable:
         if payload["provenance"].get("fingerprint") != self.fingerprint or not isinstance(payload.get("state"), dict):
             warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
             return None
-        info(f"resuming from {self.path}")
         state = payload["state"]
         for key, value in state.items():
             if isinstance(value, dict) and set(value) == {"rows"}:
-                state[key] = self.path.parent / value["rows"]
+                state[key] = self.path.parent / Path(str(value["rows"])).name
+                if not state[key].is_file():
+                    warn(f"ignoring {self.path.name}: its rows {state[key].name} are missing; starting afresh")
+                    return None
+        info(f"resuming from {self.path}")
         return state
 
-    def save(self, state: dict) -> None:
-        """Row stores (contexts) go to .npy files beside the checkpoint; the rest into it."""
+    def save(self, state: dict, tag: str = "") -> None:
+        """Row stores (anything with .save(path), collective in a distributed job) first, then the
+        checkpoint naming them, then the rows of earlier saves go."""
         state = dict(state)
         for key, value in state.items():
             if callable(getattr(value, "save", None)):
-                value.save(self._rows(key))
-                state[key] = {"rows": self._rows(key).name}
+                value.save(self._rows(key, tag))
+                state[key] = {"rows": self._rows(key, tag).name}
         write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
+        if _publishing:
+            kept = {v["rows"] for v in state.values() if isinstance(v, dict) and set(v) == {"rows"}}
+            for old in self.path.parent.glob(f"{self.path.name}.*.npy"):
+                if old.name not in kept:
+                    old.unlink(missing_ok=True)
 
-    def _rows(self, key: str) -> Path:
-        return self.path.with_name(f"{self.path.name}.{key}.npy")
+    def _rows(self, key: str, tag: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{key}{'.' + tag if tag else ''}.npy")
 
     def clear(self) -> None:
+        if not _publishing:
+            return
         for extra in self.path.parent.glob(f"{self.path.name}.*.npy"):
             extra.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)

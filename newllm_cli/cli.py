@@ -11,7 +11,7 @@ import typer
 
 from . import __version__, commands, report
 from .errors import NewLLMError
-from .progress import begin, log_to, record
+from .progress import begin, error_prefix, log_to, record
 from .options import ANALYZE, COMPARE, CSV, FORCE, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
@@ -37,12 +37,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 RECURRENCE = ("model", "data", "phase1", "runtime")
 register = functools.partial(commands.register, app)
+stage = functools.partial(register, lock="write", parallel=True)  # the run's writer; also a torchrun job
 
-register("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"), lock="write")
-register("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE, lock="write")
-register("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE, lock="write")
-register("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT], lock="write")
-register("full", "stages.full", report.full, [FORCE], lock="write")
+stage("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
+stage("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
+stage("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE)
+stage("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
+stage("full", "stages.full", report.full, [FORCE])
 register("generate", "stages.generate", report.generate, GENERATE, lock="read")
 register("config", "settings.effective", lambda result: None)
 register("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
@@ -80,7 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"Error: {message}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"{error_prefix()}Error: {message}\n")  # one write: ranks share the terminal
+    sys.stderr.flush()
     record(f"Error: {message}\n")
     return code
 

@@ -15,8 +15,9 @@ from typing import Callable
 
 import typer
 
-from . import interrupt, locks, report
+from . import distributed, interrupt, locks, report
 from .artifacts import Workspace
+from .errors import UsageError
 from .options import COMMON, DOCS, settings_parameters, split_kwargs
 from .progress import set_quiet
 from .settings import SECTIONS, resolve
@@ -26,10 +27,12 @@ ARGV: list[str] = []  # the command line, for stages that start copies of themse
 
 
 def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None) -> None:
+             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None,
+             parallel: bool = False) -> None:
     """Register `<module>.<function>(settings, **extra)` as the command `name`: options from the
     settings model (a run's saved settings too, unless `saved` is False), the run's lock held
-    (`lock`: "write" or "read") while the stage runs."""
+    (`lock`: "write" or "read") while the stage runs. `parallel` commands also run as torchrun
+    jobs: every rank runs the stage, the leader holds the lock and prints."""
     module, function = stage.split(".")
 
     def run(**kwargs):
@@ -40,14 +43,29 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
         config, as_json = rest.pop("config"), rest.pop("json_output")
         set_quiet(rest.pop("quiet"))
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
-        if module in ("stages", "sweep"):  # the commands that compute
-            importlib.import_module(".stages", __package__).apply_threads(settings.runtime.threads)
         rt = settings.runtime
-        guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
-        with guard, interrupt.graceful():
-            result = getattr(core, function)(settings, **rest)
-        render(result)  # the tables go to the run's log too
-        print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
+        group = join(name, rt.device, parallel)
+        try:
+            if module in ("stages", "sweep"):  # the commands that compute
+                importlib.import_module(".stages", __package__).apply_threads(rt.threads or group.threads())
+            guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
+            with group.leading(guard), interrupt.graceful():
+                result = getattr(core, function)(settings, **rest)
+        finally:
+            group.close()
+        if group.leader:
+            render(result)  # the tables go to the run's log too
+            print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]
     app.command(name)(run)
+
+
+def join(name: str, device: str, parallel: bool) -> distributed.Group:
+    """The torchrun job this process belongs to (SOLO outside one)."""
+    if not distributed.launched():
+        return distributed.SOLO
+    if not parallel:
+        raise UsageError(f"`newllm {name}` runs in one process: start it without torchrun")
+    stages = importlib.import_module(".stages", __package__)
+    return distributed.start(stages.resolve_device(device))

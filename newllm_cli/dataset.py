@@ -231,7 +231,7 @@ def _prepare(s: Settings, ws: Workspace) -> dict:
     try:
         staged = ws.staged(tmp)
         meta = _build(s, ws.data_dir.name, staged)
-        write_json(staged.dataset_meta(), meta)
+        write_json(staged.dataset_meta(), meta, private=True)  # any rank of a job may be the builder
         if ws.data_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
         else:

@@ -30,3 +30,8 @@ class NumericalError(NewLLMError):
 class Interrupted(NewLLMError):
     """Ctrl-C at a safe point, after saving what can be resumed (exit 130)."""
     exit_code = 130
+
+
+class RankFailed(NewLLMError):
+    """Another process of a distributed job stopped, or the job could not be joined (exit 1)."""
+    exit_code = 1

@@ -9,7 +9,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, publishes
 from .errors import UsageError
 
 FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "converged_ratio", "residual",
@@ -19,6 +19,8 @@ FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "con
 def record(path: Path, stage: str, split: str, rows: list[dict], board: Path | None = None) -> None:
     """Write `rows` (Phase 1 history records or Phase 2 blocks) as the rows of (stage, split), and as
     TensorBoard events under `board` when given."""
+    if not publishes():
+        return
     if board is not None:
         _events(board / f"{stage}_{split}", rows)
     kept = []

@@ -9,6 +9,8 @@ losses depend on Q only through per-token differences and the per-dimension mean
 one pass accumulates those, dL/dQ follows in closed form, and a second pass back-propagates it
 through f chunk by chunk: memory stays within a budget at any corpus size (MemoryPlan).
 The saved contexts are always those of the saved weights: no step follows the final sweep.
+In a distributed job each rank runs its shard of the documents; the statistics are merged across
+ranks and the gradients summed, so every rank takes the same step as one process would.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import torch
 from . import interrupt
 from .adam import Adam
 from .analysis import merge_moments
+from .distributed import SOLO, Group, Part, Shard, save_rows
 from .errors import Interrupted, NumericalError
 from .model import NewLLM
-from .progress import progress
+from .progress import progress, warn
 from .recurrence import choose_kernel, embedding_table, shifted, sweep
 from .rowstore import RowStore
 from .settings import Phase1Settings
@@ -113,6 +116,24 @@ class Comparison:
         seen = None if self.mean is None else (self.rows, self.mean, self.m2)
         self.rows, self.mean, self.m2 = merge_moments(seen, n, mean, m2)
 
+    def merge(self, other: "Comparison") -> None:
+        self.sq += other.sq
+        self.converged += other.converged
+        self.finite &= other.finite
+        if other.mean is not None:
+            seen = None if self.mean is None else (self.rows, self.mean, self.m2)
+            self.rows, self.mean, self.m2 = merge_moments(seen, other.rows, other.mean, other.m2)
+
+    def combined(self, group: Group) -> "Comparison":
+        """Over every rank's rows: each rank merges all parts in rank order, so all hold the same."""
+        parts = group.gather(self)
+        if len(parts) == 1:
+            return self
+        total = Comparison()
+        for part in parts:
+            total.merge(part)
+        return total
+
     @property
     def var(self) -> np.ndarray:
         return self.m2 / self.rows
@@ -140,22 +161,57 @@ def loss_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phas
     return (1.0 - w) * cvfp + w * dist
 
 
+def block_chunks(bounds, chunk: int):
+    """(start, stop) of chunks of at most `chunk` rows from each block's start, none across a bound.
+    The blocks and the chunk size depend on the corpus alone, so every world size (distributed.py)
+    takes the same float32 partial sums; one process with the same --threads gets identical bits."""
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for s in range(int(a), int(b), chunk):
+            yield s, min(s + chunk, int(b))
+
+
 def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
                         traj: RowStore | None, c0: np.ndarray, q: RowStore, p: RowStore,
                         stats: Comparison, cfg: Phase1Settings, chunk: int,
-                        advance: Callable[[int], None] = lambda n: None) -> None:
-    """Add d loss(Q, P) / d weights to .grad: Q = f(x, incoming.detach()) recomputed chunk by chunk,
-    each chunk back-propagating its rows of the closed-form dL/dQ."""
+                        advance: Callable[[int], None] = lambda n: None,
+                        blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """d loss(Q, P) / d weights over these rows, per parameter name, in float64: Q = f(x, incoming.detach())
+    recomputed chunk by chunk, each chunk back-propagating its rows of the closed-form dL/dQ. Rows
+    go in `blocks` (row bounds; one block when None): float32 sums inside a block, float64 across
+    blocks, so ranks cut between blocks add up to what one process gets (set_gradients)."""
     device = table.device
-    for s, e in q.chunks(chunk):
-        ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
-        inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
-        grad = loss_gradient(torch.from_numpy(q.read(s, e)).to(device),
-                             torch.from_numpy(p.read(s, e)).to(device), stats, cfg)
-        # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
-        # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
-        (model.step(table[ids], inc) * grad).sum().backward()
-        advance(e - s)
+    bounds = np.array([0, len(q)]) if blocks is None else blocks
+    sums: dict[str, torch.Tensor] = {}
+    for block in zip(bounds[:-1], bounds[1:]):
+        for s, e in block_chunks(block, chunk):
+            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
+            inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
+            grad = loss_gradient(torch.from_numpy(q.read(s, e)).to(device),
+                                 torch.from_numpy(p.read(s, e)).to(device), stats, cfg)
+            # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
+            # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
+            (model.step(table[ids], inc) * grad).sum().backward()
+            advance(e - s)
+        for name, prm in model.named_parameters():
+            if prm.grad is not None:
+                sums[name] = prm.grad.double() if name not in sums else sums[name].add_(prm.grad)
+                prm.grad = None
+    return sums
+
+
+def set_gradients(model: NewLLM, sums: dict[str, torch.Tensor], group: Group = SOLO) -> None:
+    """.grad = every rank's float64 sums added up, rounded once to float32. The per-rank sums are
+    over their own rows of a loss normalised by the global token count, so this is exactly the
+    gradient of one process. A parameter with no gradient on any rank keeps none (Adam skips it)."""
+    params = dict(model.named_parameters())
+    used = [name for name, u in zip(params, group.any(*(name in sums for name in params))) if u]
+    if not used:
+        return
+    flat = group.sum(torch.cat([sums[n].reshape(-1) if n in sums else
+                                torch.zeros(params[n].numel(), dtype=torch.float64, device=params[n].device)
+                                for n in used]))
+    for name, g in zip(used, flat.split([params[n].numel() for n in used])):
+        params[name].grad = g.view_as(params[name]).to(params[name].dtype)
 
 
 def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
@@ -174,7 +230,9 @@ def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.n
 
 @dataclass
 class CVFPResult:
-    contexts: RowStore
+    contexts: RowStore  # this rank's rows (all of them in one process)
+    shard: Shard | None = None
+    group: Group = SOLO
     history: list[dict] = field(default_factory=list)
     optimizer_steps: int = 0
     stopped_by: str = ""
@@ -186,6 +244,10 @@ class CVFPResult:
         """Of the saved contexts: after the no-update solve when training ended unconverged."""
         last = (self.solve or self.history or [{"converged_ratio": None}])[-1]
         return last["converged_ratio"]
+
+    def save_contexts(self, path: Path) -> Path:
+        """The contexts as one .npy (every rank writes its rows; one process renames its file)."""
+        return save_rows(self.contexts, path, self.shard, self.group)
 
     @property
     def residual(self) -> float | None:
@@ -201,38 +263,46 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
              train: bool, device: torch.device, memory_budget: int = DEFAULT_BUDGET,
              scratch: Path | None = None,
              on_iteration: Callable[[dict], None] | None = None, resume: dict | None = None,
-             save_resume: Callable[[dict], None] | None = None, label: str = "phase1") -> CVFPResult:
+             save_resume: Callable[[dict, str], None] | None = None, label: str = "phase1",
+             group: Group = SOLO, save_every: float = 0.0) -> CVFPResult:
     """Iterate to the fixed point; train=True also updates the context blocks (only them).
 
     Contexts live in two RowStores (this iteration's and the previous one's), in memory or, beyond
     half of `memory_budget` bytes, in files under `scratch`; every pass over them goes chunk by chunk.
-    On Ctrl-C (see interrupt.py) the state after the current iteration goes to `save_resume`;
-    passing that state back as `resume` continues exactly where it stopped (its "prev" store is
-    taken over).
+    On Ctrl-C (see interrupt.py), and every `save_every` minutes, the state after the current
+    iteration goes to `save_resume(state, tag)`; passing that state back as `resume` continues exactly
+    where it stopped. Its "prev" is a RowStore or Part taken over, or the path of a saved .npy of
+    every rank's rows, from which each rank reads its shard (so a job may resume on other ranks).
+    With a `group` of several ranks, each runs its shard of the documents (distributed.py).
     """
+    corpus = (tokens, offsets)
     offsets = np.array([0, len(tokens)], dtype=np.int64) if cfg.concat else np.asarray(offsets, np.int64)
-    n_docs, n, C = len(offsets) - 1, len(tokens), model.context_dim
-    kernel = choose_kernel(cfg.kernel, device, C, offsets)
+    C = model.context_dim
+    kernel = choose_kernel(cfg.kernel, device, C, offsets)  # from the whole corpus: the same on every rank
+    shard = group.shard(offsets)
+    tokens, offsets = shard.local(tokens, offsets)
+    n_docs, n, total = len(offsets) - 1, len(tokens), shard.total
     plan = plan_memory(n, model, memory_budget)
+    grad_chunk = plan_memory(total, model, memory_budget).chunk  # the same for every world size
     directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
     optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None
-    result = CVFPResult(contexts=RowStore(0, C))
+    result = CVFPResult(contexts=RowStore(0, C), shard=shard, group=group)
+    if cfg.concat and group.size > 1:
+        result.warnings.append("--concat reads the corpus as one document, which one rank runs alone")
     prev: RowStore | None = None
     prev_last = np.zeros((n_docs, C), np.float32)
     first = 0
     if resume is not None:
+        prev = _resumed_rows(resume["prev"], shard, C, directory, plan.chunk)
+    if prev is not None:
         model.load_state_dict(resume["model"])
         if train:
             optimizer.load_state_dict(resume["optimizer"])
-        prev = resume["prev"]
-        if not isinstance(prev, RowStore):  # rows read back from a resume file
-            saved = RowStore.open(prev)
-            prev = RowStore.from_array(saved, directory, plan.chunk)
-            saved.close()
         prev_last = prev.gather(offsets[1:] - 1)
         result.history, result.optimizer_steps, first = list(resume["history"]), resume["optimizer_steps"], resume["next"]
     table = embedding_table(model, device)
     q = RowStore(n, C, directory, "contexts")
+    points = interrupt.SavePoints(save_every, group)
     try:
         for k in range(first, cfg.max_iterations):
             start = time.perf_counter()
@@ -246,9 +316,10 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                     last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk, advance)
                     traj = prev
                 stats = Comparison()
-                for s, e in q.chunks(plan.chunk):
+                for s, e in block_chunks(shard.blocks, grad_chunk):
                     stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
                     advance(e - s)
+                stats = stats.combined(group)
                 if not stats.finite:
                     raise NumericalError(f"non-finite contexts at iteration {k + 1}")
                 record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
@@ -256,8 +327,8 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                 reason = None
                 if prev is not None:
                     losses = stats.losses(cfg)
-                    ratio = stats.converged / n
-                    record.update(losses, converged_ratio=ratio, residual=stats.sq / (n * C))
+                    ratio = stats.converged / total
+                    record.update(losses, converged_ratio=ratio, residual=stats.sq / (total * C))
                     if not all(np.isfinite(v) for v in losses.values()):
                         raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
                                              f"(learning rate {learning_rate(k, cfg)} may be too high)")
@@ -268,8 +339,8 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                     lr = learning_rate(k, cfg)
                     optimizer.lr = lr
                     optimizer.zero_grad()
-                    accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats, cfg, plan.chunk,
-                                        advance)
+                    set_gradients(model, accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats,
+                                                             cfg, grad_chunk, advance, shard.blocks), group)
                     optimizer.step()
                     result.optimizer_steps += 1
                     record["lr"] = lr
@@ -282,13 +353,17 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
             if reason is not None:
                 result.stopped_by = reason
                 break
-            if interrupt.requested() and save_resume is not None:
-                state = {"next": k + 1, "prev": prev, "history": result.history,
-                         "optimizer_steps": result.optimizer_steps, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict() if train else {}}
-                prev = None  # the state owns it now
-                save_resume(state)
-                raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
+            if save_resume is not None:
+                stop, save = points.poll()
+                if save:
+                    state = {"next": k + 1, "prev": Part(prev, shard, group, keep=not stop), "history": result.history,
+                             "optimizer_steps": result.optimizer_steps, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict() if train else {}}
+                    if stop:
+                        prev = None  # the state owns it now
+                    save_resume(state, str(k + 1))
+                if stop:
+                    raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
     except BaseException:
         for store in (q, prev):
             if store is not None:
@@ -305,9 +380,10 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
     if train and result.stopped_by != "converged":
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.
-        settled = run_cvfp(model, tokens, offsets, cfg, train=False, device=device, memory_budget=memory_budget,
-                           scratch=scratch, label=f"{label} solve", resume={"next": 0, "prev": prev, "history": [],
-                                                    "optimizer_steps": 0, "model": model.state_dict()})
+        settled = run_cvfp(model, *corpus, cfg, train=False, device=device, memory_budget=memory_budget,
+                           scratch=scratch, label=f"{label} solve", group=group,
+                           resume={"next": 0, "prev": prev, "history": [], "optimizer_steps": 0,
+                                   "model": model.state_dict()})
         result.contexts, result.solve = settled.contexts, settled.history
         if settled.stopped_by != "converged":
             result.warnings.append(f"the final weights' fixed point was not reached in {cfg.max_iterations} "
@@ -316,6 +392,31 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         result.warnings.append("Phase 1 stopped before any optimizer step: the contexts are those of "
                                "the untrained network (raise --phase1-min-iterations)")
     return result
+
+
+def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk: int) -> RowStore | None:
+    """A resume state's previous contexts as this rank's store: taken over when in memory, this
+    rank's rows copied when saved in a file (None, with a warning, when that file is unusable)."""
+    if isinstance(prev, Part):
+        prev = prev.store
+    if isinstance(prev, RowStore):
+        return prev
+    try:
+        saved = RowStore.open(Path(prev))
+    except (OSError, ValueError) as e:
+        warn(f"ignoring the resume point: its contexts {prev} cannot be read ({e}); starting afresh")
+        return None
+    try:
+        if saved.shape != (shard.total, width):
+            warn(f"ignoring the resume point: its contexts hold {saved.shape}, not ({shard.total}, {width}); "
+                 "starting afresh")
+            return None
+        store = RowStore(shard.stop - shard.start, width, directory, "contexts")
+        for s, e in store.chunks(chunk):
+            store.write(s, saved.read(shard.start + s, shard.start + e))
+        return store
+    finally:
+        saved.close()
 
 
 def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> str | None:

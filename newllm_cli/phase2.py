@@ -15,6 +15,7 @@ from torch import nn
 
 from . import probe
 from .baselines import pair_positions
+from .distributed import SOLO, Group, block_size
 from .errors import NumericalError
 from .probe import ProbeResult, Split
 from .rowstore import RowStore
@@ -47,15 +48,33 @@ def pair_documents(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pos, np.searchsorted(np.asarray(offsets, np.int64), pos, side="right") - 1
 
 
+def pair_block(offsets: np.ndarray, group: Group) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and documents of this rank's pairs, found from the documents they lie in (no array
+    the size of the corpus)."""
+    offsets = np.asarray(offsets, np.int64)
+    before = np.concatenate([[0], np.cumsum(np.maximum(np.diff(offsets) - 1, 0))])  # pairs before each document
+    a, b = group.rows(int(before[-1]), block_size(int(before[-1])))
+    if b <= a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    first = int(np.searchsorted(before, a, side="right")) - 1
+    last = int(np.searchsorted(before, b, side="left"))
+    start = int(offsets[first])
+    pos, docs = pair_documents(offsets[first:last + 1] - start)
+    skip = a - int(before[first])
+    return pos[skip:skip + b - a] + start, docs[skip:skip + b - a] + first
+
+
 def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, device: torch.device,
                token_features: Callable[[np.ndarray], torch.Tensor] | None = None,
-               memory_budget: int | None = None, scratch: Path | None = None) -> Split:
-    """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document.
+               memory_budget: int | None = None, scratch: Path | None = None, group: Group = SOLO) -> Split:
+    """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document; with a `group`, this rank's
+    consecutive block of the pairs, cut between gradient blocks (distributed.block_size). Groups are the
+    corpus's document indices.
 
     Features are one tensor when they (and their whitened copy) take at most half of `memory_budget`
     bytes; otherwise they go to a file under `scratch`, filled chunk by chunk from the contexts file
     read with pread, and the probe streams them."""
-    pos, docs = pair_documents(offsets)
+    pos, docs = pair_block(offsets, group)
     y = torch.from_numpy(np.asarray(tokens[pos + 1], dtype=np.int64)).to(device)
     groups = torch.from_numpy(docs).to(device)
     width = contexts.shape[1] + (len(token_features(np.zeros(1, np.int64))[0]) if token_features else 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_path
+from .artifacts import atomic_path, publishes
 from .errors import UsageError
 
 
@@ -21,8 +21,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    if publishes():  # the leader's figure is every rank's
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -18,6 +18,9 @@ Phase 2's head, the untrained-network control and every decodability probe of `a
   tokens that are never training targets and share a prior stay tied at the optimum, by symmetry of
   a strictly convex problem. Each class's parameters are scaled by its expected curvature
   (add-one frequency + l2), which cuts the iterations needed about fivefold on text.
+- Data-parallel (a `group` of ranks, each holding its documents' rows): the objective and its
+  gradient are sums over rows, so each rank adds its own and the sums are combined; moments, target
+  counts and metrics likewise. Every rank then runs the same L-BFGS on the same numbers.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import torch
 
 from . import interrupt
 from .analysis import merge_moments
-from .errors import Interrupted, NumericalError
+from .distributed import SOLO, Group, block_size
+from .errors import Interrupted, NumericalError, RankFailed
 from .rowstore import RowStore
 from .progress import progress
 
@@ -80,9 +84,14 @@ class VocabClasses:
 
     @staticmethod
     def build(train_targets: np.ndarray, prior: np.ndarray, device: torch.device) -> "VocabClasses":
-        vocab = len(prior)
-        is_target = np.zeros(vocab, dtype=bool)
+        is_target = np.zeros(len(prior), dtype=bool)
         is_target[np.asarray(train_targets, dtype=np.int64)] = True
+        return VocabClasses.of_targets(is_target, prior, device)
+
+    @staticmethod
+    def of_targets(is_target: np.ndarray, prior: np.ndarray, device: torch.device) -> "VocabClasses":
+        """From the mask of tokens that are training targets (on any rank)."""
+        vocab = len(prior)
         key, tied = np.arange(vocab), ~is_target  # a target is its own class
         _, group = np.unique(np.asarray(prior, np.float64)[tied], return_inverse=True)
         key[tied] = vocab + group.reshape(-1)  # untargeted tokens: one class per prior value
@@ -102,14 +111,20 @@ class Whitening:
     transform: torch.Tensor  # [d, r]
 
     @staticmethod
-    def fit(inputs: torch.Tensor | RowStore, device: torch.device) -> "Whitening":
-        """Mean and covariance accumulated in float64 chunk by chunk (merge_moments)."""
+    def fit(inputs: torch.Tensor | RowStore, device: torch.device, group: Group = SOLO) -> "Whitening":
+        """Mean and covariance accumulated in float64 chunk by chunk, then rank by rank (merge_moments)."""
         part = None
         for x in raw_chunks(inputs, device):
             x64 = x.double()
             m = x64.mean(0)
             c = x64 - m
             part = merge_moments(part, len(x64), m, c.T @ c)
+        if group.size > 1:
+            parts = group.gather(None if part is None else (part[0], part[1].cpu(), part[2].cpu()))
+            part = None
+            for other in filter(None, parts):
+                part = merge_moments(part, *other)
+            part = (part[0], part[1].to(device), part[2].to(device))
         n, mean, scatter = part
         cov = scatter / max(n - 1, 1)
         values, vectors = torch.linalg.eigh(cov)
@@ -178,31 +193,45 @@ class _Scores:
         return top + z.log() - target, hits, probs, z, yc
 
 
-def metrics(losses: np.ndarray, correct: int) -> dict:
-    """Mean cross-entropy, perplexity exp(loss) and top-1 accuracy from per-row losses."""
-    n = max(len(losses), 1)
-    loss = float(np.sum(losses, dtype=np.float64)) / n
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / n}
+def metrics(losses: np.ndarray, correct: int, group: Group = SOLO) -> dict:
+    """Mean cross-entropy, perplexity exp(loss) and top-1 accuracy from per-row losses (of every rank)."""
+    n = max(group.sum(len(losses)), 1)
+    loss = group.sum(float(np.sum(losses, dtype=np.float64))) / n
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": group.sum(correct) / n}
 
 
 class Objective:
     """The penalised mean cross-entropy over class rows, its gradient, and per-row evaluation."""
 
-    def __init__(self, classes: VocabClasses, prior: torch.Tensor, l2: float, device: torch.device):
-        self.classes, self.prior, self.l2 = classes, prior, l2
+    def __init__(self, classes: VocabClasses, prior: torch.Tensor, l2: float, device: torch.device,
+                 group: Group = SOLO):
+        self.classes, self.prior, self.l2, self.group = classes, prior, l2, group
         self.scores = _Scores(classes, device)
 
-    def __call__(self, cols: torch.Tensor, xa: Design, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-        n, m = len(y), self.classes.multiplicity
-        grad = torch.zeros_like(cols)
+    def __call__(self, cols: torch.Tensor, xa: Design, y: torch.Tensor, n: int | None = None,
+                 block: int | None = None) -> tuple[float, torch.Tensor]:
+        """The objective as a mean over `n` rows (every rank's; these rows when None). Rows go in
+        blocks of `block_size(n)`: float32 sums inside a block, float64 across blocks and ranks. Ranks
+        are cut at block boundaries (phase2.make_split), so every world size adds the same float32
+        partial sums and gets the same result to float64 rounding."""
+        rows, m = len(y), self.classes.multiplicity
+        n = rows if n is None else n
+        block = block or block_size(n)
+        part = torch.empty_like(cols)
+        grad = torch.zeros_like(cols, dtype=torch.float64)
         total = 0.0
         with torch.no_grad():
-            for s in range(0, n, self.scores.rows):
-                x = xa.rows(s, s + self.scores.rows)
-                loss, _, probs, z, yc = self.scores.softmax(cols, x, y[s:s + self.scores.rows])
-                grad.addmm_((x / (z[:, None] * n)).t(), probs)  # softmax part: x^T exp / z
-                grad.index_add_(1, yc, x.t(), alpha=-1.0 / n)  # minus the one-hot part
-                total += float(loss.sum(dtype=torch.float64))
+            for b in range(0, rows, block):
+                part.zero_()
+                for s in range(b, min(b + block, rows), self.scores.rows):
+                    e = min(s + self.scores.rows, b + block, rows)
+                    x = xa.rows(s, e)
+                    loss, _, probs, z, yc = self.scores.softmax(cols, x, y[s:e])
+                    part.addmm_((x / (z[:, None] * n)).t(), probs)  # softmax part: x^T exp / z
+                    part.index_add_(1, yc, x.t(), alpha=-1.0 / n)  # minus the one-hot part
+                    total += float(loss.sum(dtype=torch.float64))
+                grad += part
+            grad, total = self.group.sum(grad).to(cols.dtype), self.group.sum(total)  # the penalty once, below
             grad.mul_(m)  # a class's row stands for m tokens (targets are their own classes: m = 1)
             dev = cols.clone()
             dev[-1] -= self.prior
@@ -221,18 +250,20 @@ class Objective:
         return (np.concatenate(losses) if losses else np.zeros(0)), correct
 
 
-def holdout_start(split: Split) -> int:
-    """First held-out row: the last tenth of the groups (documents) form the tail of the rows, or the
-    last tenth of the rows when there is a single group."""
+def holdout_start(split: Split, group: Group = SOLO) -> int:
+    """First held-out row (of this rank's rows): the last tenth of the groups (documents) form the
+    tail of the rows, or the last tenth of the rows when there is a single group. Ranks hold
+    consecutive blocks of the rows (a group may span two)."""
     n = len(split.targets)
     groups = split.groups
     if groups is not None and len(groups) and bool((groups[1:] < groups[:-1]).any()):
         raise ValueError("probe rows must be in corpus order (groups never decreasing)")
-    ids = torch.unique(groups) if groups is not None else torch.zeros(1)
+    ids = np.unique(group.cat(torch.unique(groups).cpu().numpy())) if groups is not None else np.zeros(1)
     if len(ids) >= 2:
-        cut = ids[len(ids) - max(1, len(ids) // 10)]
+        cut = torch.as_tensor(ids[len(ids) - max(1, len(ids) // 10)], dtype=groups.dtype, device=groups.device)
         return int(torch.searchsorted(groups.contiguous(), cut))
-    return int(n * 0.9)
+    before = sum(group.gather(n)[:group.rank])
+    return int(np.clip(int(group.sum(n) * 0.9) - before, 0, n))
 
 
 @dataclass
@@ -252,32 +283,39 @@ class ProbeResult:
 def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | None = None,
         max_iterations: int = 200, device: torch.device = torch.device("cpu"),
         on_block: Callable[[dict], None] | None = None, resume: dict | None = None,
-        save_resume: Callable[[dict], None] | None = None, label: str = "probe") -> ProbeResult:
+        save_resume: Callable[[dict], None] | None = None, label: str = "probe",
+        group: Group = SOLO, save_every: float = 0.0) -> ProbeResult:
     """The protocol of the module docstring; `l2` given skips the selection. `label` names its
-    progress bars.
+    progress bars. With a `group`, `train` and `val` are this rank's rows (consecutive blocks of
+    both splits, in rank order) and the result is that of all rows, on every rank.
 
-    On Ctrl-C the state at the next block boundary goes to `save_resume`; passing it back as
-    `resume` gives exactly the uninterrupted result.
+    On Ctrl-C, and every `save_every` minutes, the state at the next block boundary goes to
+    `save_resume`; passing it back as `resume` gives exactly the uninterrupted result.
     """
-    if len(train.targets) == 0 or len(val.targets) == 0:
+    n_train, n_val = group.sum(len(train.targets)), group.sum(len(val.targets))
+    if n_train == 0 or n_val == 0:
         raise ValueError("a probe needs at least one training and one validation row")
-    for inputs in (train.inputs, val.inputs):
-        if not all(bool(torch.isfinite(x).all()) for x in raw_chunks(inputs, device)):
-            raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
-    white = Whitening.fit(train.inputs, device)
+    finite = all(bool(torch.isfinite(x).all()) for inputs in (train.inputs, val.inputs)
+                 for x in raw_chunks(inputs, device))
+    if group.any(not finite)[0]:
+        raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
+    white = Whitening.fit(train.inputs, device, group)
     xa, val_xa = Design.of(train.inputs, white, device), Design.of(val.inputs, white, device)
-    classes = VocabClasses.build(train.targets.cpu().numpy(), prior, device)
+    targets = group.sum(torch.bincount(train.targets, minlength=vocab))  # training targets per token
+    classes = VocabClasses.of_targets((targets > 0).cpu().numpy(), prior, device)
     prior_c = torch.as_tensor(np.asarray(prior, np.float32), device=device)[classes.representative]
     counts = torch.zeros(len(classes.representative), device=device)
-    counts.index_add_(0, classes.token_class[train.targets], torch.ones(len(train.targets), device=device))
-    frequency = (counts + classes.multiplicity) / (len(train.targets) + vocab)  # add-one, per class
-    cut, n = holdout_start(train), len(train.targets)
-    fit_rows = (xa.part(0, cut), train.targets[:cut])
-    held_rows = (xa.part(cut, n), train.targets[cut:])
-    if l2 is None and cut in (0, n):
+    counts.index_add_(0, classes.token_class, targets.to(counts.dtype))
+    frequency = (counts + classes.multiplicity) / (n_train + vocab)  # add-one, per class
+    cut, n = holdout_start(train, group), len(train.targets)
+    n_fit, block = group.sum(cut), block_size(n_train)  # ranks are cut between blocks of n_train's size
+    fit_rows = (xa.part(0, cut), train.targets[:cut], n_fit, block)  # (design, targets, rows of all ranks)
+    held_rows = (xa.part(cut, n), train.targets[cut:], n_train - n_fit)
+    if l2 is None and n_fit in (0, n_train):
         l2 = FALLBACK_L2  # too few rows to hold any out
     grid = [l2] if l2 is not None else list(L2_GRID)
     # the plan: one solve per l2 on the fitting rows (selection), then the refit on all rows
+    points = interrupt.SavePoints(save_every, group)
     st = resume or {"stage": 0, "cols": None, "lbfgs": None, "block": 0, "last": None,
                     "selection": [], "best": None, "iterations": 0, "capped": False}
     cols = st["cols"]
@@ -287,8 +325,8 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     while True:
         selecting = l2 is None and st["best"] is None
         lam = grid[st["stage"]] if selecting else (l2 if l2 is not None else st["best"]["l2"])
-        rows = fit_rows if selecting else (xa, train.targets)
-        objective = Objective(classes, prior_c, lam, device)
+        rows = fit_rows if selecting else (xa, train.targets, n_train, block)
+        objective = Objective(classes, prior_c, lam, device, group)
         scale = 1.0 / torch.sqrt(frequency + lam * classes.multiplicity)  # per-class curvature
         phi = torch.nn.Parameter(st.pop("phi") if st.get("phi") is not None else cols / scale)
         opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=BLOCK, max_eval=4 * BLOCK, history_size=20, line_search_fn="strong_wolfe",
@@ -322,21 +360,26 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                 converged = stalled or (st["last"] is not None and st["last"] - value < TOLERANCE)
                 capped = st["block"] * BLOCK >= max_iterations
                 st["last"] = value
+                if group.size > 1 and len(set(group.gather(value))) > 1:
+                    raise RankFailed("the ranks' L-BFGS runs disagree: every rank must run the same arithmetic "
+                                     "(the same hardware and --threads)")
                 if on_block:
                     on_block({"l2": lam, "stage": "select" if selecting else "refit", "objective": value,
                               "iterations": st["block"] * BLOCK, "seconds": time.perf_counter() - t0})
                 if converged or capped:
                     st["capped"] = st["capped"] or (capped and not converged)
                     break
-                if interrupt.requested() and save_resume is not None:
-                    st.update(cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict())
-                    save_resume(st)
-                    raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
+                if save_resume is not None:
+                    stop, save = points.poll()
+                    if save:
+                        save_resume(dict(st, cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict()))
+                    if stop:
+                        raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
         st.update(lbfgs=None, block=0, last=None, cols=cols)
         if not selecting:
             break
-        held_losses, _ = objective.evaluate(cols, *held_rows)
-        record = {"l2": lam, "heldout_loss": float(held_losses.mean()), "objective": value}
+        held_losses, _ = objective.evaluate(cols, *held_rows[:2])
+        record = {"l2": lam, "heldout_loss": group.sum(float(np.sum(held_losses))) / held_rows[2], "objective": value}
         st["selection"].append(record)
         if record["heldout_loss"] <= min(r["heldout_loss"] for r in st["selection"]):
             st["best_cols"] = cols.clone()
@@ -346,9 +389,12 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
             cols = st.pop("best_cols")
         else:
             st["stage"] += 1
-        if interrupt.requested() and save_resume is not None:
-            save_resume(dict(st, cols=cols.clone()))
-            raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
+        if save_resume is not None:
+            stop, save = points.poll()
+            if save:
+                save_resume(dict(st, cols=cols.clone()))
+            if stop:
+                raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
     final = Objective(classes, prior_c, lam, device)
     train_losses, train_hits = final.evaluate(cols, xa, train.targets)
     val_losses, val_hits = final.evaluate(cols, val_xa, val.targets)
@@ -356,8 +402,8 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     weight = white.transform @ full[:-1]  # back to raw features: [d, V]
     bias = full[-1] - white.mean @ weight
     return ProbeResult(weight=weight.t().contiguous(), bias=bias, l2=lam, selection=st["selection"],
-                       train=metrics(train_losses, train_hits), val=metrics(val_losses, val_hits),
-                       val_losses=val_losses, head_rows=len(classes.representative),
+                       train=metrics(train_losses, train_hits, group), val=metrics(val_losses, val_hits, group),
+                       val_losses=group.cat(val_losses), head_rows=len(classes.representative),
                        iterations=st["iterations"], capped=st["capped"])
 
 

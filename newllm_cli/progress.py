@@ -18,6 +18,7 @@ _log: Path | None = None
 _pending: list[str] | None = None  # said before the command's run directory was known
 _command = ""
 _quiet = False
+_muted: str | None = None  # a distributed job's non-leader rank: only its errors are shown
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -25,6 +26,16 @@ def set_quiet(quiet: bool) -> None:
     """--quiet: no progress bars, info lines or summaries on stderr (the log still gets them)."""
     global _quiet
     _quiet = quiet
+
+
+def mute(who: str) -> None:
+    """Say nothing (no bars, lines or log: the leader says it all) but errors, prefixed by `who`."""
+    global _muted
+    _muted = who
+
+
+def error_prefix() -> str:
+    return f"{_muted}: " if _muted else ""
 
 
 def begin(argv: list[str]) -> None:
@@ -41,13 +52,15 @@ def log_to(path: Path | None) -> None:
     if path == _log:  # the same run again within one command (`full`): one header
         return
     _log = path
-    if path is not None:
+    if path is not None and not _muted:
         _append(path, f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} newllm {_command}\n" + "".join(_pending or []))
     _pending = None if path is None else []
 
 
 def record(text: str) -> None:
     """Into the run's log, or kept for it until the run is known."""
+    if _muted:
+        return
     if _log is not None:
         _append(_log, text)
     elif _pending is not None:
@@ -96,7 +109,7 @@ class _Null:
 def console(log: bool = True, quiet: bool = False) -> Console:
     """A console bound to the current sys.stderr (tests swap it), plain when not a terminal, and
     copied to the run's log when one is open; `quiet` output is silenced by --quiet (not logged)."""
-    screen = _Null() if quiet and _quiet else sys.stderr
+    screen = _Null() if (quiet and _quiet) or _muted else sys.stderr
     stream = _Tee(screen) if log else screen
     return Console(file=stream, highlight=False, soft_wrap=True)
 

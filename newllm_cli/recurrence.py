@@ -1,7 +1,9 @@
 """The recurrence c_t = f(x_t, c_{t-1}) over many documents, run without autograd.
 
-Two kernels with one contract, `kernel(model, table, ids, offsets, c0) -> Q` (float32, one row per
-token), where `table` holds LayerNorm(Emb(v)) for every vocabulary entry v:
+Two kernels with one contract, `kernel(model, table, ids, offsets, c0, last=None) -> Q` (float32,
+one row per token), where `table` holds LayerNorm(Emb(v)) for every vocabulary entry v; `last`, when
+given, receives each document's final state at the kernel's own precision, so that a document
+continued in a later window goes on exactly as if it had not been cut:
 - `torch`: documents advanced in lockstep, so each step is one matrix-matrix product per layer
   (BLAS on CPU, any device). Fast when many documents run side by side at large C.
 - `numba`: a compiled CPU kernel, one document per thread, float64 arithmetic with independent
@@ -46,7 +48,7 @@ def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0:
 
 
 def sweep_torch(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
-                c0: torch.Tensor) -> torch.Tensor:
+                c0: torch.Tensor, last: np.ndarray | None = None) -> torch.Tensor:
     """Lockstep: position t of every document in one call of f.
 
     Documents are visited longest first so that the ones still running at position t are always a
@@ -72,6 +74,10 @@ def sweep_torch(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
     mask = torch.as_tensor(valid, device=ids.device)
     out = torch.empty(len(ids), c0.shape[1], device=ids.device, dtype=table.dtype)
     out[rows[mask]] = out_tm[mask]
+    if last is not None:  # float32 states: the outputs themselves (c0 for an empty document)
+        ran = lengths > 0
+        last[:] = c0.cpu().numpy()
+        last[ran] = out[torch.as_tensor(offsets[1:][ran] - 1, device=ids.device)].cpu().numpy()
     return out
 
 
@@ -96,8 +102,9 @@ def _pack(model: NewLLM) -> tuple:
 
 
 def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
-                c0: torch.Tensor) -> torch.Tensor:
-    """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6."""
+                c0: torch.Tensor, last: np.ndarray | None = None) -> torch.Tensor:
+    """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6.
+    It computes in float64: `last` gets the float64 states, not the float32 outputs."""
     if numba is None:
         raise RuntimeError("numba is not installed; use --kernel torch")
     if not _kernel_ready():
@@ -105,8 +112,11 @@ def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
     tab = np.ascontiguousarray(table.detach().cpu().numpy(), dtype=np.float32)
     start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
     out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
+    state = np.empty_like(start)
     _sweep_kernel(tab, np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
-                  np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out)
+                  np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out, state)
+    if last is not None:
+        last[:] = state
     return torch.from_numpy(out).to(table.device)
 
 
@@ -149,12 +159,12 @@ def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, o
     """
     fn, device = KERNELS[kernel], table.device
     starts, lengths = offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64)
-    carry = np.array(c0, dtype=np.float32, copy=True)
+    carry = np.array(c0, dtype=np.float64, copy=True)  # at the kernel's precision between windows
     t0 = 0
     while True:
         active = np.flatnonzero(lengths > t0)
         if not len(active):
-            return carry
+            return carry.astype(np.float32)  # = each document's last row of Q
         remaining = lengths[active] - t0
         # all that is left fits: one call, so threads share whole documents (best balance)
         span = int(remaining.max()) if remaining.sum() <= window else max(1, window // len(active))
@@ -163,8 +173,9 @@ def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, o
             local = np.concatenate([[0], np.cumsum(seg)])
             rows = np.repeat(starts[group] + t0 - local[:-1], seg) + np.arange(local[-1])
             ids = torch.as_tensor(np.asarray(tokens[rows], dtype=np.int64), device=device)
-            q = fn(model, table, ids, local, torch.as_tensor(carry[group], device=device)).cpu().numpy()
-            carry[group] = q[local[1:] - 1]
+            state = np.empty((len(group), carry.shape[1]), np.float64)
+            q = fn(model, table, ids, local, torch.as_tensor(carry[group], device=device), state).cpu().numpy()
+            carry[group] = state
             _write_segments(out, starts[group] + t0, local, q)
             advance(len(q))
         t0 += span
@@ -198,8 +209,8 @@ if numba is not None:
             out[i] = (v[i] - mean) * inv * gamma[i] + beta[i]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _sweep_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, out):
-        """One thread per document; float64 arithmetic, float32 output.
+    def _sweep_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, out, last):
+        """One thread per document; float64 arithmetic, float32 output, each final state in `last`.
 
         y = b + sum_j W[:, j] h[j], summed over j in order (the reference's order, so results are
         the same bit for bit) but with the loop over outputs innermost: each output's sum is its
@@ -242,3 +253,5 @@ if numba is not None:
                     _layer_norm(tmp_t, gt[blk], bt[blk], eps, tok)
                 for i in range(C):
                     out[t, i] = ctx[i]
+            for i in range(C):
+                last[d, i] = ctx[i]

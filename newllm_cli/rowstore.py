@@ -25,6 +25,7 @@ class RowStore:
         self.array: np.ndarray | None = None
         self.path: Path | None = None
         self.fd: int | None = None
+        self.owned = True  # its file is deleted on close unless saved
         if directory is None:
             self.array = np.zeros(self.shape, dtype=np.float32)
             return
@@ -39,8 +40,9 @@ class RowStore:
         self._cleanup = weakref.finalize(self, _remove, self.fd, self.path)  # if never saved nor closed
 
     @classmethod
-    def open(cls, path: Path) -> "RowStore":
-        """An existing float32 .npy file of rows, read through pread like any file store."""
+    def open(cls, path: Path, writable: bool = False) -> "RowStore":
+        """An existing float32 .npy file of rows, read (and written) through pread like any file
+        store; closing it never deletes it."""
         probe = np.load(path, mmap_mode="r")
         if probe.dtype != np.float32 or probe.ndim != 2 or not probe.flags.c_contiguous:
             raise ValueError(f"{path} does not hold float32 rows")
@@ -48,7 +50,8 @@ class RowStore:
         store.shape, store.row_bytes, store.array = probe.shape, probe.shape[1] * 4, None
         store.path, store.data_offset = Path(path), probe.offset
         del probe
-        store.fd = os.open(path, os.O_RDONLY)
+        store.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        store.owned = False
         return store
 
     @classmethod
@@ -118,7 +121,10 @@ class RowStore:
         if getattr(self, "_cleanup", None) is not None:
             self._cleanup.detach()
         if self.fd is not None:
-            _remove(self.fd, self.path)
+            if self.owned:
+                _remove(self.fd, self.path)
+            else:
+                os.close(self.fd)
             self.fd = None
 
 

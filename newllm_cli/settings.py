@@ -131,7 +131,9 @@ class RuntimeSettings(Section):
     run: str = opt("default", "Run name: its directory under WORKSPACE/runs.", pattern=r"^[A-Za-z0-9_.-]+$")
     memory_budget: float = opt(1.0, "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
                                     "it they go to files in the run directory, processed in chunks.", gt=0)
-    threads: int = opt(0, "CPU threads for torch and numba (0: one per core).", ge=0)
+    threads: int = opt(0, "CPU threads for torch and numba (0: one per core, shared among a machine's ranks).", ge=0)
+    save_every: float = opt(10.0, "Minutes between resume points of phase1 and phase2, which a killed run "
+                                  "continues from (0: only on Ctrl-C).", ge=0)
 
     _home = field_validator("workspace")(classmethod(lambda cls, v: _expand(v)))
 

@@ -1,7 +1,9 @@
 """The five stages as plain functions: settings in, artifacts on disk, a JSON-able summary out.
 
 Every stage reads its inputs from the workspace and checks their provenance, so any stage can be
-rerun alone and nothing produced under other settings is silently mixed in.
+rerun alone and nothing produced under other settings is silently mixed in. Under torchrun every
+rank runs the same stage: Phase 1 and the heads on its share of the documents, the rest whole
+(distributed.py); only the leader writes.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
+from . import analysis, baselines, distributed, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
 from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
 from .errors import RefusedError, UsageError, first_line
 from .model import NewLLM
@@ -54,9 +56,11 @@ def open_run(s: Settings) -> tuple[Workspace, dict]:
     return ws, meta
 
 
-def save_settings(ws: Workspace, s: Settings) -> None:
-    """Only a stage that succeeded records its settings: a refused one must not change the run."""
+def finish_stage(ws: Workspace, s: Settings) -> None:
+    """Only a stage that succeeded records its settings: a refused one must not change the run.
+    Every rank of a job waits here for the others, so the next stage reads what the leader wrote."""
     write_json(ws.settings(), s.model_dump())
+    distributed.current().barrier()
 
 
 def model_id(model: NewLLM) -> str:
@@ -104,7 +108,7 @@ def prepare_data(s: Settings) -> dict:
     ws = Workspace(s.runtime.workspace, s.runtime.run)  # the run's settings need no dataset key
     ws.ensure()
     log_to(ws.log())
-    save_settings(ws, s)
+    finish_stage(ws, s)
     return out
 
 
@@ -150,9 +154,11 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
     resumable = Resumable(ws.resume(f"phase1_{split}"), {
         "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
         "seed": s.runtime.seed, "split": split, "network": mid})
+    group = distributed.current()
     with interrupt.safe_points():
         res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
-                       label=f"phase1 {split}", resume=resumable.load(), save_resume=resumable.save, **budget(ws, s))
+                       label=f"phase1 {split}", resume=resumable.load(), save_resume=resumable.save,
+                       group=group, save_every=s.runtime.save_every, **budget(ws, s))
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
@@ -161,8 +167,8 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         write_checkpoint(ws.phase1_checkpoint(), {
             "state": model.state_dict(), "vocab_size": meta["vocab_size"], "model_id": mid,
             "provenance": {"dataset": meta["key"], "model": s.model.model_dump(),
-                           "phase1": cfg.model_dump(), "seed": s.runtime.seed}})
-    res.contexts.save(ws.contexts(split))
+                           "phase1": cfg.model_dump(), "seed": s.runtime.seed, "world_size": group.size}})
+    res.save_contexts(ws.contexts(split))
     iterations = len(res.history) + len(res.solve)
     report = {
         "split": split, "tokens": int(len(tokens)), "documents": int(len(offsets) - 1),
@@ -171,13 +177,13 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         "solve": res.solve, "warnings": res.warnings,
         "seconds": seconds, "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
         "history": res.history, "contexts": str(ws.contexts(split)),
-        "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump()},
+        "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump(), "world_size": group.size},
     }
     write_json(ws.phase1_report(split), report)
     metrics.record(ws.metrics(), "phase1", split, res.history, events)
     metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
     resumable.clear()
-    save_settings(ws, s)
+    finish_stage(ws, s)
     return report
 
 
@@ -249,7 +255,7 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
                      for split in SPLITS if ws.phase1_report(split).exists()}
         out["plots"].append(str(plots.convergence(histories, s.phase1.min_converged_ratio, plot)))
     write_json(ws.analysis(), out)
-    save_settings(ws, s)
+    finish_stage(ws, s)
     return out
 
 
@@ -311,8 +317,8 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
     tokens, offsets = dataset.load_split(ws, split, meta)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
     res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, label=f"control {split}",
-                   **budget(ws, s))
-    res.contexts.save(path)
+                   group=distributed.current(), **budget(ws, s))
+    res.save_contexts(path)
     write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
                           "iterations": len(res.history), "provenance": key})
     return read_array(path, f"{split} control contexts", fix)
@@ -341,7 +347,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
         ana = None
     if ana is None or ana["provenance"].get("model_id") != mid or ana.get("val") is None:
         ana = analyze(s, probe_rows=0)
-    problems = analysis.gate(ana.get("train"), ana.get("val"))
+    problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's word
     if problems:
         if not force:
             raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
@@ -377,7 +383,8 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
                         "nothing a linear head can use beyond token frequencies")
     for w in warnings:
         warn(w)
-    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab}
+    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab,
+                  "world_size": distributed.current().size}
     head = p2.Head.from_probe(res)
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
     out = {"val": res.val, "train": res.train, "l2": res.l2, "selection": res.selection,
@@ -389,7 +396,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     if plot is not None:
         out["plots"] = [str(plots.phase2(out, plot))]
     write_json(ws.phase2_report(), out)
-    save_settings(ws, s)
+    finish_stage(ws, s)
     return out
 
 
@@ -397,18 +404,19 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
                 ws: Workspace, network: str):
     """The head of s.phase2 fitted on given (contexts, tokens, offsets) per split; resumable.
     Returns the probe result and the val pairs' document ids (for the verdicts' bootstrap)."""
-    cfg = s.phase2
+    cfg, group = s.phase2, distributed.current()
 
     def embed(ids: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
             return model.embed_tokens(torch.as_tensor(ids, device=device))
     features = embed if cfg.head_input == "context+token" else None
-    data = {k: p2.make_split(*v, device, features, **budget(ws, s)) for k, v in splits.items()}
-    if len(data["train"].targets) == 0 or len(data["val"].targets) == 0:
+    data = {k: p2.make_split(*v, device, features, group=group, **budget(ws, s)) for k, v in splits.items()}
+    pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
+    if 0 in pairs:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
     prior = (baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram"
              else np.zeros(vocab))
-    info(f"  {label}: {len(data['train'].targets):,} train and {len(data['val'].targets):,} val pairs")
+    info(f"  {label}: {pairs[0]:,} train and {pairs[1]:,} val pairs")
 
     blocks = []
 
@@ -418,12 +426,12 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
              f"iterations  {r['seconds']:.1f}s")
     resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
         "network": network, "format": "probe", "phase2": cfg.model_dump(), "seed": s.runtime.seed,
-        "vocab": vocab, "pairs": [len(data["train"].targets), len(data["val"].targets)]})
+        "vocab": vocab, "pairs": pairs})
     try:
         with interrupt.safe_points():
             res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
                             device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save,
-                            label=f"head on {label}")
+                            label=f"head on {label}", group=group, save_every=s.runtime.save_every)
     finally:
         for split in data.values():
             if isinstance(split.inputs, RowStore):
@@ -432,7 +440,7 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
     metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
     info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
          f"for {vocab:,} tokens (never-target tokens tied)")
-    return res, data["val"].groups.cpu().numpy(), blocks
+    return res, group.cat(data["val"].groups.cpu().numpy()), blocks
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:

@@ -84,9 +84,11 @@ def test_windowed_sweep_equals_one_call(kernel, window, tmp_path):
     whole = fn(model, table, torch.as_tensor(tokens), offsets, torch.from_numpy(c0)).numpy()
     out = RowStore(len(tokens), 6, tmp_path)
     last = sweep(model, kernel, table, tokens, offsets, c0, out, window)
-    # float32 BLAS may round differently for another batch shape: equal to float32 precision
-    assert np.abs(out.read(0, len(tokens)) - whole).max() <= 1e-5
-    assert np.abs(last - whole[offsets[1:] - 1]).max() <= 1e-5
+    # numba carries its float64 state between windows: the same bits; float32 BLAS may round
+    # differently for another batch shape: equal to float32 precision
+    tol = 0.0 if kernel == "numba" else 1e-5
+    assert np.abs(out.read(0, len(tokens)) - whole).max() <= tol
+    assert np.abs(last - whole[offsets[1:] - 1]).max() <= tol
 
 
 def test_plan_keeps_small_corpora_in_memory_and_spills_large_ones():
@@ -151,7 +153,7 @@ def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkey
     monkeypatch.setattr(interrupt, "requested", lambda: len(seen) >= 2)
     with pytest.raises(Interrupted):
         run(on_iteration=seen.append, save_resume=resumable.save)
-    assert (tmp_path / "phase1_train.resume.pt.prev.npy").exists()
+    assert (tmp_path / "phase1_train.resume.pt.prev.2.npy").exists()
     assert not list(tmp_path.glob(".contexts.*"))  # no temporary left behind
     monkeypatch.setattr(interrupt, "requested", lambda: False)
     resumed = run(resume=resumable.load())

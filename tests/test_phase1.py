@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from newllm_cli.model import NewLLM
-from newllm_cli.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp
+from newllm_cli.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp, set_gradients
 from newllm_cli.recurrence import embedding_table, sweep_numba, sweep_torch
 from newllm_cli.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
@@ -130,6 +130,7 @@ def test_training_gradient_equals_token_by_token_reference():
     p = torch.randn(40, 4)
     c0 = torch.randn(2, 4)
     # ours: recurrence without autograd, then the closed-form dL/dQ back-propagated in chunks of 7
+    # inside blocks of rows (float64 sums across blocks)
     q = kernel_sweep(sweep_torch, model, tokens, offsets, c0)
     qs, ps = RowStore(40, 4), RowStore(40, 4)
     qs.write(0, q.numpy())
@@ -138,7 +139,8 @@ def test_training_gradient_equals_token_by_token_reference():
     for s, e in qs.chunks(7):
         stats.add(qs.read(s, e), ps.read(s, e), 0.02)
     model.zero_grad()
-    accumulate_gradient(model, embedding_table(model, CPU), tokens, offsets, qs, c0.numpy(), qs, ps, stats, cfg, 7)
+    set_gradients(model, accumulate_gradient(model, embedding_table(model, CPU), tokens, offsets, qs, c0.numpy(),
+                                             qs, ps, stats, cfg, 7, blocks=np.array([0, 13, 20, 40])))
     # reference: token by token with autograd, incoming context detached at every step
     outs = []
     for d in range(2):

@@ -27,7 +27,8 @@ def prepared(cli, base_args) -> None:
         assert r.code == 0, r.err
 
 
-def test_sigint_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: a batch system's notice
+def test_signal_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args, sig):
     prepared(cli, base_args)
     slow = ["--phase2-max-iterations", "200", "--no-control", "--force"]
     cmd = [sys.executable, "-m", "newllm_cli", "phase2", *base_args, *slow]
@@ -37,7 +38,7 @@ def test_sigint_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args
     for line in proc.stderr:
         lines.append(line)
         if "after 10 iterations" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     rest = proc.communicate(timeout=120)[1]
     err = "".join(lines) + (rest or "")
@@ -56,14 +57,17 @@ def test_sigint_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args
     assert first["iterations"] == second["iterations"]
 
 
-def test_phase1_resume_is_exact(monkeypatch):
-    tokens = np.random.default_rng(0).integers(0, 40, 200)
-    offsets = np.array([0, 80, 200])
-    cfg = Phase1Settings(max_iterations=6, min_converged_ratio=1.0)
-
+def small_training():
+    """Tokens, offsets, settings and a fresh network of a short Phase 1 that never converges."""
     def fresh():
         torch.manual_seed(1)
         return NewLLM(40, 6, 5, 2)
+    return (np.random.default_rng(0).integers(0, 40, 200), np.array([0, 80, 200]),
+            Phase1Settings(max_iterations=6, min_converged_ratio=1.0), fresh)
+
+
+def test_phase1_resume_is_exact(monkeypatch):
+    tokens, offsets, cfg, fresh = small_training()
     whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
     saved = {}
     with pytest.raises(Interrupted, match="iteration 3"):
@@ -76,11 +80,64 @@ def test_phase1_resume_is_exact(monkeypatch):
     assert [h["cvfp_loss"] for h in resumed.history] == [h["cvfp_loss"] for h in whole.history]
 
 
+def test_periodic_resume_points_continue_exactly():
+    """--save-every: a save after every Phase 1 iteration and every L-BFGS block (the run goes on);
+    any of them, passed back, ends where the uninterrupted run ends."""
+    import copy
+    from newllm_cli import probe
+    tokens, offsets, cfg, fresh = small_training()
+    whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
+    saves = []
+    run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"), save_every=1e-9,
+             save_resume=lambda state, tag: saves.append((tag, copy.deepcopy(dict(state, prev=state["prev"].store.read(0, 200))))))
+    assert [tag for tag, _ in saves] == ["1", "2", "3", "4", "5"]  # after each iteration but the last
+    tag, state = saves[2]
+    resumed = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"),
+                       resume=dict(state, prev=_store(state["prev"])))
+    assert np.array_equal(resumed.contexts.read(0, 200), whole.contexts.read(0, 200))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, generator=gen)
+    y = (x[:, 0] > 0).long() * 3 + torch.randint(0, 3, (600,), generator=gen)
+    train, val = probe.Split(x[:400], y[:400], torch.arange(400) // 20), probe.Split(x[400:], y[400:])
+    plain = probe.fit(train, val, 6, np.zeros(6), max_iterations=60)
+    points = []
+    probe.fit(train, val, 6, np.zeros(6), max_iterations=60, save_every=1e-9,
+              save_resume=lambda st: points.append(copy.deepcopy(st)))
+    assert len(points) >= 3
+    again = probe.fit(train, val, 6, np.zeros(6), max_iterations=60, resume=copy.deepcopy(points[len(points) // 2]))
+    assert again.val == plain.val and again.l2 == plain.l2 and again.iterations == plain.iterations
+
+
+def _store(rows: np.ndarray):
+    from newllm_cli.rowstore import RowStore
+    store = RowStore(*rows.shape)
+    store.write(0, rows)
+    return store
+
+
+def test_a_resume_point_is_never_paired_with_another_iteration_s_rows(tmp_path):
+    """Rows are named by iteration and go first: a process killed after writing new rows but before
+    the checkpoint naming them leaves the previous checkpoint with its own rows."""
+    from newllm_cli.artifacts import Resumable
+    from newllm_cli.rowstore import RowStore
+    res = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
+    first = RowStore(5, 2)
+    first.write(0, np.ones((5, 2), np.float32))
+    res.save({"next": 2, "prev": first}, "2")
+    later = RowStore(5, 2)
+    later.write(0, np.full((5, 2), 7, np.float32))
+    later.save(res.path.with_name(res.path.name + ".prev.3.npy"))  # ... then killed
+    state = res.load()
+    assert state["next"] == 2 and np.array_equal(np.load(state["prev"]), np.ones((5, 2)))
+    res.save({"next": 4, "prev": RowStore(5, 2)}, "4")  # the next save removes the rows of others
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase1_train.resume.pt", "phase1_train.resume.pt.prev.4.npy"]
+
+
 def _interrupt_at(iteration, model, tokens, offsets, cfg, saved, monkeypatch):
     seen = []
     monkeypatch.setattr(interrupt, "requested", lambda: len(seen) >= iteration)
     run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"),
-             on_iteration=seen.append, save_resume=saved.update)
+             on_iteration=seen.append, save_resume=lambda state, tag: saved.update(state))
 
 
 def test_truncated_and_foreign_checkpoints_give_one_line(cli, base_args):
