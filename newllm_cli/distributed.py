@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +159,15 @@ def _collective(method):
         try:
             return method(self, *args, **kwargs)
         except RuntimeError as e:  # gloo and NCCL raise RuntimeError or its subclass DistError
-            raise RankFailed(f"another rank of this job stopped ({first_line(e)[:160]}); "
-                             "see its own error above") from None
+            raise RankFailed(f"another rank of this job stopped ({_cause(e)}); see its own error") from None
     return wrapped
+
+
+def _cause(e: BaseException) -> str:
+    """A backend's message without its source location, to its first sentence: 'Connection reset
+    by peer' rather than a path into gloo's sources."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e))
+    return text.split(". ")[0][:200]
 
 
 class Ranks(Group):
