@@ -103,20 +103,20 @@ class Comparison:
     def add(self, q: np.ndarray, p: np.ndarray | None, threshold: float) -> None:
         """Element-wise work in float32 (torch, all cores), every sum accumulated in float64."""
         qt = torch.from_numpy(np.ascontiguousarray(q))
+        chunk = Comparison(rows=len(qt))
         if p is not None:
             per_token = (qt - torch.from_numpy(np.ascontiguousarray(p))).square_().mean(dim=1)
-            self.sq += float(per_token.sum(dtype=torch.float64)) * q.shape[1]
-            self.converged += int((per_token < threshold).sum())
-        n = len(qt)
-        mean = qt.sum(dim=0, dtype=torch.float64) / n
+            chunk.sq = float(per_token.sum(dtype=torch.float64)) * q.shape[1]
+            chunk.converged = int((per_token < threshold).sum())
+        mean = qt.sum(dim=0, dtype=torch.float64) / chunk.rows
         m2 = (qt - mean.float()).square_().sum(dim=0, dtype=torch.float64)
-        m2 -= n * (mean - mean.float().double()) ** 2  # the centre was rounded to float32
-        mean, m2 = mean.numpy(), m2.numpy()
-        self.finite &= bool(np.isfinite(m2).all())  # a NaN or inf anywhere in q makes its sums so
-        seen = None if self.mean is None else (self.rows, self.mean, self.m2)
-        self.rows, self.mean, self.m2 = merge_moments(seen, n, mean, m2)
+        m2 -= chunk.rows * (mean - mean.float().double()) ** 2  # the centre was rounded to float32
+        chunk.mean, chunk.m2 = mean.numpy(), m2.numpy()
+        chunk.finite = bool(np.isfinite(chunk.m2).all())  # a NaN or inf anywhere in q makes its sums so
+        self.merge(chunk)
 
     def merge(self, other: "Comparison") -> None:
+        """Add another set of rows (a chunk, or another rank's rows)."""
         self.sq += other.sq
         self.converged += other.converged
         self.finite &= other.finite

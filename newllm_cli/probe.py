@@ -316,6 +316,16 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     grid = [l2] if l2 is not None else list(L2_GRID)
     # the plan: one solve per l2 on the fitting rows (selection), then the refit on all rows
     points = interrupt.SavePoints(save_every, group)
+
+    def safe_point(state: Callable[[], dict]) -> None:
+        """Save `state()` when asked (Ctrl-C, then stop) or due (--save-every, then go on)."""
+        if save_resume is None:
+            return
+        stop, save = points.poll()
+        if save:
+            save_resume(state())
+        if stop:
+            raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
     st = resume or {"stage": 0, "cols": None, "lbfgs": None, "block": 0, "last": None,
                     "selection": [], "best": None, "iterations": 0, "capped": False}
     cols = st["cols"]
@@ -369,12 +379,7 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                 if converged or capped:
                     st["capped"] = st["capped"] or (capped and not converged)
                     break
-                if save_resume is not None:
-                    stop, save = points.poll()
-                    if save:
-                        save_resume(dict(st, cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict()))
-                    if stop:
-                        raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
+                safe_point(lambda: dict(st, cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict()))
         st.update(lbfgs=None, block=0, last=None, cols=cols)
         if not selecting:
             break
@@ -389,12 +394,7 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
             cols = st.pop("best_cols")
         else:
             st["stage"] += 1
-        if save_resume is not None:
-            stop, save = points.poll()
-            if save:
-                save_resume(dict(st, cols=cols.clone()))
-            if stop:
-                raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
+        safe_point(lambda: dict(st, cols=cols.clone()))
     final = Objective(classes, prior_c, lam, device)
     train_losses, train_hits = final.evaluate(cols, xa, train.targets)
     val_losses, val_hits = final.evaluate(cols, val_xa, val.targets)
