@@ -199,7 +199,8 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     pairs = pairwise(sample_rows(contexts, idx))
     eigenvalues, eigenvectors = np.linalg.eigh(gram)
     raw = spectrum(eigenvalues)
-    cen = spectrum(np.linalg.eigvalsh(centred), scale=raw["singular_values"][0])
+    centred_eigenvalues = np.linalg.eigvalsh(centred)
+    cen = spectrum(centred_eigenvalues, scale=raw["singular_values"][0])
     norm_mean, norm_std = _norm_moments(norm_sums, n)
     report = {
         "n": n, "dim": c,
@@ -212,7 +213,7 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
                          "pairwise_l2_median": pairs["median_l2"], "sparsity": near_zero / (n * c)},
         "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
         "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
-        "attainable_rank": attainable_rank(c),
+        "attainable_rank": attainable_rank(c, centred_eigenvalues),
         "steps": _steps(contexts, norm_mean, norm_std, mean, offsets),
     }
     report["directions"] = top_tokens(contexts, eigenvectors, tokens, decode)
@@ -243,21 +244,26 @@ def top_tokens(contexts: np.ndarray, eigenvectors: np.ndarray, tokens, decode) -
     return out
 
 
-def attainable_rank(context_dim: int) -> int:
-    """C - 1: the final LayerNorm puts every context on a (C-1)-dimensional affine plane, so the
-    centred contexts span at most C - 1 directions."""
-    return max(context_dim - 1, 1)
+PLANE = 1e-8  # smallest / largest centred eigenvalue below which the rows lie on a hyperplane
+
+
+def attainable_rank(context_dim: int, centred_eigenvalues: np.ndarray) -> int:
+    """C - 1 when the contexts lie on a (C-1)-dimensional affine plane, as the final LayerNorm puts
+    the model's own (their centred Gram matrix is singular); C for any other array."""
+    ev = np.asarray(centred_eigenvalues)
+    on_plane = ev.size and ev.min() <= PLANE * max(float(ev.max()), np.finfo(float).tiny)
+    return max(context_dim - 1, 1) if on_plane else context_dim
 
 
 def gate(train: dict | None, val: dict | None) -> list[str]:
     """Reasons to refuse Phase 2: a centred effective rank below 20% (train) or 8% (val) of the
-    attainable C - 1, or a degenerate flag. Empty = pass. The centred rank measures the spread of
+    attainable rank (C - 1 for layer-normed contexts), or a degenerate flag. Empty = pass. The centred rank measures the spread of
     the contexts; the uncentred one is dominated by their mean (see docs/ARCHITECTURE.md)."""
     problems = []
     for name, rep, share in (("train", train, 0.20), ("val", val, 0.08)):
         if rep is None:
             continue
-        eff, top = rep["centred"]["effective_rank"], attainable_rank(rep["dim"])
+        eff, top = rep["centred"]["effective_rank"], rep.get("attainable_rank", max(rep["dim"] - 1, 1))
         if eff < share * top:
             problems.append(f"{name} centred effective rank {eff:.2f} < {share:.0%} of the attainable {top}")
         if rep["global_attractor"]["degenerate"]:

@@ -164,6 +164,16 @@ class Workspace:
         self.run_dir = self.root / "runs" / run
         self.data_dir = self.root / "datasets" / dataset_key if dataset_key else None
 
+    def runs(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "runs").glob("*") if p.is_dir())
+
+    def no_such_run(self) -> RefusedError:
+        """The refusal for a run that does not exist, naming those that do (most likely a typo)."""
+        others = self.runs()
+        there = f" (runs there: {', '.join(others)})" if others else ""
+        return RefusedError(f"no run named {self.run_dir.name!r} in {self.root}{there}; "
+                            "check --run, or start it with `newllm prepare-data --run NAME`")
+
     def staged(self, directory: Path) -> "Workspace":
         """The same layout with the dataset files in `directory` (built there, then renamed)."""
         other = copy.copy(self)
@@ -197,6 +207,7 @@ class Workspace:
     def phase2_report(self) -> Path: return self.run_dir / "phase2.json"
     def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"
     def log(self) -> Path: return self.run_dir / "log.txt"
+    def stages(self) -> Path: return self.run_dir / "stages.json"
     def metrics(self) -> Path: return self.run_dir / "metrics.csv"
     def tensorboard(self) -> Path: return self.run_dir / "tensorboard"
 

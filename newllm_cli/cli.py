@@ -12,7 +12,7 @@ import typer
 from . import __version__, commands, report
 from .errors import NewLLMError
 from .progress import begin, error_prefix, log_to, record
-from .options import ANALYZE, COMPARE, CSV, FORCE, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
+from .options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
@@ -41,9 +41,10 @@ stage = functools.partial(register, lock="write", parallel=True)  # the run's wr
 
 stage("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
 stage("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
-stage("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE)
+stage("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE,
+      lock=lambda options: None if options.get("contexts") else "write")  # an outside file: no run
 stage("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
-stage("full", "stages.full", report.full, [FORCE])
+stage("full", "stages.full", report.full, FULL)
 register("generate", "stages.generate", report.generate, GENERATE, lock="read")
 register("config", "settings.effective", lambda result: None)
 register("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)

@@ -9,6 +9,8 @@ import contextlib
 import importlib
 import inspect
 import json
+import re
+import shlex
 import signal
 import threading
 from typing import Callable
@@ -17,21 +19,22 @@ import typer
 
 from . import distributed, interrupt, locks, report
 from .artifacts import Workspace
-from .errors import UsageError
+from .errors import NewLLMError, UsageError
 from .options import COMMON, DOCS, settings_parameters, split_kwargs
 from .progress import set_quiet
-from .settings import SECTIONS, resolve
+from .settings import SECTIONS, RuntimeSettings, resolve
 
 ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
 
 
 
 def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True, lock: str | None = None,
-             parallel: bool = False) -> None:
+             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True,
+             lock: str | Callable[[dict], str | None] | None = None, parallel: bool = False) -> None:
     """Register `<module>.<function>(settings, **extra)` as the command `name`: options from the
     settings model (a run's saved settings too, unless `saved` is False), the run's lock held
-    (`lock`: "write" or "read") while the stage runs. `parallel` commands also run as torchrun
+    (`lock`: "write", "read", or a function of the command's own options giving either or None)
+    while the stage runs. `parallel` commands also run as torchrun
     jobs: every rank runs the stage, the leader holds the lock and prints."""
     module, function = stage.split(".")
 
@@ -48,9 +51,13 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
         try:
             if module in ("stages", "sweep"):  # the commands that compute
                 importlib.import_module(".stages", __package__).apply_threads(rt.threads or group.threads())
-            guard = locks.run(rt.workspace, rt.run, exclusive=lock == "write") if lock else contextlib.nullcontext()
+            kind = lock(rest) if callable(lock) else lock
+            guard = locks.run(rt.workspace, rt.run, exclusive=kind == "write") if kind else contextlib.nullcontext()
             with group.leading(guard), interrupt.graceful():
                 result = getattr(core, function)(settings, **rest)
+        except NewLLMError as e:  # its rebuild hints act on this command's run
+            e.args = (on_this_run(str(e), rt.workspace, rt.run),)
+            raise
         finally:
             group.close()
         if group.leader:
@@ -59,6 +66,18 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]
     app.command(name)(run)
+
+
+def on_this_run(message: str, workspace: str, run: str) -> str:
+    """Every `newllm COMMAND ...` hint in a message, given the --workspace and --run (where they are
+    not the defaults) of the command that failed, so that copying it acts on the same run."""
+    defaults = RuntimeSettings()
+    where = "".join(f" --{flag} {shlex.quote(value)}" for flag, value, default in
+                    (("workspace", workspace, defaults.workspace), ("run", run, defaults.run)) if value != default)
+    if not where:
+        return message
+    return re.sub(r"`(newllm [a-z-]+)([^`]*)`",
+                  lambda m: m[0] if "--run" in m[2] or "--workspace" in m[2] else f"`{m[1]}{m[2]}{where}`", message)
 
 
 def join(name: str, device: str, parallel: bool) -> distributed.Group:

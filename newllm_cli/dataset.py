@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import locks, sources, tokenizer as tokenizers, validate
+from . import dedup, locks, sources, tokenizer as tokenizers, validate
 from .artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
 from .errors import RefusedError, UsageError, first_line
 from .progress import info, progress, warn
@@ -47,6 +47,8 @@ def dataset_key(s: Settings) -> str:
     data = d.model_dump()
     if data["encoding"] == "utf-8":  # the default leaves the keys of datasets made before it existed
         data.pop("encoding")
+    if data["val_duplicates"] == "keep":  # datasets made before duplicates were dropped kept them: same key
+        data.pop("val_duplicates")
     parts = {"data": data, "path": _path_state(d.path, d.pattern),
              "val_path": _path_state(d.val_path, d.pattern),
              "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None}
@@ -66,13 +68,20 @@ class Spool:
 
     def __init__(self, path: Path):
         self.path, self.count = path, 0
+        self.keys = dedup.KeyFile(path.with_suffix(".keys"))  # each document's hash, for duplicates
 
     def fill(self, docs: Iterator[str]) -> None:
+        keys: list[int] = []
         with open(self.path, "w") as f:
             for doc in docs:
                 if doc.strip():
                     f.write(json.dumps(doc) + "\n")
+                    keys.append(dedup.text_key(doc))
                     self.count += 1
+                    if len(keys) >= dedup.READ:
+                        self.keys.extend(keys)
+                        keys.clear()
+        self.keys.extend(keys)
 
     def read(self, keep=None) -> Iterator[str]:
         with open(self.path) as f:
@@ -261,6 +270,7 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
             raise UsageError("auto_split needs at least 2 training documents; give --val-source")
         n_val = min(spool.count - 1, max(1, round(d.val_ratio * spool.count)))
         keep[np.random.default_rng(d.split_seed).permutation(spool.count)[:n_val]] = False
+    dedupe = d.val_duplicates == "drop"
     tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, (p for doc in spool.read(keep) for p in pieces(doc)))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
@@ -268,9 +278,14 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
     names = {split: (ws.tokens(split), ws.offsets(split)) for split in ("train", "val")}
     train = write_tokens(tok, spool.read(keep), dtype, *names["train"], int(keep.sum()), "train")
     if d.val_source == "auto_split":
-        val = write_tokens(tok, spool.read(~keep), dtype, *names["val"], int((~keep).sum()), "val")
+        found = dedup.find(spool.keys.read(), spool.keys.read(), keep, ~keep)
+        val_keep = ~keep & ~found["duplicate"] if dedupe else ~keep
+        val = write_tokens(tok, spool.read(val_keep), dtype, *names["val"], int(val_keep.sum()), "val")
     elif d.val_source == "manual":
         docs = read_manual(d.val_path, vocab)
+        found = dedup.find(_token_keys(ws, names["train"], tmp), _keys_of(tmp / "val.keys", map(dedup.ids_key, docs)))
+        if dedupe:
+            docs = [x for x, dup in zip(docs, found["duplicate"]) if not dup]
         raw = names["val"][0].with_suffix(".raw")
         raw.write_bytes(b"".join(x.astype(dtype).tobytes() for x in docs))
         offsets = np.concatenate([[0], np.cumsum([len(x) for x in docs])]).astype(np.int64)
@@ -278,14 +293,45 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
     else:
         vspool = Spool(tmp / "val.docs.jsonl")
         vspool.fill(sources.documents(d.val_source, d.val_path, d, d.val_num_samples))
-        val = write_tokens(tok, vspool.read(), dtype, *names["val"], vspool.count, "val")
+        found = dedup.find(spool.keys.read(), vspool.keys.read(), keep)
+        val_keep = ~found["duplicate"] if dedupe else None
+        val = write_tokens(tok, vspool.read(val_keep), dtype, *names["val"],
+                           vspool.count - (int(found["duplicate"].sum()) if dedupe else 0), "val")
+    duplicates = {"of_train": found["of_train"], "within_val": found["within_val"],
+                  "dropped": int(found["duplicate"].sum()) if dedupe else 0}
+    if duplicates["of_train"] + duplicates["within_val"]:
+        (info if dedupe else warn)(
+            f"validation duplicates: {duplicates['of_train']:,} documents equal a training document and "
+            f"{duplicates['within_val']:,} an earlier validation one; "
+            + (f"dropped {duplicates['dropped']:,} (--val-duplicates keep keeps them)" if dedupe
+               else "kept (--val-duplicates keep): the val figures partly measure memory of the training set"))
+    if dedupe and val["documents"] == 0:
+        raise UsageError("every validation document repeats a training document; give another validation "
+                         "source, or --val-duplicates keep to measure on them anyway")
     for name, split in (("train", train), ("val", val)):
         if split["tokens"] == 0:
             raise UsageError(f"the {name} set is empty after tokenization")
-    for f in tmp.glob("*.docs.jsonl"):
+    for f in [*tmp.glob("*.docs.jsonl"), *tmp.glob("*.keys")]:
         f.unlink()
     return {"key": key, "data": d.model_dump(), "tokenizer": d.tokenizer,
-            "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val}
+            "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val, "val_duplicates": duplicates}
+
+
+def _keys_of(path: Path, keys) -> np.ndarray:
+    out, batch = dedup.KeyFile(path), []
+    for key in keys:
+        batch.append(key)
+        if len(batch) >= dedup.READ:
+            out.extend(batch)
+            batch.clear()
+    out.extend(batch)
+    return out.read()
+
+
+def _token_keys(ws: Workspace, train_files: tuple[Path, Path], tmp: Path) -> np.ndarray:
+    """The training documents' hashes by token ids (to compare manual validation ids with)."""
+    tokens, offsets = np.load(train_files[0], mmap_mode="r"), np.load(train_files[1])
+    return _keys_of(tmp / "train.ids.keys", (dedup.ids_key(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])))
 
 
 FIX = "newllm prepare-data"
@@ -311,10 +357,8 @@ def check_dataset(ws: Workspace) -> dict:
 def load_meta(s: Settings) -> tuple[Workspace, dict]:
     ws = workspace_for(s)
     if not ws.dataset_meta().exists():
-        runs = sorted(p.name for p in (ws.root / "runs").glob("*") if p.is_dir())
-        if not ws.run_dir.exists() and runs:  # most likely a mistyped --run
-            raise RefusedError(f"no run named {ws.run_dir.name!r} in {ws.root} (runs there: {', '.join(runs)}); "
-                               "check --run, or start it with `newllm prepare-data --run NAME`")
+        if not ws.run_dir.exists() and ws.runs():  # most likely a mistyped --run
+            raise ws.no_such_run()
         raise RefusedError(f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
                            "run `newllm prepare-data` with the same data options first")
     return ws, read_meta(ws)

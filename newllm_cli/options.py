@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .settings import SECTIONS, cli_aliases, cli_name
+from .settings import PROBE_ROWS as DEFAULT_PROBE_ROWS, SECTIONS, cli_aliases, cli_name
 
 SEP = "__"
 
@@ -71,12 +71,15 @@ GENERATE = [
     extra("top_k", int, 0, "--top-k", "Sample among the k most likely tokens (0 = all)."),
 ]
 PLOT = extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra).")
+PROBE_ROWS = extra("probe_rows", int, DEFAULT_PROBE_ROWS, "--probe-rows", "Positions sampled per split for the decodability probes (0: none).")
+FULL = [FORCE, PROBE_ROWS, extra("rebuild", bool, False, "--rebuild", "Rerun every stage, even those whose inputs "
+                                 "and settings are unchanged since they last succeeded."), PLOT]
 ANALYZE = [
     extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
     extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
     PLOT,
-    extra("probe_rows", int, 10_000, "--probe-rows", "Positions sampled per split for the decodability probes (0: none)."),
+    PROBE_ROWS,
     REBUILD,
 ]
 
@@ -118,7 +121,7 @@ SWEEP = [
     extra("storage", Optional[str], None, "--storage", "Optuna storage URL shared by workers, e.g. "
           "postgresql+psycopg://user@host/db (default: sqlite WORKSPACE/sweeps.db)."),
     extra("jobs", int, 1, "--jobs", "Local worker processes."),
-    extra("probe_rows", int, 10_000, "--probe-rows", "Decodability probe rows of each trial's analysis (0: none)."),
+    extra("probe_rows", int, DEFAULT_PROBE_ROWS, "--probe-rows", "Decodability probe rows of each trial's analysis (0: none)."),
     extra("heartbeat", float, 10.0, "--heartbeat", "Seconds between a worker's heartbeats; a trial silent for 3 "
           "of them counts as killed."),
     FORCE,

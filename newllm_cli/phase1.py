@@ -56,18 +56,24 @@ def learning_rate(k: int, cfg: Phase1Settings) -> float:
     return cfg.lr_warmup if k <= 3 else cfg.lr_medium if k <= 8 else cfg.lr_finetune
 
 
+WORKING_SPACE = 1 << 28  # bytes for one statistics / gradient chunk's autograd state: fixed, not part of
+# --memory-budget, because the chunk decides how float32 partial sums are grouped, and results must not
+# depend on the budget (a budget only moves corpus-sized stores between memory and files)
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """How Phase 1 fits its budget: contexts in memory or in files, and the rows handled at once."""
     in_memory: bool
     window: int  # rows per sweep window
-    chunk: int   # rows per statistics / gradient chunk
+    chunk: int   # rows per statistics / gradient / Jacobi chunk: from the model alone
 
 
 def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
-    """Two N x C stores stay in memory when they take at most half the budget; the rest of the
-    budget is working space. Per-row costs are estimates of what torch keeps alive (autograd's saved
-    activations in the gradient pass; ids and outputs in a sweep)."""
+    """Two N x C stores stay in memory when they take at most half the budget; sweep windows take
+    what is left of it. Chunks of the row-wise passes get WORKING_SPACE whatever the budget, so a
+    budget never changes a result's bits. Per-row costs are estimates of what torch keeps alive
+    (autograd's saved activations in the gradient pass; ids and outputs in a sweep)."""
     C, E = model.context_dim, model.embed_dim
     depth = sum(isinstance(m, torch.nn.Linear) for b in model.blocks for m in b.mlp)
     stores = 2 * tokens * C * 4
@@ -76,7 +82,7 @@ def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
     per_row_grad = 4 * (E + 6 * C + (3 * depth + 6 * len(model.blocks)) * (C + E))
     per_row_sweep = 24 + 12 * C
     return MemoryPlan(in_memory, window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
-                      chunk=int(np.clip(free // (2 * per_row_grad), 256, CHUNK)))
+                      chunk=int(np.clip(WORKING_SPACE // per_row_grad, 256, CHUNK)))
 
 
 def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0: np.ndarray) -> np.ndarray:
@@ -283,7 +289,6 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
     tokens, offsets = shard.local(tokens, offsets)
     n_docs, n, total = len(offsets) - 1, len(tokens), shard.total
     plan = plan_memory(n, model, memory_budget)
-    grad_chunk = plan_memory(total, model, memory_budget).chunk  # the same for every world size
     directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
     optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None
     result = CVFPResult(contexts=RowStore(0, C), shard=shard, group=group)
@@ -316,7 +321,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                     last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk, advance)
                     traj = prev
                 stats = Comparison()
-                for s, e in block_chunks(shard.blocks, grad_chunk):
+                for s, e in block_chunks(shard.blocks, plan.chunk):
                     stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
                     advance(e - s)
                 stats = stats.combined(group)
@@ -340,7 +345,7 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                     optimizer.lr = lr
                     optimizer.zero_grad()
                     set_gradients(model, accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats,
-                                                             cfg, grad_chunk, advance, shard.blocks), group)
+                                                             cfg, plan.chunk, advance, shard.blocks), group)
                     optimizer.step()
                     result.optimizer_steps += 1
                     record["lr"] = lr

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+                           TimeRemainingColumn)
 from rich.text import Text
 
 
@@ -133,14 +134,26 @@ class _Rate(ProgressColumn):
         return Text(f"{scaled} {task.fields['unit']}/s")
 
 
+class _Eta(TimeRemainingColumn):
+    def render(self, task) -> Text:
+        return Text("eta ") + super().render(task)
+
+
+def make_bar(con: Console, disable: bool = False) -> Progress:
+    """The progress line: the description gives way (cut with an ellipsis) so that the bar, rate
+    and ETA fit the terminal's width, 80 columns included."""
+    return Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=26)),
+                    BarColumn(bar_width=10), TaskProgressColumn(), _Rate(), _Eta(),
+                    TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=10)),
+                    console=con, transient=True, disable=disable, expand=False)
+
+
 @contextmanager
 def progress(description: str, total: int | None, unit: str = "rows") -> Iterator:
     """A bar with rate and ETA on stderr when it is a terminal and --quiet is off; `advance(n)`
     either way. Nothing of it reaches the log."""
     con = console(log=False)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TaskProgressColumn(), _Rate(),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                   console=con, transient=True, disable=_quiet or not con.is_terminal)
+    bar = make_bar(con, disable=_quiet or not con.is_terminal)
     with bar:
         task = bar.add_task(description, total=total, status="", unit=unit)
 

@@ -135,8 +135,7 @@ def decodability(d: dict, control_steps: dict) -> None:
                         f"{_num(auto['lag_100'])}")
 
 
-NAMES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
-         "untrained_network": "untrained network (control)"}
+from .verdict import NAMES  # noqa: E402  (numpy only: help stays fast)
 
 
 def phase2(r: dict) -> None:
@@ -158,6 +157,8 @@ def phase2(r: dict) -> None:
     console(quiet=True).print(t)
     for p in r.get("plots", []):
         console(quiet=True).print(f"wrote {p}")
+    if r.get("finding"):
+        console(quiet=True).print(r["finding"], highlight=False)
 
 
 def generate(r: dict) -> None:
@@ -195,11 +196,11 @@ def runs(r: dict, title: str = "runs") -> None:
     from rich import box
     from .compare import flag
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    t.add_column("run", overflow="fold", min_width=12)
+    t.add_column("run", overflow="fold", min_width=8)
     varied = r.get("varied")
     names = [flag(k) for k in r["settings"]] if varied else ["setup"]
     for name in names:
-        t.add_column(name, justify="right", overflow="fold", min_width=6)
+        t.add_column(name, justify="right", overflow="fold", min_width=5)
     for col in ("tokens", "conv%", "rank", "ppl", "uni", "bi", "ctrl", "time"):
         t.add_column(col, justify="right", no_wrap=True)
     for row in r["runs"]:
@@ -211,7 +212,7 @@ def runs(r: dict, title: str = "runs") -> None:
                   "-" if row["seconds"] is None else f"{row['seconds']:.0f}s")
     t.caption = ("conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
                  "val perplexity beside add-one unigram, add-k bigram and the untrained control")
-    console(quiet=True).print(t)
+    console(quiet=True).print(t, soft_wrap=False)
 
 
 def compare(r: dict) -> None:

@@ -65,6 +65,8 @@ class DataSettings(Section):
                               "sampling seed keeps the same data).", ge=0)
     ultrachat_dataset: str = opt("HuggingFaceH4/ultrachat_200k", "Hub id of the UltraChat dataset.")
     ultrachat_split: str = opt("train_sft", "Split of the UltraChat dataset.")
+    val_duplicates: Literal["drop", "keep"] = opt("drop", "Validation documents equal to a training document "
+                                                  "or an earlier validation one (whitespace aside): drop or keep.")
     encoding: str = opt("utf-8", "Text encoding of text_file / text_dir sources (utf-8, latin-1, cp1252, ...).")
     tokenizer: str = opt("bpe", "bpe (trained offline on the training text), byte, gpt2, or a tokenizer.json path.")
     tokenizer_vocab_size: int = opt(4096, "Vocabulary size of the trained bpe tokenizer.", ge=260, le=1_000_000)
@@ -164,6 +166,8 @@ class Settings(Section):
         return self
 
 
+PROBE_ROWS = 2_000  # decodability probe positions per split: about a tenth of `full` on pydoc (EXPERIMENTS)
+
 SOURCE_GROUPS = (("source", "path", "pattern"), ("val_source", "val_path"))
 SECTIONS = {name: f.annotation for name, f in Settings.model_fields.items()}
 
@@ -253,7 +257,11 @@ def _one_line(e: ValidationError, prefix: str = "") -> str:
 
 
 def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
-    """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json."""
+    """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json.
+
+    A run's saved data settings describe what it was made of: when this command names another
+    source (or validation source, path or pattern), none of them is carried into the new one, and
+    every setting that is taken from the run and differs from its default is said on stderr."""
     file_layer = read_config_file(config) if config else {}
     # where the run lives must be valid before its saved settings can be read
     try:
@@ -267,11 +275,31 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
         for key in ("workspace", "run"):  # where a run lives is never read from the run itself
             saved.get("runtime", {}).pop(key, None)
         given = {**file_layer.get("data", {}), **options.get("data", {})}
-        for group in SOURCE_GROUPS:  # a new source must not inherit the old source's path
-            if any(k in given for k in group):
-                for k in group:
-                    saved.get("data", {}).pop(k, None)
-    return validate(merge(saved, file_layer, options))
+        old = saved.get("data", {})
+        changed = [k for group in SOURCE_GROUPS for k in group if k in given and given[k] != old.get(k, _default("data", k))]
+        if changed:  # another source: the old one's sample counts, tokenizer, ... do not apply to it
+            from .progress import info
+            info(f"run {runtime.run!r} was made of other data (--{cli_name('data', changed[0])} differs): "
+                 "its saved data settings are not carried over")
+            saved.pop("data", None)
+    settings = validate(merge(saved, file_layer, options))
+    _say_inherited(saved, [file_layer, options], runtime.run)
+    return settings
+
+
+def _default(section: str, field: str) -> Any:
+    return SECTIONS[section].model_fields[field].default
+
+
+def _say_inherited(saved: dict, given: list[dict], run: str) -> None:
+    """One stderr line naming the settings taken from the run's settings.json that are not defaults."""
+    taken = [f"{field} = {json.dumps(value)}" for section, values in saved.items() if section in SECTIONS
+             for field, value in values.items()
+             if field in SECTIONS[section].model_fields and value != _default(section, field)
+             and not any(field in layer.get(section, {}) for layer in given)]
+    if taken:
+        from .progress import info
+        info(f"settings from run {run!r}: {', '.join(taken)}")
 
 
 def _saved(path: Path) -> dict:
@@ -289,7 +317,12 @@ def _saved(path: Path) -> dict:
 
 def effective(s: Settings) -> dict:
     """The settings in force for a run (options > --config > saved > defaults), as TOML that --config
-    accepts: edit it and pass it back."""
+    accepts: edit it and pass it back. A named run that does not exist is refused (the defaults
+    are what `newllm config` prints for the default run of a new workspace)."""
+    from .artifacts import Workspace
+    ws = Workspace(s.runtime.workspace, s.runtime.run)
+    if s.runtime.run != RuntimeSettings.model_fields["run"].default and not ws.run_dir.is_dir():
+        raise ws.no_such_run()
     lines = []
     for section, values in s.model_dump().items():
         lines.append(f"[{section}]")

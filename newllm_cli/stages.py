@@ -16,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, distributed, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
+from . import analysis, baselines, distributed, uptodate, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
 from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
 from .errors import RefusedError, UsageError, first_line
 from .model import NewLLM
 from .phase1 import run_cvfp
 from .rowstore import RowStore
 from .progress import info, log_to, warn
-from .settings import Settings
+from .settings import PROBE_ROWS, Settings
 
 SPLITS = ("train", "val")
-PROBE_ROWS = 10_000  # sampled positions per split for the decodability probes (0: none)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,11 +114,24 @@ def prepare_data(s: Settings) -> dict:
 def rebuild_upstream(s: Settings, upto: str) -> None:
     """--rebuild: rerun every stage before `upto`, so mismatched inputs are replaced, not refused."""
     order = ["prepare", "phase1_train", "phase1_val", "analyze"]
-    steps = {"prepare": lambda: prepare_data(s), "phase1_train": lambda: phase1(s, "train"),
-             "phase1_val": lambda: phase1(s, "val"), "analyze": lambda: analyze(s)}
+    steps = {"prepare": lambda: prepare_data(s), "phase1_train": lambda: _phase1(s, "train", force=True),
+             "phase1_val": lambda: _phase1(s, "val", force=True), "analyze": lambda: _analyze(s, force=True)}
     for name in order[:order.index(upto)] if upto in order else order:
         info(f"rebuild: {name}")
         steps[name]()
+
+
+def _given(s: Settings, *sections: str, **extra) -> dict:
+    """What a stage's result depends on: its settings sections, the seed, device and threads (float
+    sums differ between thread counts), the dataset; not where files go or how memory is used."""
+    rt = s.runtime
+    return {**{name: getattr(s, name).model_dump() for name in sections}, "data": s.data.model_dump(),
+            "runtime": {"seed": rt.seed, "device": rt.device, "threads": rt.threads, "tensorboard": rt.tensorboard},
+            **extra}
+
+
+def _dataset_files(ws: Workspace) -> list[Path]:
+    return [ws.dataset_meta(), ws.tokenizer(), *(f(split) for split in SPLITS for f in (ws.tokens, ws.offsets))]
 
 
 def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
@@ -128,7 +140,18 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
         raise UsageError(f"--split must be train or val, not {split!r}")
     if rebuild:
         rebuild_upstream(s, f"phase1_{split}")
+    return _phase1(s, split, force=rebuild)
+
+
+def _phase1(s: Settings, split: str, force: bool = False) -> dict:
     ws, meta = open_run(s)
+    outputs = [ws.contexts(split), ws.phase1_report(split)] + ([ws.phase1_checkpoint()] if split == "train" else [])
+    inputs = _dataset_files(ws) + ([ws.phase1_checkpoint()] if split == "val" else [])
+    return uptodate.run_once(ws, f"phase1 {split}", _given(s, "model", "phase1", split=split), inputs, outputs,
+                             lambda: _train_or_solve(s, split, ws, meta), force, distributed.current(), lambda: finish_stage(ws, s))
+
+
+def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     events = board(ws, s)
     tokens, offsets = dataset.load_split(ws, split, meta)
     device = resolve_device(s.runtime.device)
@@ -220,7 +243,19 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
         return analyze_file(s, contexts, tokens, tokenizer_file, plot)
     if rebuild:
         rebuild_upstream(s, "analyze")
+    return _analyze(s, plot, probe_rows, force=rebuild)
+
+
+def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS, force: bool = False) -> dict:
     ws, meta = open_run(s)
+    inputs = _dataset_files(ws) + [f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report)]
+    given = _given(s, "model", "phase1", probe_rows=probe_rows)
+    return uptodate.run_once(ws, "analyze", given, inputs, [ws.analysis()],
+                             lambda: _analyze_run(s, ws, meta, plot, probe_rows), force or plot is not None,
+                             distributed.current(), lambda: finish_stage(ws, s))
+
+
+def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
     tok = validate.tokenizer(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     reports, ids, data, ctxs = {}, {}, {}, {}
     for split in SPLITS:
@@ -262,18 +297,12 @@ def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = Non
 def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_file: Path | None,
                  plot: Path | None) -> dict:
     """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
-    try:
-        ctx = np.load(contexts, mmap_mode="r")
-    except Exception as e:  # numpy: ValueError, EOFError (empty), SyntaxError (damaged header)
-        raise UsageError(f"cannot read contexts {contexts}: {first_line(e) if str(e) else 'empty file'}") from None
+    ctx = _user_array(contexts, "contexts")
     if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
         raise UsageError(f"{contexts}: expected a non-empty N x C float array, found {ctx.dtype} {ctx.shape}")
     ids = None
     if tokens is not None:
-        try:
-            ids = np.load(tokens, mmap_mode="r")
-        except Exception as e:  # as for the contexts
-            raise UsageError(f"cannot read tokens {tokens}: {first_line(e) if str(e) else 'empty file'}") from None
+        ids = _user_array(tokens, "tokens")
         if ids.ndim != 1 or len(ids) != len(ctx):
             raise UsageError(f"{tokens}: expected {len(ctx)} token ids (one per context row), found shape {ids.shape}")
     decode = None
@@ -292,6 +321,21 @@ def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_fil
         out["plots"] = [str(plots.spectrum({"contexts": rep}, plot))]
     write_json(out_path, out)
     return out
+
+
+def _user_array(path: Path, what: str) -> np.ndarray:
+    """A .npy array given on the command line, memory-mapped; anything else is one line, exit 2."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if magic != b"\x93NUMPY":
+        raise UsageError(f"cannot read {what} {path}: not a .npy array" + ("" if magic else " (empty file)"))
+    try:
+        return np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy: ValueError (object arrays), EOFError, SyntaxError (damaged header)
+        raise UsageError(f"cannot read {what} {path}: a damaged or object .npy ({first_line(e) if str(e) else 'empty'})") from None
 
 
 def untrained_network(s: Settings, vocab: int, device: torch.device) -> NewLLM:
@@ -328,8 +372,21 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     """Fit the head on the saved contexts, behind the Phase-1 gate, beside baselines and the control."""
     if rebuild:
         rebuild_upstream(s, "phase2")
-    t0 = time.perf_counter()
+    return _phase2(s, force, plot, fresh=rebuild)
+
+
+def _phase2(s: Settings, force: bool = False, plot: Path | None = None, fresh: bool = False) -> dict:
     ws, meta = open_run(s)
+    inputs = _dataset_files(ws) + [ws.phase1_checkpoint(), ws.analysis(),
+                                   *(f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report))]
+    given = _given(s, "model", "phase1", "phase2", force=force)
+    return uptodate.run_once(ws, "phase2", given, inputs, [ws.phase2_checkpoint(), ws.phase2_report()],
+                             lambda: _fit_phase2(s, ws, meta, force, plot), fresh or plot is not None,
+                             distributed.current(), lambda: finish_stage(ws, s))
+
+
+def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path | None) -> dict:
+    t0 = time.perf_counter()
     board(ws, s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
@@ -346,7 +403,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
         warn(f"recomputing the analysis: {e}")
         ana = None
     if ana is None or ana["provenance"].get("model_id") != mid or ana.get("val") is None:
-        ana = analyze(s, probe_rows=0)
+        ana = _analyze(s, probe_rows=0)
     problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's word
     if problems:
         if not force:
@@ -381,6 +438,7 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
     if table["unigram_add_one"]["verdict"] != "beats":
         warnings.append("the head does not beat add-one unigram, its own starting point: the contexts add "
                         "nothing a linear head can use beyond token frequencies")
+    warnings += sanity_warnings(res.val["perplexity"], table, vocab, len(train_tokens), len(val_tokens))
     for w in warnings:
         warn(w)
     provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab,
@@ -392,11 +450,32 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
            "baselines": table, "warnings": warnings, "curves": curves,
            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
            "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint()),
-           "seconds": time.perf_counter() - t0}
+           "finding": verdict.finding(table), "seconds": time.perf_counter() - t0}
     if plot is not None:
         out["plots"] = [str(plots.phase2(out, plot))]
     write_json(ws.phase2_report(), out)
     finish_stage(ws, s)
+    return out
+
+
+MIN_VAL_TOKENS = 1000  # below this a perplexity's interval is too wide to say much
+
+
+def sanity_warnings(head_perplexity: float, table: dict, vocab: int, train_tokens: int, val_tokens: int) -> list[str]:
+    """What makes the printed figures hard to read: a model worse than guessing uniformly, a tiny
+    validation set, fewer training tokens than vocabulary entries."""
+    out = []
+    worse = [name for name, ppl in [("the head", head_perplexity)] + [(verdict.NAMES.get(k, k), b["val_perplexity"])
+                                                                       for k, b in table.items()] if ppl > vocab]
+    if worse:
+        out.append(f"perplexity above the vocabulary size {vocab:,} ({', '.join(worse)}): worse than a uniform guess, "
+                   "so that model has learned frequencies the validation text does not share")
+    if val_tokens < MIN_VAL_TOKENS:
+        out.append(f"the validation set has {val_tokens:,} tokens (under {MIN_VAL_TOKENS:,}): its perplexities "
+                   "and intervals rest on few predictions; give more validation text")
+    if train_tokens < vocab:
+        out.append(f"the training set ({train_tokens:,} tokens) is smaller than the vocabulary ({vocab:,}): most "
+                   "entries are never seen, and every model's figures mostly measure smoothing")
     return out
 
 
@@ -471,12 +550,17 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
             "prompt_ids": ids.tolist(), "token_ids": new}
 
 
-def full(s: Settings, force: bool = False, probe_rows: int = PROBE_ROWS) -> dict:
-    """Every stage in order, each writing its artifacts exactly as when run alone."""
-    out = {"prepare_data": prepare_data(s)}
-    out["phase1_train"] = phase1(s, "train")
-    out["phase1_val"] = phase1(s, "val")
-    out["analysis"] = analyze(s, probe_rows=probe_rows)
-    out["phase2"] = phase2(s, force=force)
+def full(s: Settings, force: bool = False, probe_rows: int = PROBE_ROWS, rebuild: bool = False,
+         plot: Path | None = None) -> dict:
+    """Every stage in order, each writing its artifacts exactly as when run alone; a stage whose
+    inputs and settings are unchanged since it last succeeded is skipped (--rebuild reruns all)."""
+    if probe_rows < 0:
+        raise UsageError("--probe-rows must not be negative")
+    out = {"prepare_data": uptodate.timed("prepare-data", lambda: prepare_data(s))}
+    out["phase1_train"] = _phase1(s, "train", force=rebuild)
+    out["phase1_val"] = _phase1(s, "val", force=rebuild)
+    out["analysis"] = _analyze(s, plot, probe_rows=probe_rows, force=rebuild)
+    out["phase2"] = _phase2(s, force=force, plot=plot, fresh=rebuild)
+    out["seconds"] = {name: out[name]["wall_seconds"] for name in list(out)}
     out["run_dir"] = str(Workspace(s.runtime.workspace, s.runtime.run).run_dir)
     return out

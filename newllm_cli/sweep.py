@@ -29,7 +29,7 @@ from pathlib import Path
 from . import locks
 from .errors import NewLLMError, UsageError, first_line
 from .progress import info, warn
-from .settings import SECTIONS, Settings, flag_index, merge, validate
+from .settings import PROBE_ROWS, SECTIONS, Settings, flag_index, merge, validate
 
 SAMPLERS = ("grid", "random", "tpe")
 LOCK_TIMEOUT = 60.0  # seconds after which a queueing lock left by a killed process is taken over
@@ -259,7 +259,7 @@ def spawn_workers(argv: list[str], jobs: int, threads: int) -> None:
 
 
 def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials: int | None = None,
-          storage: str | None = None, jobs: int = 1, force: bool = False, probe_rows: int = 10_000,
+          storage: str | None = None, jobs: int = 1, force: bool = False, probe_rows: int = PROBE_ROWS,
           heartbeat: float = 10.0, worker: bool = False) -> dict:
     """Run every point of a grid (or TRIALS points of a search) as ordinary runs named SWEEP.flag-value...,
     with N local workers, sharing the study with any other `newllm sweep` on the same --storage."""

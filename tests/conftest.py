@@ -10,6 +10,8 @@ import pytest
 
 from newllm_cli.cli import main
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+
 WORDS = ("the a river stone light quickly moves under over bright quiet garden code runs "
          "model context learns token fixed point small large green window cat reads writes "
          "memory table slowly north winter bread coffee test value").split()
@@ -27,6 +29,27 @@ def make_corpus(path: Path, docs: int = 24, seed: int = 0) -> Path:
         paragraphs.append(" ".join(sentences))
     path.write_text("\n\n".join(paragraphs) + "\n")
     return path
+
+
+def _checkout_files() -> set[str]:
+    """What lies in the checkout's own workspace (and any stray default one) besides the placeholder."""
+    return {str(p.relative_to(CHECKOUT)) for p in (CHECKOUT / "cache").rglob("*") if p.name != ".gitkeep"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_stays_clean():
+    """No test may write into the checkout: a command run without --workspace must fail this suite."""
+    before = _checkout_files()
+    yield
+    added = _checkout_files() - before
+    assert not added, f"tests wrote into the checkout: {sorted(added)[:5]}"
+
+
+@pytest.fixture(autouse=True)
+def _in_scratch_directory(tmp_path_factory, monkeypatch):
+    """Each test runs from a scratch directory, so a relative default (the workspace `cache`) lands
+    there, never in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """Phase 1 in bounded memory: chunked statistics, closed-form gradient, windowed sweeps, file stores."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -84,11 +86,20 @@ def test_windowed_sweep_equals_one_call(kernel, window, tmp_path):
     whole = fn(model, table, torch.as_tensor(tokens), offsets, torch.from_numpy(c0)).numpy()
     out = RowStore(len(tokens), 6, tmp_path)
     last = sweep(model, kernel, table, tokens, offsets, c0, out, window)
-    # numba carries its float64 state between windows: the same bits; float32 BLAS may round
-    # differently for another batch shape: equal to float32 precision
-    tol = 0.0 if kernel == "numba" else 1e-5
-    assert np.abs(out.read(0, len(tokens)) - whole).max() <= tol
-    assert np.abs(last - whole[offsets[1:] - 1]).max() <= tol
+    got = out.read(0, len(tokens))
+    if kernel == "numba":  # float64 state carried between windows: the same bits
+        assert np.array_equal(got, whole) and np.array_equal(last, whole[offsets[1:] - 1])
+        return
+    # torch: a window changes the lockstep batch, and float32 BLAS may round a row differently for
+    # another batch shape. Both runs are float32 evaluations of one recurrence, so each is within
+    # float32's own error of the float64 result: the windowed run may round differently, not worse.
+    exact = fn(copy.deepcopy(model).double(), table.double(), torch.as_tensor(tokens), offsets,
+               torch.from_numpy(c0).double()).numpy()
+    ulp = np.finfo(np.float32).eps * np.abs(exact).max()
+    bound = 2 * np.abs(whole - exact).max() + 4 * ulp
+    assert 0 < np.abs(whole - exact).max() < 1e3 * ulp  # the reference is float64, the runs float32
+    assert np.abs(got - exact).max() <= bound
+    assert np.abs(last - exact[offsets[1:] - 1]).max() <= bound
 
 
 def test_plan_keeps_small_corpora_in_memory_and_spills_large_ones():
@@ -101,8 +112,11 @@ def test_plan_keeps_small_corpora_in_memory_and_spills_large_ones():
 
 @pytest.mark.parametrize("scheme", ["sequential", "parallel"])
 def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
-    """Budget of one byte: contexts in files, statistics and gradients in chunks of 256 rows, sweeps
-    in windows of 1024 rows across 9 documents; the same training as with everything in memory."""
+    """Budget of one byte: contexts in files, sweeps in windows of 1024 rows across 9 documents; the
+    same training as with everything in memory, bit for bit: a budget moves stores between memory
+    and files and cuts sweeps into windows (numba carries its float64 state across them), but never
+    regroups a float32 sum (the statistics and gradient chunks do not depend on it). Any difference
+    would be amplified by every later Adam step and recurrence, so no tolerance could be argued."""
     tokens, offsets = _corpus([700, 300, 5, 900, 400, 250, 600, 150, 95], 40, seed=3)
     cfg = Phase1Settings(scheme=scheme, max_iterations=5, min_converged_ratio=1.0)
     runs = []
@@ -114,11 +128,9 @@ def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
         runs.append((res.contexts.read(0, len(tokens)).copy(), res.history, res.contexts.path))
     (a, hist_a, path_a), (b, hist_b, path_b) = runs
     assert path_a is None and path_b is not None and path_b.parent == tmp_path
-    assert np.abs(a - b).max() <= 1e-5
-    for x, y in zip(hist_a, hist_b):
-        if x["loss"] is not None:
-            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
-            assert y["converged_ratio"] == pytest.approx(x["converged_ratio"], abs=1e-9)
+    assert np.array_equal(a, b)
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in hist_a] == \
+        [{k: v for k, v in h.items() if k != "seconds"} for h in hist_b]
     assert len(list(tmp_path.iterdir())) == 1  # only the live result's file; spares were deleted
 
 

@@ -171,7 +171,8 @@ def test_a_new_source_does_not_inherit_the_old_path(cli, tmp_path):
     assert cli("prepare-data", *ws, "--source", "text_file", "--path", make_text(tmp_path), "--tokenizer", "byte").code == 0
     r = cli("prepare-data", *ws, "--source", "sample", "--num-samples", "4", "--json")
     assert r.code == 0, r.err
-    assert r.json()["data"]["path"] is None and r.json()["data"]["tokenizer"] == "byte"
+    # another source starts from its defaults: neither the path nor the tokenizer of the old one
+    assert r.json()["data"]["path"] is None and r.json()["data"]["tokenizer"] == "bpe"
 
 
 def test_encoding_reads_latin1_and_the_error_names_the_option(cli, tmp_path):

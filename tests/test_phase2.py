@@ -181,7 +181,7 @@ def test_bootstrap_verdict_against_hand_cases():
     assert verdict.size({"verdict": "ties", "ratio_low": 0.992, "ratio": 1.001, "ratio_high": 1.012}) == \
         "ties (-0.8% to +1.2%)"
     assert verdict.size({"verdict": "loses to", "ratio_low": 9.052, "ratio": 11.409, "ratio_high": 14.209}) == \
-        "loses: 11.41x (9.05-14.21x)"
+        "loses by 1040.9% (805.2%-1320.9%)"  # one wording at every size
 
 
 def test_probe_advice_says_what_to_do():

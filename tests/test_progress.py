@@ -42,7 +42,7 @@ def test_progress_shows_on_a_terminal_only(tmp_path):
     base = ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
             "--tokenizer", "byte"]
     run(["prepare-data", *base], False, tmp_path)
-    phase1 = ["phase1", *base, "--phase1-max-iterations", "3"]
+    phase1 = ["phase1", *base, "--phase1-max-iterations", "3", "--rebuild"]  # each run trains again
     seen = run(phase1, True, tmp_path)
     assert BAR in seen and "phase1 train iteration 1" in seen and "eta" in seen
     assert "iteration  2: cvfp" in seen  # the info lines as well

@@ -245,7 +245,7 @@ def test_write_failures_give_one_line_and_keep_old_artifacts(cli, base_args, mon
     def refuse(*args, **kwargs):
         raise OSError(errno, text, str(run))
     monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
-    r = cli("phase1", *base_args)
+    r = cli("phase1", *base_args, "--seed", "7")  # another seed: the stage must run (and write) again
     assert r.code != 0 and text in r.err.strip().splitlines()[-1]
     assert_clean(r)
     assert (run / "contexts_train.npy").read_bytes() == before
