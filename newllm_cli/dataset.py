@@ -71,17 +71,14 @@ class Spool:
         self.keys = dedup.KeyFile(path.with_suffix(".keys"))  # each document's hash, for duplicates
 
     def fill(self, docs: Iterator[str]) -> None:
-        keys: list[int] = []
         with open(self.path, "w") as f:
-            for doc in docs:
-                if doc.strip():
-                    f.write(json.dumps(doc) + "\n")
-                    keys.append(dedup.text_key(doc))
-                    self.count += 1
-                    if len(keys) >= dedup.READ:
-                        self.keys.extend(keys)
-                        keys.clear()
-        self.keys.extend(keys)
+            def kept() -> Iterator[int]:
+                for doc in docs:
+                    if doc.strip():
+                        f.write(json.dumps(doc) + "\n")
+                        self.count += 1
+                        yield dedup.text_key(doc)
+            self.keys.write(kept())
 
     def read(self, keep=None) -> Iterator[str]:
         with open(self.path) as f:
@@ -283,7 +280,7 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
         val = write_tokens(tok, spool.read(val_keep), dtype, *names["val"], int(val_keep.sum()), "val")
     elif d.val_source == "manual":
         docs = read_manual(d.val_path, vocab)
-        found = dedup.find(_token_keys(ws, names["train"], tmp), _keys_of(tmp / "val.keys", map(dedup.ids_key, docs)))
+        found = dedup.find(_token_keys(names["train"], tmp), dedup.KeyFile(tmp / "val.keys").write(map(dedup.ids_key, docs)))
         if dedupe:
             docs = [x for x, dup in zip(docs, found["duplicate"]) if not dup]
         raw = names["val"][0].with_suffix(".raw")
@@ -317,21 +314,11 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
             "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val, "val_duplicates": duplicates}
 
 
-def _keys_of(path: Path, keys) -> np.ndarray:
-    out, batch = dedup.KeyFile(path), []
-    for key in keys:
-        batch.append(key)
-        if len(batch) >= dedup.READ:
-            out.extend(batch)
-            batch.clear()
-    out.extend(batch)
-    return out.read()
-
-
-def _token_keys(ws: Workspace, train_files: tuple[Path, Path], tmp: Path) -> np.ndarray:
+def _token_keys(train_files: tuple[Path, Path], tmp: Path) -> np.ndarray:
     """The training documents' hashes by token ids (to compare manual validation ids with)."""
     tokens, offsets = np.load(train_files[0], mmap_mode="r"), np.load(train_files[1])
-    return _keys_of(tmp / "train.ids.keys", (dedup.ids_key(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])))
+    return dedup.KeyFile(tmp / "train.ids.keys").write(
+        dedup.ids_key(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:]))
 
 
 FIX = "newllm prepare-data"

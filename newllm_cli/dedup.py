@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -33,9 +34,17 @@ class KeyFile:
         self.path = Path(path)
         self.path.write_bytes(b"")
 
-    def extend(self, keys: list[int]) -> None:
+    def write(self, keys: Iterable[int]) -> np.ndarray:
+        """Append the keys, READ at a time (any number in bounded memory); all of them, mapped."""
         with open(self.path, "ab") as f:
-            f.write(np.asarray(keys, np.uint64).tobytes())
+            batch: list[int] = []
+            for key in keys:
+                batch.append(key)
+                if len(batch) >= READ:
+                    f.write(np.asarray(batch, np.uint64).tobytes())
+                    batch.clear()
+            f.write(np.asarray(batch, np.uint64).tobytes())
+        return self.read()
 
     def read(self) -> np.ndarray:
         size = self.path.stat().st_size // 8

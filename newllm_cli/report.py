@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from .progress import console
+from .verdict import NAMES  # numpy only: help stays fast
 
 
 def primary_path(command: str, result: dict) -> str:
@@ -133,9 +134,6 @@ def decodability(d: dict, control_steps: dict) -> None:
         console(quiet=True).print(f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
                         f"autocorrelation lag 1/10/100 {_num(auto['lag_1'])} / {_num(auto['lag_10'])} / "
                         f"{_num(auto['lag_100'])}")
-
-
-from .verdict import NAMES  # noqa: E402  (numpy only: help stays fast)
 
 
 def phase2(r: dict) -> None:

@@ -321,7 +321,7 @@ def effective(s: Settings) -> dict:
     are what `newllm config` prints for the default run of a new workspace)."""
     from .artifacts import Workspace
     ws = Workspace(s.runtime.workspace, s.runtime.run)
-    if s.runtime.run != RuntimeSettings.model_fields["run"].default and not ws.run_dir.is_dir():
+    if s.runtime.run != _default("runtime", "run") and not ws.run_dir.is_dir():
         raise ws.no_such_run()
     lines = []
     for section, values in s.model_dump().items():

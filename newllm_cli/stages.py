@@ -130,6 +130,13 @@ def _given(s: Settings, *sections: str, **extra) -> dict:
             **extra}
 
 
+def _once(ws: Workspace, s: Settings, name: str, given: dict, inputs: list[Path], outputs: list[Path],
+          compute, force: bool) -> dict:
+    """compute() unless stage `name` is up to date (uptodate.py); a skipped stage ends as a run one does."""
+    return uptodate.run_once(ws, name, given, inputs, outputs, compute, force, distributed.current(),
+                             lambda: finish_stage(ws, s))
+
+
 def _dataset_files(ws: Workspace) -> list[Path]:
     return [ws.dataset_meta(), ws.tokenizer(), *(f(split) for split in SPLITS for f in (ws.tokens, ws.offsets))]
 
@@ -147,8 +154,8 @@ def _phase1(s: Settings, split: str, force: bool = False) -> dict:
     ws, meta = open_run(s)
     outputs = [ws.contexts(split), ws.phase1_report(split)] + ([ws.phase1_checkpoint()] if split == "train" else [])
     inputs = _dataset_files(ws) + ([ws.phase1_checkpoint()] if split == "val" else [])
-    return uptodate.run_once(ws, f"phase1 {split}", _given(s, "model", "phase1", split=split), inputs, outputs,
-                             lambda: _train_or_solve(s, split, ws, meta), force, distributed.current(), lambda: finish_stage(ws, s))
+    return _once(ws, s, f"phase1 {split}", _given(s, "model", "phase1", split=split), inputs, outputs,
+                 lambda: _train_or_solve(s, split, ws, meta), force)
 
 
 def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
@@ -250,9 +257,8 @@ def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS
     ws, meta = open_run(s)
     inputs = _dataset_files(ws) + [f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report)]
     given = _given(s, "model", "phase1", probe_rows=probe_rows)
-    return uptodate.run_once(ws, "analyze", given, inputs, [ws.analysis()],
-                             lambda: _analyze_run(s, ws, meta, plot, probe_rows), force or plot is not None,
-                             distributed.current(), lambda: finish_stage(ws, s))
+    return _once(ws, s, "analyze", given, inputs, [ws.analysis()],
+                 lambda: _analyze_run(s, ws, meta, plot, probe_rows), force or plot is not None)
 
 
 def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
@@ -380,9 +386,8 @@ def _phase2(s: Settings, force: bool = False, plot: Path | None = None, fresh: b
     inputs = _dataset_files(ws) + [ws.phase1_checkpoint(), ws.analysis(),
                                    *(f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report))]
     given = _given(s, "model", "phase1", "phase2", force=force)
-    return uptodate.run_once(ws, "phase2", given, inputs, [ws.phase2_checkpoint(), ws.phase2_report()],
-                             lambda: _fit_phase2(s, ws, meta, force, plot), fresh or plot is not None,
-                             distributed.current(), lambda: finish_stage(ws, s))
+    return _once(ws, s, "phase2", given, inputs, [ws.phase2_checkpoint(), ws.phase2_report()],
+                 lambda: _fit_phase2(s, ws, meta, force, plot), fresh or plot is not None)
 
 
 def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path | None) -> dict:

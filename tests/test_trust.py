@@ -19,7 +19,7 @@ from newllm_cli.progress import make_bar
 
 def _fast(tmp_path: Path, corpus: Path, *more: str) -> list[str]:
     return ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
-            "--tokenizer", "byte", "--phase2-max-iterations", "30", "--probe-rows", "0", *more]
+            "--tokenizer", "byte", "--phase2-max-iterations", "30", *more, "--probe-rows", "0"]  # last: see [:-2]
 
 
 # 2. inheritance
@@ -64,11 +64,9 @@ def test_duplicate_finder_equals_a_naive_set_comparison(part, monkeypatch, tmp_p
     pool = [f"doc {i}\n  with  words {i % 3}" for i in range(12)]
     train = [pool[i] for i in rng.integers(0, 12, 15)]
     val = [pool[i].replace("  ", " ") for i in rng.integers(0, 18, 20) if i < 12] + ["only in val", "only in val"]
-    keys = lambda docs, name: dedup.KeyFile(tmp_path / name)  # noqa: E731
-    t, v = keys(train, "t"), keys(val, "v")
-    t.extend([dedup.text_key(x) for x in train])
-    v.extend([dedup.text_key(x) for x in val])
-    found = dedup.find(t.read(), v.read())
+    t = dedup.KeyFile(tmp_path / "t").write(map(dedup.text_key, train))
+    v = dedup.KeyFile(tmp_path / "v").write(map(dedup.text_key, val))
+    found = dedup.find(t, v)
     want = _naive_duplicates(train, val)
     assert found["duplicate"].tolist() == want
     assert found["of_train"] + found["within_val"] == sum(want) and found["within_val"] >= 1
@@ -142,10 +140,10 @@ def test_analyzing_an_outside_file_takes_no_lock_of_the_run(cli, tmp_path):
 
 
 def test_rebuild_hints_name_the_workspace_and_run_that_failed(cli, tmp_path, corpus):
-    args = _fast(tmp_path, corpus, "--run", "exp one")[:-2] + ["--run", "exp_1", "--probe-rows", "0"]
+    args = _fast(tmp_path, corpus, "--run", "exp_1")
     assert cli("full", *args, "--force").code == 0
     (tmp_path / "ws" / "runs" / "exp_1" / "contexts_val.npy").write_bytes(b"damaged")
-    r = cli("phase2", *[a for a in args if a != "--probe-rows" and a != "0"], "--rebuild", "--force")
+    r = cli("phase2", *args[:-2], "--rebuild", "--force")  # phase2 takes no --probe-rows
     assert r.code == 0  # --rebuild replaces it
     (tmp_path / "ws" / "runs" / "exp_1" / "contexts_val.npy").write_bytes(b"damaged")
     bad = cli("phase2", "--workspace", tmp_path / "ws", "--run", "exp_1", "--force")
