@@ -234,10 +234,13 @@ def test_commands_that_are_not_stages_refuse_torchrun(tmp_path):
     assert code != 0 and "`newllm runs` runs in one process: start it without torchrun" in err
 
 
-def test_a_user_error_under_torchrun_is_one_line_and_exit_2_on_every_rank(tmp_path):
-    """What newllm controls: each rank says the mistake in one line and exits 2. torchrun then adds
-    its own failure report (a traceback of its agent) and exits 1; torch offers no way to stop that."""
+def test_a_user_error_under_torchrun_is_one_line_and_exit_2(tmp_path):
+    """What newllm controls: a rank says the mistake in one line and exits 2. torchrun stops the other
+    ranks at the first failure (SIGTERM: a rank not yet done says nothing, or "interrupted"), adds its
+    own failure report (a traceback of its agent) and exits 1; torch offers no way to change that."""
     code, _, err = finished(torchrun("phase1", "--context-dim", "-3", "--workspace", str(tmp_path)))
+    usage = "Error: --context-dim -3: must be greater than 0 (model.context_dim)"
     lines = [line for line in err.splitlines() if line.startswith("Error:")]
-    assert lines == ["Error: --context-dim -3: must be greater than 0 (model.context_dim)"] * 2, err
-    assert re.findall(r"exitcode\s*:\s*(\d+)", err) == ["2", "2"] and code == 1
+    assert usage in lines and set(lines) <= {usage, "Error: interrupted"}, err
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", err)  # torchrun's report may list a rank twice
+    assert "2" in codes and set(codes) <= {"2", "-15", "130"} and code == 1, err
