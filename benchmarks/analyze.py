@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from newllm_cli.rowstore import RowStore
+from newllm_cli.store.rowstore import RowStore
 
 
 def main() -> None:

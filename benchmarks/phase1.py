@@ -64,8 +64,8 @@ def train(tokens, offsets, C, L, iterations, kernel="auto", budget=1 << 30, trai
     re-forward and the backward (2x) in iterations that take a step. training_only: the training
     iterations alone (their own timings), without set-up and solve."""
     import torch
-    from newllm_cli.model import NewLLM
-    from newllm_cli.phase1 import run_cvfp
+    from newllm_cli.model.network import NewLLM
+    from newllm_cli.training.phase1 import run_cvfp
     from newllm_cli.settings import Phase1Settings
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
@@ -88,8 +88,8 @@ def original_rate(tokens, C, L, n=300) -> float:
     """The original program's shape: a Python loop over tokens, autograd through each step, one
     backward per iteration. Token-iterations per second on n tokens (its rate does not depend on N)."""
     import torch
-    from newllm_cli.model import NewLLM
-    from newllm_cli.phase1 import phase1_losses
+    from newllm_cli.model.network import NewLLM
+    from newllm_cli.training.phase1 import phase1_losses
     from newllm_cli.settings import Phase1Settings
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
@@ -132,7 +132,7 @@ def section_width(a) -> None:
           f"documents, --kernel auto; GFLOP/s = 2 x multiply-adds of sweep, re-forward and backward")
     print(f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>9} {'GFLOP/s':>8} {'matmul':>7} {'share':>6} "
           f"{'range':>10} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}   (medians of --repeats)")
-    from newllm_cli.recurrence import choose_kernel
+    from newllm_cli.model.recurrence import choose_kernel
     import torch
     for C in a.widths:
         for L in a.layers:
@@ -170,8 +170,8 @@ def section_kernel(a) -> None:
     """This checkout's sequential sweep against --baseline's (its own code, imported here), one stream."""
     import importlib
     import torch
-    from newllm_cli.model import NewLLM
-    from newllm_cli.recurrence import embedding_table, sweep_numba
+    from newllm_cli.model.network import NewLLM
+    from newllm_cli.model.recurrence import embedding_table, sweep_numba
     baseline_package(a.baseline)
     old = importlib.import_module("newllm_baseline.recurrence")
     torch.manual_seed(0)
@@ -203,8 +203,8 @@ def section_kernel(a) -> None:
 def section_crossover(a) -> None:
     """Sweep rate (tokens/s) of each kernel by C and the number of documents side by side."""
     import torch
-    from newllm_cli.model import NewLLM
-    from newllm_cli.recurrence import embedding_table, sweep_numba, sweep_torch
+    from newllm_cli.model.network import NewLLM
+    from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
     print(f"{'C':>4} {'docs':>5} {'numba tok/s':>12} {'torch tok/s':>12} {'torch/numba':>12}")
     for C in (16, 64, 128, 256, 768):
         torch.manual_seed(0)

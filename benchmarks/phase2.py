@@ -23,7 +23,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from newllm_cli import baselines, probe
+from newllm_cli.evaluation import baselines
+from newllm_cli.training import head_fit as probe
 
 ORIGINAL_PAIRS = 20000
 
@@ -72,7 +73,7 @@ def targets(kind: str, n: int, vocab: int, rng: np.random.Generator, text: np.nd
 
 
 def text_tokens(path: str, vocab: int, name: str) -> np.ndarray:
-    from newllm_cli.tokenizer import build
+    from newllm_cli.data.tokenizer import build
     body = open(path, encoding="utf-8").read()
     tok = build(name, vocab, [body])
     if tok.get_vocab_size() > vocab:

@@ -1,3 +1,3 @@
-from .cli import entry
+from newllm_cli.cli.app import entry
 
 entry()

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UsageError
+from newllm_cli.runtime.errors import UsageError
 
 
 def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
@@ -278,7 +278,7 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
         old = saved.get("data", {})
         changed = [k for group in SOURCE_GROUPS for k in group if k in given and given[k] != old.get(k, _default("data", k))]
         if changed:  # another source: the old one's sample counts, tokenizer, ... do not apply to it
-            from .progress import info
+            from newllm_cli.runtime.progress import info
             info(f"run {runtime.run!r} was made of other data (--{cli_name('data', changed[0])} differs): "
                  "its saved data settings are not carried over")
             saved.pop("data", None)
@@ -298,14 +298,14 @@ def _say_inherited(saved: dict, given: list[dict], run: str) -> None:
              if field in SECTIONS[section].model_fields and value != _default(section, field)
              and not any(field in layer.get(section, {}) for layer in given)]
     if taken:
-        from .progress import info
+        from newllm_cli.runtime.progress import info
         info(f"settings from run {run!r}: {', '.join(taken)}")
 
 
 def _saved(path: Path) -> dict:
     """A run's settings.json, or nothing when it is damaged: every stage writes it again, so a bad
     copy must not lock the run (a mismatch with its artifacts is still refused, by provenance)."""
-    from .progress import warn
+    from newllm_cli.runtime.progress import warn
     try:
         saved = json.loads(path.read_text())
         validate(saved)
@@ -319,7 +319,7 @@ def effective(s: Settings) -> dict:
     """The settings in force for a run (options > --config > saved > defaults), as TOML that --config
     accepts: edit it and pass it back. A named run that does not exist is refused (the defaults
     are what `newllm config` prints for the default run of a new workspace)."""
-    from .artifacts import Workspace
+    from newllm_cli.store.artifacts import Workspace
     ws = Workspace(s.runtime.workspace, s.runtime.run)
     if s.runtime.run != _default("runtime", "run") and not ws.run_dir.is_dir():
         raise ws.no_such_run()

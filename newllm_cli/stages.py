@@ -16,14 +16,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, baselines, distributed, uptodate, interrupt, metrics, dataset, decodability, generate as gen, phase2 as p2, plots, probe, tokenizer as tokenizers, validate, verdict
-from .artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
-from .errors import RefusedError, UsageError, first_line
-from .model import NewLLM
-from .phase1 import run_cvfp
-from .rowstore import RowStore
-from .progress import info, log_to, warn
-from .settings import PROBE_ROWS, Settings
+from newllm_cli.evaluation import analysis
+from newllm_cli.evaluation import baselines
+from newllm_cli.runtime import distributed
+from newllm_cli.store import uptodate
+from newllm_cli.runtime import interrupt
+from newllm_cli.store import metrics
+from newllm_cli.data import dataset
+from newllm_cli.evaluation import decodability
+from newllm_cli.model import generate as gen
+from newllm_cli.training import pairs as p2
+from newllm_cli.cli import plots
+from newllm_cli.training import head_fit as probe
+from newllm_cli.data import tokenizer as tokenizers
+from newllm_cli.store import validate
+from newllm_cli.evaluation import verdict
+from newllm_cli.store.artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
+from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
+from newllm_cli.model.network import NewLLM
+from newllm_cli.training.phase1 import run_cvfp
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.runtime.progress import info, log_to, warn
+from newllm_cli.settings import PROBE_ROWS, Settings
 
 SPLITS = ("train", "val")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from newllm_cli.cli import main
+from newllm_cli.cli.app import main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 

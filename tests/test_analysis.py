@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_cli import analysis
+from newllm_cli.evaluation import analysis
 
 
 def test_identity_like_contexts_have_full_effective_rank():
@@ -105,7 +105,7 @@ def test_file_backed_streaming_equals_in_memory(tmp_path, monkeypatch):
 
 
 def test_analyze_any_contexts_file(cli, tmp_path):
-    from newllm_cli.tokenizer import byte_tokenizer
+    from newllm_cli.data.tokenizer import byte_tokenizer
     x = np.random.default_rng(6).normal(size=(400, 8)).astype(np.float32)
     np.save(tmp_path / "ctx.npy", x)
     ids = (np.arange(400) % 26 + 97).astype(np.uint16)
@@ -180,7 +180,7 @@ def test_step_statistics_equal_the_pairwise_definition_across_chunks(monkeypatch
 def test_decodability_reads_what_the_contexts_encode():
     """Contexts that are the one-hot of the current token: x_t decodes exactly from c_t; the next
     token (drawn independently) and Gaussian features decode at chance."""
-    from newllm_cli import decodability
+    from newllm_cli.evaluation import decodability
     rng = np.random.default_rng(0)
     vocab = 6
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_cli.model import NewLLM
-from newllm_cli.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
-from newllm_cli.recurrence import embedding_table, sweep, sweep_numba, sweep_torch
-from newllm_cli.rowstore import RowStore
+from newllm_cli.model.network import NewLLM
+from newllm_cli.training.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
+from newllm_cli.model.recurrence import embedding_table, sweep, sweep_numba, sweep_torch
+from newllm_cli.store.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
 
 CPU = torch.device("cpu")
@@ -135,7 +135,7 @@ def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
 
 
 def test_kernel_rule_follows_rows_per_lockstep_step():
-    from newllm_cli.recurrence import choose_kernel
+    from newllm_cli.model.recurrence import choose_kernel
     equal = lambda docs, length: np.arange(docs + 1) * length  # noqa: E731
     assert choose_kernel("auto", CPU, 16, equal(8192, 20)) == "numba"       # small C: never lockstep
     assert choose_kernel("auto", CPU, 768, equal(1, 500)) == "torch"        # one wide stream: BLAS
@@ -149,9 +149,9 @@ def test_kernel_rule_follows_rows_per_lockstep_step():
 def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkeypatch):
     """Ctrl-C with file stores: the previous contexts move beside the resume checkpoint (renamed,
     not copied), and the resumed run ends where an uninterrupted one does."""
-    from newllm_cli import interrupt
-    from newllm_cli.artifacts import Resumable
-    from newllm_cli.errors import Interrupted
+    from newllm_cli.runtime import interrupt
+    from newllm_cli.store.artifacts import Resumable
+    from newllm_cli.runtime.errors import Interrupted
     tokens, offsets = _corpus([400, 300, 500], 30, seed=5)
     cfg = Phase1Settings(max_iterations=5, min_converged_ratio=1.0)
 

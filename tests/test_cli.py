@@ -205,7 +205,7 @@ def test_help_imports_no_torch(args):
     """Help and --version answer without importing torch or numba (seconds of start-up)."""
     import subprocess
     import sys
-    code = ("import sys; from newllm_cli.cli import main; code = main(%r); "
+    code = ("import sys; from newllm_cli.cli.app import main; code = main(%r); "
             "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "heavy: [] 0"

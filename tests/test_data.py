@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_cli import sources
+from newllm_cli.data import sources
 from newllm_cli.settings import DataSettings
 
 
@@ -156,7 +156,7 @@ def make_text(tmp_path: Path) -> Path:
 
 
 def test_a_local_tokenizer_json_is_used_and_stored(cli, tmp_path):
-    from newllm_cli.tokenizer import train_bpe
+    from newllm_cli.data.tokenizer import train_bpe
     tok_path = tmp_path / "mine.json"
     train_bpe(["some words for a tokenizer", "more words"], 300).save(str(tok_path))
     r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path",
@@ -193,7 +193,8 @@ def test_encoding_reads_latin1_and_the_error_names_the_option(cli, tmp_path):
 def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch):
     """A document is tokenized in bounded pieces (memory for any line length), cut where the
     byte-level pre-tokenizer cuts anyway, so the ids are those of the whole document."""
-    from newllm_cli import dataset, tokenizer as tokenizers
+    from newllm_cli.data import dataset
+    from newllm_cli.data import tokenizer as tokenizers
     rng = np.random.default_rng(0)
     words = ["the", "river", "stone,", "light.", "  double", "\nnew", "x" * 40, "tab\t", "", "code()"]
     text = " ".join(rng.choice(words) for _ in range(3000))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_cli import distributed
-from newllm_cli.phase2 import pair_block, pair_documents
+from newllm_cli.runtime import distributed
+from newllm_cli.training.pairs import pair_block, pair_documents
 
 from conftest import make_corpus
 

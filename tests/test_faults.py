@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import make_corpus
-from newllm_cli.cli import main
+from newllm_cli.cli.app import main
 
 EXITS = {0, 2, 3, 4}
 FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]

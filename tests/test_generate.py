@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from newllm_cli import generate as gen
-from newllm_cli.phase1 import run_cvfp
-from newllm_cli.model import NewLLM
-from newllm_cli.phase2 import Head
+from newllm_cli.model import generate as gen
+from newllm_cli.training.phase1 import run_cvfp
+from newllm_cli.model.network import NewLLM
+from newllm_cli.training.pairs import Head
 from newllm_cli.settings import Phase1Settings
 
 

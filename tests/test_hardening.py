@@ -207,7 +207,7 @@ def test_prepare_data_rebuilds_its_own_damaged_output(cli, base_args):
 
 def test_parallel_commands_do_not_trip_over_the_writability_probe(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
-    from newllm_cli.artifacts import Workspace
+    from newllm_cli.store.artifacts import Workspace
     ws = Workspace(tmp_path, "r")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: ws.ensure(), range(800)))  # raised "not writable" before

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from newllm_cli.model import NewLLM
-from newllm_cli.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp, set_gradients
-from newllm_cli.recurrence import embedding_table, sweep_numba, sweep_torch
-from newllm_cli.rowstore import RowStore
+from newllm_cli.model.network import NewLLM
+from newllm_cli.training.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp, set_gradients
+from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
+from newllm_cli.store.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
 
 CPU = torch.device("cpu")
@@ -257,7 +257,7 @@ def test_concat_is_one_stream():
 
 
 def test_diverging_training_stops_after_two_drops():
-    from newllm_cli.phase1 import _stop_reason as _should_stop  # a reason is truthy, None is not
+    from newllm_cli.training.phase1 import _stop_reason as _should_stop  # a reason is truthy, None is not
     cfg = Phase1Settings(stop_on_drops=2)  # the seed's rule; off by default
     hist = [{"converged_ratio": None}, {"converged_ratio": 0.9}, {"converged_ratio": 0.8}]
     assert _should_stop(hist, 0.7, cfg, train=True, steps=3)
@@ -292,7 +292,7 @@ def test_unconverged_training_ends_with_a_no_update_solve_to_the_fixed_point():
 def test_adam_is_torch_adam_bit_for_bit():
     """Our Adam against torch.optim.Adam: same updates, with a parameter that has no gradient and a
     learning rate that changes between steps, as in Phase 1."""
-    from newllm_cli.adam import Adam
+    from newllm_cli.training.adam import Adam
     torch.manual_seed(0)
     ours = [torch.randn(5, 3), torch.randn(4), torch.randn(2)]
     ref = [p.clone() for p in ours]

@@ -8,9 +8,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from newllm_cli import baselines, phase2 as p2, probe, recurrence, verdict
-from newllm_cli.rowstore import RowStore
-from newllm_cli.model import NewLLM
+from newllm_cli.evaluation import baselines
+from newllm_cli.training import pairs as p2
+from newllm_cli.training import head_fit as probe
+from newllm_cli.model import recurrence
+from newllm_cli.evaluation import verdict
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.model.network import NewLLM
 
 CPU = torch.device("cpu")
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from newllm_cli import interrupt
-from newllm_cli.errors import Interrupted
-from newllm_cli.model import NewLLM
-from newllm_cli.phase1 import run_cvfp
+from newllm_cli.runtime import interrupt
+from newllm_cli.runtime.errors import Interrupted
+from newllm_cli.model.network import NewLLM
+from newllm_cli.training.phase1 import run_cvfp
 from newllm_cli.settings import Phase1Settings
 
 
@@ -84,7 +84,7 @@ def test_periodic_resume_points_continue_exactly():
     """--save-every: a save after every Phase 1 iteration and every L-BFGS block (the run goes on);
     any of them, passed back, ends where the uninterrupted run ends."""
     import copy
-    from newllm_cli import probe
+    from newllm_cli.training import head_fit as probe
     tokens, offsets, cfg, fresh = small_training()
     whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
     saves = []
@@ -109,7 +109,7 @@ def test_periodic_resume_points_continue_exactly():
 
 
 def _store(rows: np.ndarray):
-    from newllm_cli.rowstore import RowStore
+    from newllm_cli.store.rowstore import RowStore
     store = RowStore(*rows.shape)
     store.write(0, rows)
     return store
@@ -118,8 +118,8 @@ def _store(rows: np.ndarray):
 def test_a_resume_point_is_never_paired_with_another_iteration_s_rows(tmp_path):
     """Rows are named by iteration and go first: a process killed after writing new rows but before
     the checkpoint naming them leaves the previous checkpoint with its own rows."""
-    from newllm_cli.artifacts import Resumable
-    from newllm_cli.rowstore import RowStore
+    from newllm_cli.store.artifacts import Resumable
+    from newllm_cli.store.rowstore import RowStore
     res = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
     first = RowStore(5, 2)
     first.write(0, np.ones((5, 2), np.float32))
@@ -176,7 +176,7 @@ def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monke
     r = cli("phase2", *base_args, "--force")  # a damaged artifact on disk: refused on read
     assert r.code == 3 and "NaN" in r.err and "newllm phase1 --split train" in r.err
     assert not (run / "phase2.pt").exists()
-    import newllm_cli.phase1 as p1
+    import newllm_cli.training.phase1 as p1
     real = p1.Comparison.losses
     monkeypatch.setattr(p1.Comparison, "losses", lambda self, cfg: {**real(self, cfg), "loss": float("nan")})
     before = (run / "phase1.pt").read_bytes()
@@ -240,7 +240,7 @@ def test_write_failures_give_one_line_and_keep_old_artifacts(cli, base_args, mon
     prepared(cli, base_args)
     run = Path(base_args[1]) / "runs" / "default"
     before = (run / "contexts_train.npy").read_bytes()
-    import newllm_cli.artifacts as artifacts
+    import newllm_cli.store.artifacts as artifacts
 
     def refuse(*args, **kwargs):
         raise OSError(errno, text, str(run))

@@ -12,9 +12,11 @@ import pytest
 from rich.console import Console
 
 from conftest import make_corpus
-from newllm_cli import dedup, locks, verdict
-from newllm_cli.analysis import analyze_contexts
-from newllm_cli.progress import make_bar
+from newllm_cli.data import dedup
+from newllm_cli.runtime import locks
+from newllm_cli.evaluation import verdict
+from newllm_cli.evaluation.analysis import analyze_contexts
+from newllm_cli.runtime.progress import make_bar
 
 
 def _fast(tmp_path: Path, corpus: Path, *more: str) -> list[str]:

@@ -9,10 +9,12 @@ from typing import Optional
 
 import typer
 
-from . import __version__, commands, report
-from .errors import NewLLMError
-from .progress import begin, error_prefix, log_to, record
-from .options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
+from newllm_cli import __version__
+from newllm_cli.cli import commands
+from newllm_cli.cli import report
+from newllm_cli.runtime.errors import NewLLMError
+from newllm_cli.runtime.progress import begin, error_prefix, log_to, record
+from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
@@ -47,9 +49,9 @@ stage("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
 stage("full", "stages.full", report.full, FULL)
 register("generate", "stages.generate", report.generate, GENERATE, lock="read")
 register("config", "settings.effective", lambda result: None)
-register("sweep", "sweep.sweep", report.sweep, SWEEP, saved=False)
-register("runs", "compare.runs", report.runs, CSV, ("runtime",), saved=False)
-register("compare", "compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
+register("sweep", "experiments.sweep.sweep", report.sweep, SWEEP, saved=False)
+register("runs", "experiments.compare.runs", report.runs, CSV, ("runtime",), saved=False)
+register("compare", "experiments.compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -17,12 +17,15 @@ from typing import Callable
 
 import typer
 
-from . import distributed, interrupt, locks, report
-from .artifacts import Workspace
-from .errors import NewLLMError, UsageError
-from .options import COMMON, DOCS, settings_parameters, split_kwargs
-from .progress import set_quiet
-from .settings import SECTIONS, RuntimeSettings, resolve
+from newllm_cli.runtime import distributed
+from newllm_cli.runtime import interrupt
+from newllm_cli.runtime import locks
+from newllm_cli.cli import report
+from newllm_cli.store.artifacts import Workspace
+from newllm_cli.runtime.errors import NewLLMError, UsageError
+from newllm_cli.cli.options import COMMON, DOCS, settings_parameters, split_kwargs
+from newllm_cli.runtime.progress import set_quiet
+from newllm_cli.settings import SECTIONS, RuntimeSettings, resolve
 
 ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
 
@@ -36,10 +39,10 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
     (`lock`: "write", "read", or a function of the command's own options giving either or None)
     while the stage runs. `parallel` commands also run as torchrun
     jobs: every rank runs the stage, the leader holds the lock and prints."""
-    module, function = stage.split(".")
+    module, function = stage.rsplit(".", 1)
 
     def run(**kwargs):
-        core = importlib.import_module(f".{module}", __package__)
+        core = importlib.import_module(f"newllm_cli.{module}")
         if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
             signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
         options, rest = split_kwargs(kwargs)
@@ -49,8 +52,8 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
         rt = settings.runtime
         group = join(name, rt.device, parallel)
         try:
-            if module in ("stages", "sweep"):  # the commands that compute
-                importlib.import_module(".stages", __package__).apply_threads(rt.threads or group.threads())
+            if module in ("stages", "experiments.sweep"):  # the commands that compute
+                importlib.import_module("newllm_cli.stages").apply_threads(rt.threads or group.threads())
             kind = lock(rest) if callable(lock) else lock
             guard = locks.run(rt.workspace, rt.run, exclusive=kind == "write") if kind else contextlib.nullcontext()
             with group.leading(guard), interrupt.graceful():
@@ -86,5 +89,5 @@ def join(name: str, device: str, parallel: bool) -> distributed.Group:
         return distributed.SOLO
     if not parallel:
         raise UsageError(f"`newllm {name}` runs in one process: start it without torchrun")
-    stages = importlib.import_module(".stages", __package__)
+    stages = importlib.import_module("newllm_cli.stages")
     return distributed.start(stages.resolve_device(device))

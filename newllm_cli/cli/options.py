@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from .settings import PROBE_ROWS as DEFAULT_PROBE_ROWS, SECTIONS, cli_aliases, cli_name
+from newllm_cli.settings import PROBE_ROWS as DEFAULT_PROBE_ROWS, SECTIONS, cli_aliases, cli_name
 
 SEP = "__"
 
@@ -88,8 +88,8 @@ def _stage_docs() -> dict[str, str]:
     """Each command's help: its function's docstring, read from source so that help never imports
     torch (seconds)."""
     docs = {}
-    for module in ("stages", "settings", "sweep", "compare"):
-        tree = ast.parse((Path(__file__).parent / f"{module}.py").read_text())
+    for module in ("stages", "settings", "experiments.sweep", "experiments.compare"):
+        tree = ast.parse((Path(__file__).parents[1] / f"{module.replace('.', '/')}.py").read_text())
         docs.update({f"{module}.{f.name}": re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(f) or "")
                      for f in tree.body if isinstance(f, ast.FunctionDef)})  # rich keeps single line breaks
     return docs

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifacts import atomic_path, publishes
-from .errors import UsageError
+from newllm_cli.store.artifacts import atomic_path, publishes
+from newllm_cli.runtime.errors import UsageError
 
 
 def _pyplot():

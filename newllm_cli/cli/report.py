@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .progress import console
-from .verdict import NAMES  # numpy only: help stays fast
+from newllm_cli.runtime.progress import console
+from newllm_cli.evaluation.verdict import NAMES  # numpy only: help stays fast
 
 
 def primary_path(command: str, result: dict) -> str:
@@ -192,7 +192,7 @@ def runs(r: dict, title: str = "runs") -> None:
     """One row per run: its settings (the varied ones, or a short summary), Phase 1 converged share
     (train/val), val effective rank, Phase 2 perplexities, time."""
     from rich import box
-    from .compare import flag
+    from newllm_cli.experiments.compare import flag
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("run", overflow="fold", min_width=8)
     varied = r.get("varied")

@@ -18,11 +18,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import dedup, locks, sources, tokenizer as tokenizers, validate
-from .artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
-from .errors import RefusedError, UsageError, first_line
-from .progress import info, progress, warn
-from .settings import Settings
+from newllm_cli.data import dedup
+from newllm_cli.runtime import locks
+from newllm_cli.data import sources
+from newllm_cli.data import tokenizer as tokenizers
+from newllm_cli.store import validate
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
+from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
+from newllm_cli.runtime.progress import info, progress, warn
+from newllm_cli.settings import Settings
 
 ENCODE_BATCH = 512
 

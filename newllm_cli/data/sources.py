@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError, first_line
-from .progress import warn
+from newllm_cli.runtime.errors import UsageError, first_line
+from newllm_cli.runtime.progress import warn
 
 SAMPLE_FILE = "dialogues.jsonl"
 

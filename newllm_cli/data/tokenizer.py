@@ -11,7 +11,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .errors import UsageError, first_line
+from newllm_cli.runtime.errors import UsageError, first_line
 
 
 def _byte_level(model: models.Model) -> Tokenizer:
@@ -60,7 +60,7 @@ def pretrained(name: str) -> Tokenizer:
             raise UsageError(f"{path} is not a tokenizer.json ({first_line(e)})") from None
     if name != "gpt2":
         raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
-    from .sources import hub_reachable, quiet_hub_logs
+    from newllm_cli.data.sources import hub_reachable, quiet_hub_logs
     quiet_hub_logs()
     if not hub_reachable():
         raise UsageError("cannot reach the hub for the gpt2 tokenizer (offline?); pass a local "

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import NumericalError
-from .progress import progress
+from newllm_cli.runtime.errors import NumericalError
+from newllm_cli.runtime.progress import progress
 
 ROWS = 1 << 18          # contexts per streamed chunk (16 MB of float32 at C = 16)
 PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)

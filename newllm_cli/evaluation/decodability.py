@@ -15,9 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import probe
-from .analysis import sample_rows
-from .baselines import unigram_log_probs
+from newllm_cli.training import head_fit as probe
+from newllm_cli.evaluation.analysis import sample_rows
+from newllm_cli.evaluation.baselines import unigram_log_probs
 
 PROBES = {"token_from_context": "x_t from c_t", "token_from_step": "x_t from c_t - c_{t-1}",
           "next_from_context": "x_{t+1} from c_t"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .settings import SECTIONS, cli_name
+from newllm_cli.runtime.errors import UsageError
+from newllm_cli.settings import SECTIONS, cli_name
 
 KEY_SETTINGS = ("model.context_dim", "model.num_layers", "data.source", "data.num_samples",
                 "phase1.dist_reg_weight", "data.tokenizer")
@@ -199,7 +199,7 @@ def compare(s, names: list[str] | None = None, sweep: str | None = None, storage
     rows = [run_row(root / n) for n in names]
     out = {"runs": rows, "settings": varied(rows), "sweep": sweep, **fits(rows)}
     if plot is not None:
-        from . import plots
+        from newllm_cli.cli import plots
         out["plots"] = [str(p) for p in plots.comparison(out, plot)]
     return _formats(out, csv_output, markdown)
 
@@ -208,7 +208,7 @@ def sweep_runs(workspace: str, name: str, storage: str | None) -> list[str]:
     """The runs of a sweep's finished trials, in trial order."""
     import optuna
     from optuna.trial import TrialState
-    from .sweep import open_storage, storage_url
+    from newllm_cli.experiments.sweep import open_storage, storage_url
     url = storage_url(workspace, storage)
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(url, 10.0))

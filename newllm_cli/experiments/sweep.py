@@ -26,10 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import locks
-from .errors import NewLLMError, UsageError, first_line
-from .progress import info, warn
-from .settings import PROBE_ROWS, SECTIONS, Settings, flag_index, merge, validate
+from newllm_cli.runtime import locks
+from newllm_cli.runtime.errors import NewLLMError, UsageError, first_line
+from newllm_cli.runtime.progress import info, warn
+from newllm_cli.settings import PROBE_ROWS, SECTIONS, Settings, flag_index, merge, validate
 
 SAMPLERS = ("grid", "random", "tpe")
 LOCK_TIMEOUT = 60.0  # seconds after which a queueing lock left by a killed process is taken over
@@ -193,7 +193,7 @@ def work(s: Settings, study, axes: list[Axis], base: dict, search_trials: int | 
     """Take trials until the queue is empty (a grid) or the study holds `search_trials` (a search)."""
     import optuna
     from optuna.trial import TrialState
-    from . import stages
+    from newllm_cli import stages
 
     def objective(trial) -> float:
         grid = search_trials is None
@@ -291,7 +291,7 @@ def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials
         if sampler == "grid":
             info(f"sweep {name}: {len(todo)} points, {fill_queue(store, study, todo)} queued now; study in {url}")
         if jobs > 1:
-            from .commands import ARGV  # this command's own line, for its worker copies
+            from newllm_cli.cli.commands import ARGV  # this command's own line, for its worker copies
             spawn_workers(list(ARGV), jobs, s.runtime.threads)
             return {**summary(study), "storage": url}
     work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows)

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .model import NewLLM
-from .progress import info
-from .rowstore import RowStore
+from newllm_cli.model.network import NewLLM
+from newllm_cli.runtime.progress import info
+from newllm_cli.store.rowstore import RowStore
 
 try:  # numba is a dependency, but a broken LLVM install should not make newllm unusable on CUDA
     import numba

@@ -24,8 +24,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import artifacts, locks, progress
-from .errors import NewLLMError, RankFailed, first_line
+from newllm_cli.store import artifacts
+from newllm_cli.runtime import locks
+from newllm_cli.runtime import progress
+from newllm_cli.runtime.errors import NewLLMError, RankFailed, first_line
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,7 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
     shard.total rows, atomically: the leader makes a temporary file, every rank writes its block,
     the leader renames it once all are done. One process without `keep` renames its own store's
     file instead. `keep` leaves the store open (a periodic resume point)."""
-    from .rowstore import RowStore
+    from newllm_cli.store.rowstore import RowStore
     path = Path(path)
     if group.size == 1 and not keep:
         return store.save(path)

@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .distributed import SOLO, Group
+from newllm_cli.runtime.distributed import SOLO, Group
 
 _requested = False
 _armed = 0

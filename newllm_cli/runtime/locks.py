@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import RefusedError
+from newllm_cli.runtime.errors import RefusedError
 
 STALE = re.compile(r"^\..+?\.(\d+)\.[^.]+(\.tmp|\.npy)?$")  # .NAME.PID.random[.tmp|.npy]
 

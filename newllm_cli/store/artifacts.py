@@ -23,10 +23,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import locks
-from .errors import RefusedError, UsageError
-from .progress import info, warn
-from .validate import Damaged, json_fields
+from newllm_cli.runtime import locks
+from newllm_cli.runtime.errors import RefusedError, UsageError
+from newllm_cli.runtime.progress import info, warn
+from newllm_cli.store.validate import Damaged, json_fields
 
 
 def fingerprint(obj: Any) -> str:

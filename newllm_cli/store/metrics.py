@@ -9,8 +9,8 @@ import csv
 import shutil
 from pathlib import Path
 
-from .artifacts import atomic_path, publishes
-from .errors import UsageError
+from newllm_cli.store.artifacts import atomic_path, publishes
+from newllm_cli.runtime.errors import UsageError
 
 FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "converged_ratio", "residual",
           "l2", "objective", "seconds"]

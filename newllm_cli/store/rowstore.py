@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import locks
-from .artifacts import share, write_array
+from newllm_cli.runtime import locks
+from newllm_cli.store.artifacts import share, write_array
 
 
 class RowStore:

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .artifacts import Workspace, fingerprint, read_json, write_json
-from .errors import RefusedError
-from .progress import info
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_json
+from newllm_cli.runtime.errors import RefusedError
+from newllm_cli.runtime.progress import info
 
 
 def file_state(path: Path) -> list | None:

@@ -14,7 +14,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import RefusedError
+from newllm_cli.runtime.errors import RefusedError
 
 CHUNK = 1 << 20  # rows read at a time for range and finiteness checks
 
@@ -157,7 +157,7 @@ def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = (
 
 def tokenizer(path: Path, vocab_size: int, fix: str):
     """The tokenizer, loaded, with the vocabulary size its dataset records."""
-    from . import tokenizer as tokenizers
+    from newllm_cli.data import tokenizer as tokenizers
     if not path.exists():
         raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
     try:

@@ -32,12 +32,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import interrupt
-from .analysis import merge_moments
-from .distributed import SOLO, Group, block_size
-from .errors import Interrupted, NumericalError, RankFailed
-from .rowstore import RowStore
-from .progress import progress
+from newllm_cli.runtime import interrupt
+from newllm_cli.evaluation.analysis import merge_moments
+from newllm_cli.runtime.distributed import SOLO, Group, block_size
+from newllm_cli.runtime.errors import Interrupted, NumericalError, RankFailed
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.runtime.progress import progress
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # tried from strong to weak

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import probe
-from .baselines import pair_positions
-from .distributed import SOLO, Group, block_size
-from .errors import NumericalError
-from .probe import ProbeResult, Split
-from .rowstore import RowStore
+from newllm_cli.training import head_fit as probe
+from newllm_cli.evaluation.baselines import pair_positions
+from newllm_cli.runtime.distributed import SOLO, Group, block_size
+from newllm_cli.runtime.errors import NumericalError
+from newllm_cli.training.head_fit import ProbeResult, Split
+from newllm_cli.store.rowstore import RowStore
 
 
 class Head(nn.Module):

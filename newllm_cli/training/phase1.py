@@ -23,16 +23,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import interrupt
-from .adam import Adam
-from .analysis import merge_moments
-from .distributed import SOLO, Group, Part, Shard, save_rows
-from .errors import Interrupted, NumericalError
-from .model import NewLLM
-from .progress import progress, warn
-from .recurrence import choose_kernel, embedding_table, shifted, sweep
-from .rowstore import RowStore
-from .settings import Phase1Settings
+from newllm_cli.runtime import interrupt
+from newllm_cli.training.adam import Adam
+from newllm_cli.evaluation.analysis import merge_moments
+from newllm_cli.runtime.distributed import SOLO, Group, Part, Shard, save_rows
+from newllm_cli.runtime.errors import Interrupted, NumericalError
+from newllm_cli.model.network import NewLLM
+from newllm_cli.runtime.progress import progress, warn
+from newllm_cli.model.recurrence import choose_kernel, embedding_table, shifted, sweep
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.settings import Phase1Settings
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
 

@@ -1,0 +1,1 @@
+"""Text in, token arrays out: sources, tokenizers, dataset building and validation duplicates."""

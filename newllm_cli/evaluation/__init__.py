@@ -1,0 +1,1 @@
+"""What the contexts are worth: analysis, decodability probes, count baselines and verdicts."""

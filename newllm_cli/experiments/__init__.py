@@ -1,0 +1,1 @@
+"""Experiments over many runs: Optuna sweeps and the comparison of their results."""

@@ -1,0 +1,1 @@
+"""The process: errors, progress and logs, interrupts, locks and torchrun process groups."""

@@ -1,0 +1,1 @@
+"""Learning: Phase 1 (CVFP), its optimizer, the convex head fit and Phase 2 pairs."""
