@@ -1,7 +1,8 @@
 """Time and peak memory of `newllm analyze --contexts` on a large contexts file (default 10M x 16).
 
-    python benchmarks/analyze.py [--rows 10000000] [--dim 16]
+python benchmarks/analyze.py [--rows 10000000] [--dim 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,30 @@ def main() -> None:
             out.write(s, rng.standard_normal((m, a.dim), dtype=np.float32) @ mix)
         out.save(path)
         start = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "newllm_cli", "analyze", "--contexts", str(path), "--json",
-                              "--workspace", str(Path(tmp) / "ws")], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "newllm_cli",
+                "analyze",
+                "--contexts",
+                str(path),
+                "--json",
+                "--workspace",
+                str(Path(tmp) / "ws"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         if res.returncode:
             sys.exit(res.stderr)
         rep = json.loads(res.stdout)["contexts"]
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"analyze {a.rows:,} x {a.dim} float32 ({path.stat().st_size / 2 ** 20:.0f} MB): {seconds:.1f} s, "
-              f"peak RSS {peak:.0f} MB, effective rank {rep['information']['effective_rank']:.2f}")
+        print(
+            f"analyze {a.rows:,} x {a.dim} float32 ({path.stat().st_size / 2**20:.0f} MB): {seconds:.1f} s, "
+            f"peak RSS {peak:.0f} MB, effective rank {rep['information']['effective_rank']:.2f}"
+        )
 
 
 if __name__ == "__main__":

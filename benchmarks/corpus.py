@@ -5,6 +5,7 @@ licence texts, one document per topic or licence, documents separated by blank l
     python benchmarks/corpus.py OUT.txt [--licences] [--bytes N]   # N: repeat up to N bytes
     python benchmarks/corpus.py OUT.txt --val-every 5    # every 5th document to OUT.val.txt instead
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from pathlib import Path
 
 def documents(licences: bool = False) -> list[str]:
     from pydoc_data import topics
+
     docs = [re.sub(r"\n\s*\n", "\n", text.strip()) for _, text in sorted(topics.topics.items())]
     if licences:
         for f in sorted(Path("/usr/share/common-licenses").glob("*")):
@@ -27,7 +29,7 @@ def build(out: Path, licences: bool = False, size: int | None = None, val_every:
     one to OUT.val.txt instead when given (a validation set that does not move); return `out`."""
     docs = documents(licences)
     if val_every:
-        out.with_suffix(".val.txt").write_text("\n\n".join(docs[val_every - 1::val_every]) + "\n")
+        out.with_suffix(".val.txt").write_text("\n\n".join(docs[val_every - 1 :: val_every]) + "\n")
         docs = [d for i, d in enumerate(docs) if (i + 1) % val_every]
     text = "\n\n".join(docs) + "\n"
     if size:

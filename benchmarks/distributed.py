@@ -11,6 +11,7 @@ over the repeats: the Phase 1 rate (token-iterations per second, from its report
 included). "1:1 x N" rows against "N" rows give the parallel efficiency, what communication and
 uneven shares cost; "1" against "N" is what a user of one machine gains.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,19 @@ from corpus import build  # noqa: E402
 def newllm(job: str, *args: str) -> float:
     """Run a newllm command as torchrun job "N" or "N:T"; its wall time."""
     nproc, _, threads = job.partition(":")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "newllm_cli", "--", *args, "--quiet", *(["--threads", threads] if threads else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "newllm_cli",
+        "--",
+        *args,
+        "--quiet",
+        *(["--threads", threads] if threads else []),
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
@@ -51,10 +63,23 @@ def main() -> None:
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="newllm-dist-"))
     text = a.text or build(work / "pydoc.txt")
-    common = ["--workspace", str(work / "ws"), "--source", "text_file", "--path", str(text), "--tokenizer", "byte",
-              "--phase1-max-iterations", str(a.iterations), "--convergence-threshold", "1e-12"]
-    subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", *common, "--quiet"], check=True,
-                   stdout=subprocess.DEVNULL)
+    common = [
+        "--workspace",
+        str(work / "ws"),
+        "--source",
+        "text_file",
+        "--path",
+        str(text),
+        "--tokenizer",
+        "byte",
+        "--phase1-max-iterations",
+        str(a.iterations),
+        "--convergence-threshold",
+        "1e-12",
+    ]
+    subprocess.run(
+        [sys.executable, "-m", "newllm_cli", "prepare-data", *common, "--quiet"], check=True, stdout=subprocess.DEVNULL
+    )
     rate, head, wall = ({job: [] for job in a.jobs} for _ in range(3))
     for r in range(a.repeats):
         for job in a.jobs:
@@ -70,8 +95,10 @@ def main() -> None:
     print(f"{'job':>5}  {'phase1 tok-it/s':>30}  {'phase2 s':>18}  {'phase1 command s':>18}  {'rate vs first':>13}")
     base = statistics.median(rate[a.jobs[0]])
     for job in a.jobs:
-        print(f"{job:>5}  {spread(rate[job], ',.0f'):>30}  {spread(head[job], '.1f'):>18}  {spread(wall[job], '.1f'):>18}  "
-              f"{statistics.median(rate[job]) / base:>12.2f}x")
+        print(
+            f"{job:>5}  {spread(rate[job], ',.0f'):>30}  {spread(head[job], '.1f'):>18}  {spread(wall[job], '.1f'):>18}  "
+            f"{statistics.median(rate[job]) / base:>12.2f}x"
+        )
 
 
 if __name__ == "__main__":

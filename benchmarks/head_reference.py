@@ -7,6 +7,7 @@ prints both val perplexities, for the Phase 1 contexts and for the control's.
 
     python benchmarks/head_reference.py --workspace W [--run default]   (needs: pip install scipy)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, l2: float) -> tuple[n
         p = theta.reshape(d + 1, vocab)
         loss, grad = 0.0, -onehot_sum
         for a in range(0, n, 8192):  # rows in chunks: a full n x V float64 matrix would not fit
-            xs, ys = xa[a:a + 8192], y[a:a + 8192]
+            xs, ys = xa[a : a + 8192], y[a : a + 8192]
             s = xs @ p
             top = s.max(1, keepdims=True)
             e = np.exp(s - top)
@@ -46,11 +47,17 @@ def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, l2: float) -> tuple[n
             grad = grad + xs.T @ (e / z)
         dev = p.copy()
         dev[-1] -= prior
-        return loss / n + 0.5 * l2 * float((dev ** 2).sum()), (grad / n + l2 * dev).ravel()
+        return loss / n + 0.5 * l2 * float((dev**2).sum()), (grad / n + l2 * dev).ravel()
+
     start = np.zeros((d + 1, vocab))
     start[-1] = prior
-    res = minimize(f, start.ravel(), jac=True, method="L-BFGS-B",
-                   options={"maxiter": 3000, "maxfun": 6000, "ftol": 1e-12, "gtol": 1e-7})
+    res = minimize(
+        f,
+        start.ravel(),
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 3000, "maxfun": 6000, "ftol": 1e-12, "gtol": 1e-7},
+    )
     return res.x.reshape(d + 1, vocab), res.nit
 
 
@@ -85,8 +92,11 @@ def main() -> None:
         s = np.hstack([(vx - mean) @ t, np.ones((len(vx), 1))]) @ p
         top = s.max(1)
         ref = float(np.exp((top + np.log(np.exp(s - top[:, None]).sum(1)) - s[np.arange(len(vy)), vy]).mean()))
-        print(f"| {name} | {l2:g} | {ours:.2f} | {ref:.2f} | {ours / ref - 1:+.3%} | {iterations} | "
-              f"{time.perf_counter() - t0:.0f} |", flush=True)
+        print(
+            f"| {name} | {l2:g} | {ours:.2f} | {ref:.2f} | {ours / ref - 1:+.3%} | {iterations} | "
+            f"{time.perf_counter() - t0:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

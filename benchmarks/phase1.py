@@ -16,6 +16,7 @@ OLD_CHECKOUT is a work tree of an earlier commit (`git worktree add /tmp/old 434
 Each prints a table; ratios come from runs interleaved in one script, so a busy machine slows both
 sides alike. Speeds are never asserted here: read the figures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,14 @@ def corpus(text: Path, n: int, docs: int | None = None) -> tuple[np.ndarray, np.
 def matmul_gflops(seconds: float = 2.0) -> float:
     """Float32 matrix multiply, 2048 x 2048 by 2048, as fast as torch's BLAS does it here."""
     import torch
+
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         runs += 1
-    return 2 * 2048 ** 3 * runs / (time.perf_counter() - start) / 1e9
+    return 2 * 2048**3 * runs / (time.perf_counter() - start) / 1e9
 
 
 def macs_per_token(C: int, L: int, depth: int = 1) -> int:
@@ -67,14 +69,22 @@ def train(tokens, offsets, C, L, iterations, kernel="auto", budget=1 << 30, trai
     from newllm_cli.model.network import NewLLM
     from newllm_cli.training.phase1 import run_cvfp
     from newllm_cli.settings import Phase1Settings
+
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
-    cfg = Phase1Settings(max_iterations=iterations, min_converged_ratio=1.0, convergence_threshold=1e-30,
-                         kernel=kernel)
+    cfg = Phase1Settings(max_iterations=iterations, min_converged_ratio=1.0, convergence_threshold=1e-30, kernel=kernel)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        res = run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"),
-                       memory_budget=budget, scratch=Path(scratch))
+        res = run_cvfp(
+            model,
+            tokens,
+            offsets,
+            cfg,
+            train=True,
+            device=torch.device("cpu"),
+            memory_budget=budget,
+            scratch=Path(scratch),
+        )
         res.contexts.close()
     seconds = time.perf_counter() - start
     records = res.history if training_only else res.history + res.solve
@@ -91,6 +101,7 @@ def original_rate(tokens, C, L, n=300) -> float:
     from newllm_cli.model.network import NewLLM
     from newllm_cli.training.phase1 import phase1_losses
     from newllm_cli.settings import Phase1Settings
+
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
     opt = torch.optim.Adam([p for b in model.blocks for p in b.parameters()], lr=0.002)
@@ -113,27 +124,52 @@ def original_rate(tokens, C, L, n=300) -> float:
 def section_tokens(a) -> None:
     if a.one:
         tokens, offsets = corpus(a.text, a.one)
-        seconds, tok_iters, _ = train(tokens, offsets, 16, 2, a.iterations, budget=int(a.budget * 2 ** 30))
+        seconds, tok_iters, _ = train(tokens, offsets, 16, 2, a.iterations, budget=int(a.budget * 2**30))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps({"seconds": seconds, "rate": tok_iters / seconds, "peak_mb": peak}))
         return
-    print(f"C=16 L=2, {a.iterations} iterations (the first and last without a step) + no-update solve, budget {a.budget} GiB; fresh process each")
+    print(
+        f"C=16 L=2, {a.iterations} iterations (the first and last without a step) + no-update solve, budget {a.budget} GiB; fresh process each"
+    )
     print(f"{'tokens':>11} {'seconds':>8} {'tok-iter/s':>11} {'us/tok-iter':>12} {'peak RSS MB':>12}")
     for n in a.sizes:
-        out = subprocess.run([sys.executable, __file__, "tokens", "--text", str(a.text), "--one", str(n),
-                              "--iterations", str(a.iterations), "--budget", str(a.budget)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "tokens",
+                "--text",
+                str(a.text),
+                "--one",
+                str(n),
+                "--iterations",
+                str(a.iterations),
+                "--budget",
+                str(a.budget),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{n:>11,} {r['seconds']:>8.1f} {r['rate']:>11,.0f} {1e6 / r['rate']:>12.2f} {r['peak_mb']:>12,.0f}", flush=True)
+        print(
+            f"{n:>11,} {r['seconds']:>8.1f} {r['rate']:>11,.0f} {1e6 / r['rate']:>12.2f} {r['peak_mb']:>12,.0f}",
+            flush=True,
+        )
 
 
 def section_width(a) -> None:
-    print(f"Phase 1 training iterations ({a.iterations}, the first and last without a step), {a.docs} "
-          f"documents, --kernel auto; GFLOP/s = 2 x multiply-adds of sweep, re-forward and backward")
-    print(f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>9} {'GFLOP/s':>8} {'matmul':>7} {'share':>6} "
-          f"{'range':>10} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}   (medians of --repeats)")
+    print(
+        f"Phase 1 training iterations ({a.iterations}, the first and last without a step), {a.docs} "
+        f"documents, --kernel auto; GFLOP/s = 2 x multiply-adds of sweep, re-forward and backward"
+    )
+    print(
+        f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>9} {'GFLOP/s':>8} {'matmul':>7} {'share':>6} "
+        f"{'range':>10} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}   (medians of --repeats)"
+    )
     from newllm_cli.model.recurrence import choose_kernel
     import torch
+
     for C in a.widths:
         for L in a.layers:
             per_doc = max(8, int(a.flops / (6 * macs_per_token(C, L) * a.docs * a.iterations)))
@@ -150,14 +186,18 @@ def section_width(a) -> None:
             orig = original_rate(tokens, C, L, n=200 if C < 768 else 40)
             kernel = choose_kernel("auto", torch.device("cpu"), C, offsets)
             med = statistics.median
-            print(f"{C:>4} {L:>2} {kernel:>6} {len(tokens):>9,} {med(gfs):>8.1f} {med(peaks):>7.1f} "
-                  f"{med(shares):>6.0%} {min(shares):>5.0%}-{max(shares):<4.0%} {med(rates):>11,.0f} "
-                  f"{orig:>9,.0f} {med(rates) / orig:>7.1f}", flush=True)
+            print(
+                f"{C:>4} {L:>2} {kernel:>6} {len(tokens):>9,} {med(gfs):>8.1f} {med(peaks):>7.1f} "
+                f"{med(shares):>6.0%} {min(shares):>5.0%}-{max(shares):<4.0%} {med(rates):>11,.0f} "
+                f"{orig:>9,.0f} {med(rates) / orig:>7.1f}",
+                flush=True,
+            )
 
 
 def baseline_package(checkout: Path, name: str = "newllm_baseline"):
     """Import another checkout's newllm_cli under another name, beside this one, in this process."""
     import importlib.util
+
     root = checkout / "newllm_cli"
     spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
     module = importlib.util.module_from_spec(spec)
@@ -172,6 +212,7 @@ def section_kernel(a) -> None:
     import torch
     from newllm_cli.model.network import NewLLM
     from newllm_cli.model.recurrence import embedding_table, sweep_numba
+
     baseline_package(a.baseline)
     old = importlib.import_module("newllm_baseline.recurrence")
     torch.manual_seed(0)
@@ -182,8 +223,10 @@ def section_kernel(a) -> None:
     table, c0 = embedding_table(model, torch.device("cpu")), torch.zeros(1, 16)
     emb = table[ids]
     outs = {}
-    runs = {"baseline": lambda: old.sweep_numba(model, emb, offsets, c0),
-            "current": lambda: sweep_numba(model, table, ids, offsets, c0)}
+    runs = {
+        "baseline": lambda: old.sweep_numba(model, emb, offsets, c0),
+        "current": lambda: sweep_numba(model, table, ids, offsets, c0),
+    }
     times = {k: [] for k in runs}
     for k in runs:  # compile or load the cache
         runs[k]()
@@ -195,9 +238,13 @@ def section_kernel(a) -> None:
     ratios = [p / c for p, c in zip(times["baseline"], times["current"])]
     print(f"C=16 L=2 sequential sweep, one stream of {len(ids):,} tokens, {a.repeats} interleaved repeats")
     for k in runs:
-        print(f"  {k:9} median {statistics.median(times[k]):.3f}s  ({len(ids) / statistics.median(times[k]):,.0f} tokens/s)")
-    print(f"  speed-up median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); "
-          f"identical output: {torch.equal(outs['baseline'], outs['current'])}")
+        print(
+            f"  {k:9} median {statistics.median(times[k]):.3f}s  ({len(ids) / statistics.median(times[k]):,.0f} tokens/s)"
+        )
+    print(
+        f"  speed-up median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+        f"identical output: {torch.equal(outs['baseline'], outs['current'])}"
+    )
 
 
 def section_crossover(a) -> None:
@@ -205,6 +252,7 @@ def section_crossover(a) -> None:
     import torch
     from newllm_cli.model.network import NewLLM
     from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
+
     print(f"{'C':>4} {'docs':>5} {'numba tok/s':>12} {'torch tok/s':>12} {'torch/numba':>12}")
     for C in (16, 64, 128, 256, 768):
         torch.manual_seed(0)
@@ -216,7 +264,12 @@ def section_crossover(a) -> None:
             ids, c0 = torch.as_tensor(tokens.astype(np.int64)), torch.zeros(docs, C)
             sweep_numba(model, table, ids[:64], np.array([0, 64]), c0[:1])
             rates = {}
-            for name, fn in (("numba", sweep_numba), ("torch", sweep_torch), ("numba2", sweep_numba), ("torch2", sweep_torch)):
+            for name, fn in (
+                ("numba", sweep_numba),
+                ("torch", sweep_torch),
+                ("numba2", sweep_numba),
+                ("torch2", sweep_torch),
+            ):
                 start = time.perf_counter()
                 fn(model, table, ids, offsets, c0)
                 rates[name] = n / (time.perf_counter() - start)
@@ -232,16 +285,38 @@ def section_e2e(a) -> None:
         here = str(Path(__file__).resolve().parents[1])
         sides = {"baseline": str(a.baseline), "current": here}
         for name, src in sides.items():  # each side prepares its own workspace: settings differ
-            subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", "--source", "text_file", "--path",
-                            str(text), "--tokenizer", "byte", "--workspace", str(Path(tmp) / name)],
-                           check=True, capture_output=True, env={**os.environ, "PYTHONPATH": src}, cwd=tmp)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "newllm_cli",
+                    "prepare-data",
+                    "--source",
+                    "text_file",
+                    "--path",
+                    str(text),
+                    "--tokenizer",
+                    "byte",
+                    "--workspace",
+                    str(Path(tmp) / name),
+                ],
+                check=True,
+                capture_output=True,
+                env={**os.environ, "PYTHONPATH": src},
+                cwd=tmp,
+            )
         times: dict[str, list[float]] = {"baseline": [], "current": []}
         for _ in range(a.repeats):
             for name, src in sides.items():
                 start = time.perf_counter()
-                out = subprocess.run([sys.executable, "-m", "newllm_cli", "phase1", "--workspace", str(Path(tmp) / name)],
-                                     env={**os.environ, "PYTHONPATH": src}, check=True, capture_output=True, text=True,
-                                     cwd=tmp)  # not the checkout's directory: it would shadow PYTHONPATH
+                out = subprocess.run(
+                    [sys.executable, "-m", "newllm_cli", "phase1", "--workspace", str(Path(tmp) / name)],
+                    env={**os.environ, "PYTHONPATH": src},
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=tmp,
+                )  # not the checkout's directory: it would shadow PYTHONPATH
                 times[name].append(time.perf_counter() - start)
                 if len(times[name]) == 1:
                     print(f"  {name} ({src}): {out.stderr.strip().splitlines()[-1]}")
@@ -260,19 +335,37 @@ def section_threads(a) -> None:
         seconds, _, _ = train(tokens, offsets, 16, 2, a.iterations, training_only=True)
         print(json.dumps({"seconds": seconds}))
         return
-    variants = {"active wait (OpenMP default)": {"OMP_WAIT_POLICY": "ACTIVE"},
-                "passive wait": {"OMP_WAIT_POLICY": "PASSIVE"},
-                "one thread": {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}}
-    print(f"C=16 L=2 training, {a.tokens:,} tokens, {a.iterations} iterations; seconds, median of {a.repeats} interleaved")
+    variants = {
+        "active wait (OpenMP default)": {"OMP_WAIT_POLICY": "ACTIVE"},
+        "passive wait": {"OMP_WAIT_POLICY": "PASSIVE"},
+        "one thread": {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"},
+    }
+    print(
+        f"C=16 L=2 training, {a.tokens:,} tokens, {a.iterations} iterations; seconds, median of {a.repeats} interleaved"
+    )
     for busy in (False, True):
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         times: dict[str, list[float]] = {k: [] for k in variants}
         try:
             for _ in range(a.repeats):
                 for name, env in variants.items():
-                    out = subprocess.run([sys.executable, __file__, "threads", "--text", str(a.text), "--one",
-                                          str(a.tokens), "--iterations", str(a.iterations)],
-                                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "threads",
+                            "--text",
+                            str(a.text),
+                            "--one",
+                            str(a.tokens),
+                            "--iterations",
+                            str(a.iterations),
+                        ],
+                        env={**os.environ, **env},
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
                     times[name].append(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
         finally:
             if hog:
@@ -281,8 +374,11 @@ def section_threads(a) -> None:
         print(f"  {'with a busy core' if busy else 'machine otherwise idle'}:")
         for name, ts in times.items():
             ratio = [b / t for b, t in zip(base, ts)]
-            print(f"    {name:30} {statistics.median(ts):6.1f}s  x{statistics.median(ratio):.2f} "
-                  f"vs active (min {min(ratio):.2f}, max {max(ratio):.2f})", flush=True)
+            print(
+                f"    {name:30} {statistics.median(ts):6.1f}s  x{statistics.median(ratio):.2f} "
+                f"vs active (min {min(ratio):.2f}, max {max(ratio):.2f})",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -301,8 +397,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--baseline", type=Path)
     a = ap.parse_args()
-    {"tokens": section_tokens, "width": section_width, "kernel": section_kernel,
-     "crossover": section_crossover, "e2e": section_e2e, "threads": section_threads}[a.section](a)
+    {
+        "tokens": section_tokens,
+        "width": section_width,
+        "kernel": section_kernel,
+        "crossover": section_crossover,
+        "e2e": section_e2e,
+        "threads": section_threads,
+    }[a.section](a)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ tell apart, so its rate depends on how many distinct tokens are targets:
 
     python benchmarks/phase2.py [--pairs 20000 100000] [--vocab 4096 50257] [--text pydoc.txt]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,7 @@ def targets(kind: str, n: int, vocab: int, rng: np.random.Generator, text: np.nd
 
 def text_tokens(path: str, vocab: int, name: str) -> np.ndarray:
     from newllm_cli.data.tokenizer import build
+
     body = open(path, encoding="utf-8").read()
     tok = build(name, vocab, [body])
     if tok.get_vocab_size() > vocab:
@@ -91,7 +93,9 @@ def main() -> None:
     ap.add_argument("--text", help="a text file for the `text` rows")
     ap.add_argument("--text-tokenizer", default="bpe", choices=["bpe", "gpt2"])
     a = ap.parse_args()
-    print(f"{'V':>7} {'targets':>8} {'pairs':>8} {'distinct':>8} {'original tok/s':>15} {'newllm tok/s':>13} {'speed-up':>9}")
+    print(
+        f"{'V':>7} {'targets':>8} {'pairs':>8} {'distinct':>8} {'original tok/s':>15} {'newllm tok/s':>13} {'speed-up':>9}"
+    )
     g = torch.Generator().manual_seed(0)
     for vocab in a.vocab:
         x = torch.randn(max(a.pairs + [ORIGINAL_PAIRS]), a.context_dim, generator=g)
@@ -104,8 +108,11 @@ def main() -> None:
                     continue
                 y = targets(kind, n, vocab, rng, text)
                 new = newllm_pass(x[:n], y, vocab)
-                print(f"{vocab:>7,} {kind:>8} {n:>8,} {len(np.unique(y)):>8,} {old:>15,.0f} {new:>13,.0f} "
-                      f"{new / old:>8.1f}x", flush=True)
+                print(
+                    f"{vocab:>7,} {kind:>8} {n:>8,} {len(np.unique(y)):>8,} {old:>15,.0f} {new:>13,.0f} "
+                    f"{new / old:>8.1f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

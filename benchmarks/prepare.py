@@ -8,6 +8,7 @@ repeated until it reaches the size; documents are blank-line separated.
 
 The parent only builds files with plain writes, so the child's peak RSS is its own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,12 +24,13 @@ from pathlib import Path
 
 def build_text(path: Path, megabytes: int, single_line: bool = False) -> None:
     from pydoc_data import topics
+
     docs = [re.sub(r"\n\s*\n", "\n", t.strip()) for _, t in sorted(topics.topics.items())]
     block = ("\n\n".join(docs) + "\n\n").encode()
     if single_line:  # every line break a space: one document, one line
         block = re.sub(rb"\s+", b" ", block)
     with open(path, "wb") as f:
-        for _ in range(max(1, megabytes * 2 ** 20 // len(block))):
+        for _ in range(max(1, megabytes * 2**20 // len(block))):
             f.write(block)
 
 
@@ -46,17 +48,36 @@ def main() -> None:
             build_text(Path(tmp) / "val.txt", 1)
             val = ["--val-source", "text_file", "--val-path", str(Path(tmp) / "val.txt")]
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", "--source", "text_file",
-                              "--path", str(text), "--tokenizer", a.tokenizer, "--workspace", str(Path(tmp) / "ws"),
-                              *val, "--json"], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "newllm_cli",
+                "prepare-data",
+                "--source",
+                "text_file",
+                "--path",
+                str(text),
+                "--tokenizer",
+                a.tokenizer,
+                "--workspace",
+                str(Path(tmp) / "ws"),
+                *val,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
         if out.returncode:
             sys.exit(out.stderr)
         meta = json.loads(out.stdout)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
-        print(f"text {text.stat().st_size / 2 ** 20:.0f} MB, tokenizer {a.tokenizer} (vocabulary {meta['vocab_size']:,}): "
-              f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s), peak RSS {peak:.0f} MB")
+        print(
+            f"text {text.stat().st_size / 2**20:.0f} MB, tokenizer {a.tokenizer} (vocabulary {meta['vocab_size']:,}): "
+            f"{tokens:,} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s), peak RSS {peak:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

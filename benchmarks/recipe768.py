@@ -8,6 +8,7 @@ as a local JSONL export and read with `--source ultrachat --path`, byte tokens.
 
     python benchmarks/recipe768.py --text FILE [--dialogues 500] [--bytes 106] [--iterations 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,25 +33,71 @@ def main() -> None:
         export = Path(tmp) / "dialogues.jsonl"
         with export.open("w") as f:
             for i in range(a.dialogues):
-                piece = text[(i * a.bytes) % (len(text) - a.bytes):][:a.bytes]
+                piece = text[(i * a.bytes) % (len(text) - a.bytes) :][: a.bytes]
                 half = len(piece) // 2
-                f.write(json.dumps({"messages": [{"role": "user", "content": piece[:half]},
-                                                 {"role": "assistant", "content": piece[half:]}]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "messages": [
+                                {"role": "user", "content": piece[:half]},
+                                {"role": "assistant", "content": piece[half:]},
+                            ]
+                        }
+                    )
+                    + "\n"
+                )
         common = ["--workspace", str(Path(tmp) / "ws"), "--run", "r768", "--json"]
-        subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", "--source", "ultrachat", "--path",
-                        str(export), "--tokenizer", "byte", "--val-ratio", "0.01", *common],
-                       check=True, capture_output=True)
-        out = subprocess.run([sys.executable, "-m", "newllm_cli", "phase1", "--context-dim", "768",
-                              "--embed-dim", "768", "--num-layers", "6", "--phase1-max-iterations",
-                              str(a.iterations), *common], check=True, capture_output=True, text=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "newllm_cli",
+                "prepare-data",
+                "--source",
+                "ultrachat",
+                "--path",
+                str(export),
+                "--tokenizer",
+                "byte",
+                "--val-ratio",
+                "0.01",
+                *common,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "newllm_cli",
+                "phase1",
+                "--context-dim",
+                "768",
+                "--embed-dim",
+                "768",
+                "--num-layers",
+                "6",
+                "--phase1-max-iterations",
+                str(a.iterations),
+                *common,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         rep = json.loads(out.stdout)
     tokens, docs = rep["tokens"], rep["documents"]
     scale = FULL_TOKENS_PER_DIALOGUE * docs / tokens
-    print(f"C=E=768 L=6, {docs} dialogues, {tokens:,} byte tokens ({tokens / docs:.0f} per dialogue); "
-          f"x{scale:.1f} gives the full length ({FULL_TOKENS_PER_DIALOGUE} tokens per dialogue)")
+    print(
+        f"C=E=768 L=6, {docs} dialogues, {tokens:,} byte tokens ({tokens / docs:.0f} per dialogue); "
+        f"x{scale:.1f} gives the full length ({FULL_TOKENS_PER_DIALOGUE} tokens per dialogue)"
+    )
     for r in rep["history"] + rep["solve"]:
         kind = "training step" if r["lr"] else "sweep only"
-        print(f"  iteration {r['iteration']:>2} ({kind:13}) {r['seconds']:7.1f}s  full length: {r['seconds'] * scale / 60:6.1f} min")
+        print(
+            f"  iteration {r['iteration']:>2} ({kind:13}) {r['seconds']:7.1f}s  full length: {r['seconds'] * scale / 60:6.1f} min"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ except wall times: `seconds`, `wall_seconds` and `token_iterations_per_second` i
 column of metrics.csv, the mtimes and inodes that stages.json records (and its keys, which hash them), and log.txt (a transcript with
 times). Prints one line per file and exits 1 on any difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ def comparable(path: Path) -> bytes:
 
 def run_full(checkout: Path, workspace: Path, args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    subprocess.run([sys.executable, "-m", "newllm_cli", "full", "--workspace", str(workspace), "-q", *args],
-                   check=True, env=env, cwd=workspace.parent, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "newllm_cli", "full", "--workspace", str(workspace), "-q", *args],
+        check=True,
+        env=env,
+        cwd=workspace.parent,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def main() -> int:
@@ -60,8 +66,11 @@ def main() -> int:
     ap.add_argument("--text", type=Path, help="a text file (byte tokenizer); default: the bundled sample")
     a = ap.parse_args()
     here = Path(__file__).resolve().parents[1]
-    args = (["--source", "text_file", "--path", str(a.text.resolve()), "--tokenizer", "byte", "--num-samples", "16"]
-            if a.text else ["--num-samples", "10"]) + ["--context-dim", "16", "--num-layers", "2"]
+    args = (
+        ["--source", "text_file", "--path", str(a.text.resolve()), "--tokenizer", "byte", "--num-samples", "16"]
+        if a.text
+        else ["--num-samples", "10"]
+    ) + ["--context-dim", "16", "--num-layers", "2"]
     root = Path(tempfile.mkdtemp())
     ws = root / "ws"
     for side, checkout in (("baseline", a.baseline.resolve()), ("current", here)):

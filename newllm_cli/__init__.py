@@ -1,4 +1,5 @@
 """newllm: a command-line toolkit for New-LLM (context vector fixed-point) research."""
+
 import os
 import signal
 import sys

@@ -4,11 +4,13 @@ Precedence: CLI option > --config file > the run's saved settings.json > default
 Each field carries its CLI option name (kebab-case; a section prefix where a bare name would be
 ambiguous), so cli.py generates the options instead of writing them out per command.
 """
+
 from __future__ import annotations
 
 import codecs
 import json
 import os
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -61,16 +63,21 @@ class DataSettings(Section):
     val_path: Optional[str] = opt(None, "File or directory for the validation source.")
     val_num_samples: Optional[int] = opt(None, "Use at most this many validation documents.", gt=0)
     val_ratio: float = opt(0.2, "Share of training documents held out by auto_split.", gt=0.0, lt=1.0)
-    split_seed: int = opt(42, "Seed of auto_split (separate from --seed, so changing the training or "
-                              "sampling seed keeps the same data).", ge=0)
+    split_seed: int = opt(
+        42,
+        "Seed of auto_split (separate from --seed, so changing the training or sampling seed keeps the same data).",
+        ge=0,
+    )
     ultrachat_dataset: str = opt("HuggingFaceH4/ultrachat_200k", "Hub id of the UltraChat dataset.")
     ultrachat_split: str = opt("train_sft", "Split of the UltraChat dataset.")
-    val_duplicates: Literal["drop", "keep"] = opt("drop", "Validation documents equal to a training document "
-                                                  "or an earlier validation one (whitespace aside): drop or keep.")
+    val_duplicates: Literal["drop", "keep"] = opt(
+        "drop",
+        "Validation documents equal to a training document "
+        "or an earlier validation one (whitespace aside): drop or keep.",
+    )
     encoding: str = opt("utf-8", "Text encoding of text_file / text_dir sources (utf-8, latin-1, cp1252, ...).")
     tokenizer: str = opt("bpe", "bpe (trained offline on the training text), byte, gpt2, or a tokenizer.json path.")
     tokenizer_vocab_size: int = opt(4096, "Vocabulary size of the trained bpe tokenizer.", ge=260, le=1_000_000)
-
 
     _home = field_validator("path", "val_path")(classmethod(lambda cls, v: _expand(v)))
 
@@ -90,32 +97,47 @@ class Phase1Settings(Section):
     # 100 iterations and no "diverging" stop, not the seed's 10 and 2 drops: on real text training
     # needs 35-100 iterations to settle after its first, disruptive Adam steps, and the converged
     # share wobbles on the way (docs/EXPERIMENTS.md).
-    max_iterations: int = opt(100, "Most CVFP iterations (also the cap of the no-update solve that follows "
-                                   "unconverged training).", cli="phase1-max-iterations", ge=2)
-    stop_on_drops: int = opt(0, "Stop training when the converged share fell by over a point this many "
-                                "iterations running (0: never; the seed used 2).", cli="phase1-stop-on-drops", ge=0)
-    min_iterations: int = opt(1, "Optimizer steps required before convergence may stop training.",
-                              cli="phase1-min-iterations", ge=0)
+    max_iterations: int = opt(
+        100,
+        "Most CVFP iterations (also the cap of the no-update solve that follows unconverged training).",
+        cli="phase1-max-iterations",
+        ge=2,
+    )
+    stop_on_drops: int = opt(
+        0,
+        "Stop training when the converged share fell by over a point this many "
+        "iterations running (0: never; the seed used 2).",
+        cli="phase1-stop-on-drops",
+        ge=0,
+    )
+    min_iterations: int = opt(
+        1, "Optimizer steps required before convergence may stop training.", cli="phase1-min-iterations", ge=0
+    )
     convergence_threshold: float = opt(0.02, "A token has converged when mean (Q-P)^2 is below this.", gt=0)
     min_converged_ratio: float = opt(0.95, "Stop when this share of tokens has converged.", gt=0, le=1)
     lr_warmup: float = opt(0.002, "Learning rate for iterations 0-3.", gt=0)
     lr_medium: float = opt(0.0005, "Learning rate for iterations 4-8.", gt=0)
     lr_finetune: float = opt(0.0001, "Learning rate from iteration 9 on.", gt=0)
     dist_reg_weight: float = opt(0.2, "Weight w of the distribution regularizer (0..1).", ge=0, le=1)
-    use_distribution_reg: bool = opt(True, "Use the distribution regularizer.", cli="dist-reg",
-                                     aliases=("use-distribution-reg",))
+    use_distribution_reg: bool = opt(
+        True, "Use the distribution regularizer.", cli="dist-reg", aliases=("use-distribution-reg",)
+    )
     scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
     concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
-    kernel: Literal["auto", "numba", "torch"] = opt("auto", "Sweep: numba (one document per thread) or torch "
-                                                            "(documents in lockstep, BLAS); auto picks by C, "
-                                                            "document lengths and device.")
+    kernel: Literal["auto", "numba", "torch"] = opt(
+        "auto",
+        "Sweep: numba (one document per thread) or torch "
+        "(documents in lockstep, BLAS); auto picks by C, "
+        "document lengths and device.",
+    )
 
 
 class Phase2Settings(Section):
     # The head is fitted to the optimum of a convex problem (probe.py), so there is no learning
     # rate, batch size or epoch count to tune: only the penalty, chosen on held-out documents.
-    l2: Optional[float] = opt(None, "L2 penalty of the head (unset: chosen on held-out training documents).",
-                              cli="phase2-l2", gt=0)
+    l2: Optional[float] = opt(
+        None, "L2 penalty of the head (unset: chosen on held-out training documents).", cli="phase2-l2", gt=0
+    )
     max_iterations: int = opt(200, "Most L-BFGS iterations per fit.", cli="phase2-max-iterations", gt=0)
     head_init: Literal["zero", "unigram"] = opt("unigram", "Prior of the head's bias: zero or add-one log-unigram.")
     head_input: Literal["context", "context+token"] = opt("context", "What the head reads.")
@@ -131,11 +153,18 @@ class RuntimeSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto uses CUDA when present.")
     workspace: str = opt("cache", "Directory for datasets and runs.")
     run: str = opt("default", "Run name: its directory under WORKSPACE/runs.", pattern=r"^[A-Za-z0-9_.-]+$")
-    memory_budget: float = opt(1.0, "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
-                                    "it they go to files in the run directory, processed in chunks.", gt=0)
+    memory_budget: float = opt(
+        1.0,
+        "GiB for corpus-sized data (Phase 1 contexts, Phase 2 pairs); beyond "
+        "it they go to files in the run directory, processed in chunks.",
+        gt=0,
+    )
     threads: int = opt(0, "CPU threads for torch and numba (0: one per core, shared among a machine's ranks).", ge=0)
-    save_every: float = opt(10.0, "Minutes between resume points of phase1 and phase2, which a killed run "
-                                  "continues from (0: only on Ctrl-C).", ge=0)
+    save_every: float = opt(
+        10.0,
+        "Minutes between resume points of phase1 and phase2, which a killed run continues from (0: only on Ctrl-C).",
+        ge=0,
+    )
 
     _home = field_validator("workspace")(classmethod(lambda cls, v: _expand(v)))
 
@@ -145,8 +174,12 @@ class RuntimeSettings(Section):
         if run in (".", ".."):
             raise ValueError(f"{run!r} names a directory, not a run")
         return run
-    tensorboard: bool = opt(False, "Also write each stage's figures as TensorBoard events under "
-                                   "runs/NAME/tensorboard (needs the tensorboard extra).")
+
+    tensorboard: bool = opt(
+        False,
+        "Also write each stage's figures as TensorBoard events under "
+        "runs/NAME/tensorboard (needs the tensorboard extra).",
+    )
 
 
 class Settings(Section):
@@ -179,8 +212,12 @@ def cli_name(section: str, field: str) -> str:
 
 def flag_index() -> dict[str, tuple[str, str]]:
     """Every option name (without --), aliases included, to its (section, field)."""
-    return {flag: (section, name) for section, model in SECTIONS.items() for name in model.model_fields
-            for flag in (cli_name(section, name), *cli_aliases(section, name))}
+    return {
+        flag: (section, name)
+        for section, model in SECTIONS.items()
+        for name in model.model_fields
+        for flag in (cli_name(section, name), *cli_aliases(section, name))
+    }
 
 
 def cli_aliases(section: str, field: str) -> list[str]:
@@ -198,7 +235,9 @@ def read_config_file(path: Path) -> dict:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}") from None
+        raise UsageError(
+            f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
+        ) from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold an object of sections")
     return data
@@ -225,13 +264,19 @@ def validate(data: dict) -> Settings:
 
 
 _WORDS = {  # pydantic's error types in our words; {ctx keys} come from the error
-    "int_parsing": "expected a whole number", "finite_number": "expected a finite number", "int_from_float": "expected a whole number",
-    "float_parsing": "expected a number", "bool_parsing": "expected true or false",
-    "greater_than": "must be greater than {gt}", "greater_than_equal": "must be at least {ge}",
-    "less_than": "must be less than {lt}", "less_than_equal": "must be at most {le}",
+    "int_parsing": "expected a whole number",
+    "finite_number": "expected a finite number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "bool_parsing": "expected true or false",
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than": "must be less than {lt}",
+    "less_than_equal": "must be at most {le}",
     "literal_error": "must be one of {expected}",
     "string_pattern_mismatch": "may hold only letters, digits, '_', '.' and '-'",
-    "extra_forbidden": "is not a setting", "model_type": "must be a table of settings",
+    "extra_forbidden": "is not a setting",
+    "model_type": "must be a table of settings",
     "dict_type": "must be a table of settings",
 }
 
@@ -243,15 +288,18 @@ def _one_line(e: ValidationError, prefix: str = "") -> str:
     for err in e.errors():
         loc = f"{prefix}{'.'.join(str(p) for p in err['loc'])}".split(".")
         ctx = err.get("ctx", {})
-        words = (str(ctx["error"]) if err["type"] == "value_error"
-                 else _WORDS.get(err["type"], err["msg"]).format(**ctx))
+        words = str(ctx["error"]) if err["type"] == "value_error" else _WORDS.get(err["type"], err["msg"]).format(**ctx)
         if len(loc) != 2 or loc[0] not in SECTIONS or loc[1] not in SECTIONS[loc[0]].model_fields:
             parts.append(f"{'.'.join(loc)} {words}" if loc != [""] else words)
             continue
         given = err.get("input")
-        shown = ("" if isinstance(given, (dict, list)) else
-                 f" {given}" if not isinstance(given, str) or (given.isprintable() and given.strip() == given and given)
-                 else f" {given!r}")
+        shown = (
+            ""
+            if isinstance(given, (dict, list))
+            else f" {given}"
+            if not isinstance(given, str) or (given.isprintable() and given.strip() == given and given)
+            else f" {given!r}"
+        )
         parts.append(f"--{cli_name(*loc)}{shown}: {words} ({'.'.join(loc)})")
     return "; ".join(parts)
 
@@ -276,11 +324,16 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
             saved.get("runtime", {}).pop(key, None)
         given = {**file_layer.get("data", {}), **options.get("data", {})}
         old = saved.get("data", {})
-        changed = [k for group in SOURCE_GROUPS for k in group if k in given and given[k] != old.get(k, _default("data", k))]
+        changed = [
+            k for group in SOURCE_GROUPS for k in group if k in given and given[k] != old.get(k, _default("data", k))
+        ]
         if changed:  # another source: the old one's sample counts, tokenizer, ... do not apply to it
             from newllm_cli.runtime.progress import info
-            info(f"run {runtime.run!r} was made of other data (--{cli_name('data', changed[0])} differs): "
-                 "its saved data settings are not carried over")
+
+            info(
+                f"run {runtime.run!r} was made of other data (--{cli_name('data', changed[0])} differs): "
+                "its saved data settings are not carried over"
+            )
             saved.pop("data", None)
     settings = validate(merge(saved, file_layer, options))
     _say_inherited(saved, [file_layer, options], runtime.run)
@@ -293,12 +346,18 @@ def _default(section: str, field: str) -> Any:
 
 def _say_inherited(saved: dict, given: list[dict], run: str) -> None:
     """One stderr line naming the settings taken from the run's settings.json that are not defaults."""
-    taken = [f"{field} = {json.dumps(value)}" for section, values in saved.items() if section in SECTIONS
-             for field, value in values.items()
-             if field in SECTIONS[section].model_fields and value != _default(section, field)
-             and not any(field in layer.get(section, {}) for layer in given)]
+    taken = [
+        f"{field} = {json.dumps(value)}"
+        for section, values in saved.items()
+        if section in SECTIONS
+        for field, value in values.items()
+        if field in SECTIONS[section].model_fields
+        and value != _default(section, field)
+        and not any(field in layer.get(section, {}) for layer in given)
+    ]
     if taken:
         from newllm_cli.runtime.progress import info
+
         info(f"settings from run {run!r}: {', '.join(taken)}")
 
 
@@ -306,6 +365,7 @@ def _saved(path: Path) -> dict:
     """A run's settings.json, or nothing when it is damaged: every stage writes it again, so a bad
     copy must not lock the run (a mismatch with its artifacts is still refused, by provenance)."""
     from newllm_cli.runtime.progress import warn
+
     try:
         saved = json.loads(path.read_text())
         validate(saved)
@@ -320,6 +380,7 @@ def effective(s: Settings) -> dict:
     accepts: edit it and pass it back. A named run that does not exist is refused (the defaults
     are what `newllm config` prints for the default run of a new workspace)."""
     from newllm_cli.store.artifacts import Workspace
+
     ws = Workspace(s.runtime.workspace, s.runtime.run)
     if s.runtime.run != _default("runtime", "run") and not ws.run_dir.is_dir():
         raise ws.no_such_run()

@@ -5,6 +5,7 @@ rerun alone and nothing produced under other settings is silently mixed in. Unde
 rank runs the same stage: Phase 1 and the heads on its share of the documents, the rest whole
 (distributed.py); only the leader writes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,16 @@ from newllm_cli.training import head_fit as probe
 from newllm_cli.data import tokenizer as tokenizers
 from newllm_cli.store import validate
 from newllm_cli.evaluation import verdict
-from newllm_cli.store.artifacts import Resumable, Workspace, check_same, read_array, read_checkpoint, read_json, write_checkpoint, write_json
+from newllm_cli.store.artifacts import (
+    Resumable,
+    Workspace,
+    check_same,
+    read_array,
+    read_checkpoint,
+    read_json,
+    write_checkpoint,
+    write_json,
+)
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.model.network import NewLLM
 from newllm_cli.training.phase1 import run_cvfp
@@ -56,6 +66,7 @@ def apply_threads(threads: int) -> None:
         torch.set_num_threads(threads)
         try:
             import numba
+
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         except ImportError:  # pragma: no cover
             pass
@@ -87,7 +98,7 @@ def model_id(model: NewLLM) -> str:
 
 def budget(ws: Workspace, s: Settings) -> dict:
     """The memory budget in bytes, and where Phase 1 contexts and Phase 2 pairs go beyond it."""
-    return {"memory_budget": int(s.runtime.memory_budget * 2 ** 30), "scratch": ws.run_dir}
+    return {"memory_budget": int(s.runtime.memory_budget * 2**30), "scratch": ws.run_dir}
 
 
 def board(ws: Workspace, s: Settings) -> Path | None:
@@ -108,8 +119,11 @@ def build_model(s: Settings, vocab_size: int) -> NewLLM:
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[NewLLM, dict]:
     fix = "newllm phase1 --split train"
     ckpt = read_checkpoint(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
-    check_same({"dataset": meta["key"], "model": s.model.model_dump()},
-               {k: ckpt["provenance"].get(k) for k in ("dataset", "model")}, "the Phase 1 checkpoint")
+    check_same(
+        {"dataset": meta["key"], "model": s.model.model_dump()},
+        {k: ckpt["provenance"].get(k) for k in ("dataset", "model")},
+        "the Phase 1 checkpoint",
+    )
     model = build_model(s, meta["vocab_size"])
     validate.state(model, ckpt, ws.phase1_checkpoint(), fix, keys=("state", "provenance", "model_id"))
     return model.to(device), ckpt
@@ -128,9 +142,13 @@ def prepare_data(s: Settings) -> dict:
 def rebuild_upstream(s: Settings, upto: str) -> None:
     """--rebuild: rerun every stage before `upto`, so mismatched inputs are replaced, not refused."""
     order = ["prepare", "phase1_train", "phase1_val", "analyze"]
-    steps = {"prepare": lambda: prepare_data(s), "phase1_train": lambda: _phase1(s, "train", force=True),
-             "phase1_val": lambda: _phase1(s, "val", force=True), "analyze": lambda: _analyze(s, force=True)}
-    for name in order[:order.index(upto)] if upto in order else order:
+    steps = {
+        "prepare": lambda: prepare_data(s),
+        "phase1_train": lambda: _phase1(s, "train", force=True),
+        "phase1_val": lambda: _phase1(s, "val", force=True),
+        "analyze": lambda: _analyze(s, force=True),
+    }
+    for name in order[: order.index(upto)] if upto in order else order:
         info(f"rebuild: {name}")
         steps[name]()
 
@@ -139,16 +157,21 @@ def _given(s: Settings, *sections: str, **extra) -> dict:
     """What a stage's result depends on: its settings sections, the seed, device and threads (float
     sums differ between thread counts), the dataset; not where files go or how memory is used."""
     rt = s.runtime
-    return {**{name: getattr(s, name).model_dump() for name in sections}, "data": s.data.model_dump(),
-            "runtime": {"seed": rt.seed, "device": rt.device, "threads": rt.threads, "tensorboard": rt.tensorboard},
-            **extra}
+    return {
+        **{name: getattr(s, name).model_dump() for name in sections},
+        "data": s.data.model_dump(),
+        "runtime": {"seed": rt.seed, "device": rt.device, "threads": rt.threads, "tensorboard": rt.tensorboard},
+        **extra,
+    }
 
 
-def _once(ws: Workspace, s: Settings, name: str, given: dict, inputs: list[Path], outputs: list[Path],
-          compute, force: bool) -> dict:
+def _once(
+    ws: Workspace, s: Settings, name: str, given: dict, inputs: list[Path], outputs: list[Path], compute, force: bool
+) -> dict:
     """compute() unless stage `name` is up to date (uptodate.py); a skipped stage ends as a run one does."""
-    return uptodate.run_once(ws, name, given, inputs, outputs, compute, force, distributed.current(),
-                             lambda: finish_stage(ws, s))
+    return uptodate.run_once(
+        ws, name, given, inputs, outputs, compute, force, distributed.current(), lambda: finish_stage(ws, s)
+    )
 
 
 def _dataset_files(ws: Workspace) -> list[Path]:
@@ -168,8 +191,16 @@ def _phase1(s: Settings, split: str, force: bool = False) -> dict:
     ws, meta = open_run(s)
     outputs = [ws.contexts(split), ws.phase1_report(split)] + ([ws.phase1_checkpoint()] if split == "train" else [])
     inputs = _dataset_files(ws) + ([ws.phase1_checkpoint()] if split == "val" else [])
-    return _once(ws, s, f"phase1 {split}", _given(s, "model", "phase1", split=split), inputs, outputs,
-                 lambda: _train_or_solve(s, split, ws, meta), force)
+    return _once(
+        ws,
+        s,
+        f"phase1 {split}",
+        _given(s, "model", "phase1", split=split),
+        inputs,
+        outputs,
+        lambda: _train_or_solve(s, split, ws, meta),
+        force,
+    )
 
 
 def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
@@ -185,43 +216,92 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
         model, ckpt = load_phase1_model(ws, s, meta, device)
         mid = ckpt["model_id"]  # validation never changes the weights
     cfg = s.phase1
-    info(f"phase1 {split}: {len(tokens):,} tokens in {len(offsets) - 1:,} documents, "
-         f"{cfg.scheme} scheme{' (concat)' if cfg.concat else ''}")
+    info(
+        f"phase1 {split}: {len(tokens):,} tokens in {len(offsets) - 1:,} documents, "
+        f"{cfg.scheme} scheme{' (concat)' if cfg.concat else ''}"
+    )
 
     def show(r: dict) -> None:
         if r["converged_ratio"] is None:
             info(f"  iteration {r['iteration']:>2}: first pass {r['seconds']:.2f}s")
         else:
-            info(f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
-                 f"converged {r['converged_ratio']:6.1%}  lr {r['lr'] or 0:.0e}  {r['seconds']:.2f}s")
+            info(
+                f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
+                f"converged {r['converged_ratio']:6.1%}  lr {r['lr'] or 0:.0e}  {r['seconds']:.2f}s"
+            )
+
     t0 = time.perf_counter()
-    resumable = Resumable(ws.resume(f"phase1_{split}"), {
-        "dataset": meta["key"], "model": s.model.model_dump(), "phase1": cfg.model_dump(),
-        "seed": s.runtime.seed, "split": split, "network": mid})
+    resumable = Resumable(
+        ws.resume(f"phase1_{split}"),
+        {
+            "dataset": meta["key"],
+            "model": s.model.model_dump(),
+            "phase1": cfg.model_dump(),
+            "seed": s.runtime.seed,
+            "split": split,
+            "network": mid,
+        },
+    )
     group = distributed.current()
     with interrupt.safe_points():
-        res = run_cvfp(model, tokens, offsets, cfg, train=train, device=device, on_iteration=show,
-                       label=f"phase1 {split}", resume=resumable.load(), save_resume=resumable.save,
-                       group=group, save_every=s.runtime.save_every, **budget(ws, s))
+        res = run_cvfp(
+            model,
+            tokens,
+            offsets,
+            cfg,
+            train=train,
+            device=device,
+            on_iteration=show,
+            label=f"phase1 {split}",
+            resume=resumable.load(),
+            save_resume=resumable.save,
+            group=group,
+            save_every=s.runtime.save_every,
+            **budget(ws, s),
+        )
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
     if train:
         mid = model_id(model)
-        write_checkpoint(ws.phase1_checkpoint(), {
-            "state": model.state_dict(), "vocab_size": meta["vocab_size"], "model_id": mid,
-            "provenance": {"dataset": meta["key"], "model": s.model.model_dump(),
-                           "phase1": cfg.model_dump(), "seed": s.runtime.seed, "world_size": group.size}})
+        write_checkpoint(
+            ws.phase1_checkpoint(),
+            {
+                "state": model.state_dict(),
+                "vocab_size": meta["vocab_size"],
+                "model_id": mid,
+                "provenance": {
+                    "dataset": meta["key"],
+                    "model": s.model.model_dump(),
+                    "phase1": cfg.model_dump(),
+                    "seed": s.runtime.seed,
+                    "world_size": group.size,
+                },
+            },
+        )
     res.save_contexts(ws.contexts(split))
     iterations = len(res.history) + len(res.solve)
     report = {
-        "split": split, "tokens": int(len(tokens)), "documents": int(len(offsets) - 1),
-        "iterations": iterations, "optimizer_steps": res.optimizer_steps,
-        "converged_ratio": res.converged_ratio, "residual": res.residual, "stopped_by": res.stopped_by,
-        "solve": res.solve, "warnings": res.warnings,
-        "seconds": seconds, "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
-        "history": res.history, "contexts": str(ws.contexts(split)),
-        "provenance": {"dataset": meta["key"], "model_id": mid, "model": s.model.model_dump(), "world_size": group.size},
+        "split": split,
+        "tokens": int(len(tokens)),
+        "documents": int(len(offsets) - 1),
+        "iterations": iterations,
+        "optimizer_steps": res.optimizer_steps,
+        "converged_ratio": res.converged_ratio,
+        "residual": res.residual,
+        "stopped_by": res.stopped_by,
+        "solve": res.solve,
+        "warnings": res.warnings,
+        "seconds": seconds,
+        "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
+        "history": res.history,
+        "contexts": str(ws.contexts(split)),
+        "provenance": {
+            "dataset": meta["key"],
+            "model_id": mid,
+            "model": s.model.model_dump(),
+            "world_size": group.size,
+        },
     }
     write_json(ws.phase1_report(split), report)
     metrics.record(ws.metrics(), "phase1", split, res.history, events)
@@ -231,8 +311,9 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     return report
 
 
-def load_contexts(ws: Workspace, split: str, meta: dict, width: int,
-                  expected_model: str | None = None) -> tuple[np.ndarray, dict]:
+def load_contexts(
+    ws: Workspace, split: str, meta: dict, width: int, expected_model: str | None = None
+) -> tuple[np.ndarray, dict]:
     """A split's saved contexts and their report, checked: N x C, finite, from these inputs."""
     fix = f"newllm phase1 --split {split}"
     rep = read_json(ws.phase1_report(split), f"{split} contexts report (run `{fix}`)", fix, validate.Phase1Report)
@@ -240,14 +321,27 @@ def load_contexts(ws: Workspace, split: str, meta: dict, width: int,
     if expected_model:
         expected["model_id"] = expected_model
     check_same(expected, rep["provenance"], f"the {split} contexts")
-    ctx = validate.array(read_array(ws.contexts(split), f"{split} contexts", fix), ws.contexts(split), fix,
-                         kind="float", rows=meta[split]["tokens"], cols=width, finite=True)
+    ctx = validate.array(
+        read_array(ws.contexts(split), f"{split} contexts", fix),
+        ws.contexts(split),
+        fix,
+        kind="float",
+        rows=meta[split]["tokens"],
+        cols=width,
+        finite=True,
+    )
     return ctx, rep
 
 
-def analyze(s: Settings, contexts: Path | None = None, tokens: Path | None = None,
-            tokenizer_file: Path | None = None, plot: Path | None = None, rebuild: bool = False,
-            probe_rows: int = PROBE_ROWS) -> dict:
+def analyze(
+    s: Settings,
+    contexts: Path | None = None,
+    tokens: Path | None = None,
+    tokenizer_file: Path | None = None,
+    plot: Path | None = None,
+    rebuild: bool = False,
+    probe_rows: int = PROBE_ROWS,
+) -> dict:
     """Analyse the run's train and val contexts (or any contexts .npy) and apply the Phase-1 gate.
 
     --json prints one object. Per split ("train", "val"; "contexts" for --contexts): n, dim,
@@ -271,8 +365,16 @@ def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS
     ws, meta = open_run(s)
     inputs = _dataset_files(ws) + [f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report)]
     given = _given(s, "model", "phase1", probe_rows=probe_rows)
-    return _once(ws, s, "analyze", given, inputs, [ws.analysis()],
-                 lambda: _analyze_run(s, ws, meta, plot, probe_rows), force or plot is not None)
+    return _once(
+        ws,
+        s,
+        "analyze",
+        given,
+        inputs,
+        [ws.analysis()],
+        lambda: _analyze_run(s, ws, meta, plot, probe_rows),
+        force or plot is not None,
+    )
 
 
 def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
@@ -283,39 +385,57 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
             continue
         ctx, rep = load_contexts(ws, split, meta, s.model.context_dim)
         toks, offs = dataset.load_split(ws, split, meta)
-        reports[split] = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode,
-                                                   offsets=offs)
+        reports[split] = analysis.analyze_contexts(
+            ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode, offsets=offs
+        )
         ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
     if len(set(ids.values())) > 1:
         raise RefusedError(f"train and val contexts come from different networks ({ids}); rerun phase1 --split val")
     gate = analysis.gate(reports.get("train"), reports.get("val"))
-    out = {**reports, "gate": {"passed": not gate, "problems": gate},
-           "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
-           "path": str(ws.analysis())}
+    out = {
+        **reports,
+        "gate": {"passed": not gate, "problems": gate},
+        "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
+        "path": str(ws.analysis()),
+    }
     if probe_rows and len(reports) == 2:
         device = resolve_device(s.runtime.device)
         untrained = untrained_network(s, meta["vocab_size"], device)
         control = tuple(control_contexts(ws, s, meta, split, untrained, device) for split in SPLITS)
         out["decodability"] = decodability.probe_all(
-            {"phase1": (ctxs["train"], ctxs["val"]), "untrained": control}, data["train"], data["val"],
-            meta["vocab_size"], rows=probe_rows, seed=s.runtime.seed, device=device,
-            on_fit=lambda what: info(f"probe: {what}"))
+            {"phase1": (ctxs["train"], ctxs["val"]), "untrained": control},
+            data["train"],
+            data["val"],
+            meta["vocab_size"],
+            rows=probe_rows,
+            seed=s.runtime.seed,
+            device=device,
+            on_fit=lambda what: info(f"probe: {what}"),
+        )
         out["control_steps"] = {split: analysis.steps(c, data[split][1]) for split, c in zip(SPLITS, control)}
     if plot is not None:
         out["plots"] = [str(plots.spectrum(reports, plot))]
-        histories = {split: read_json(ws.phase1_report(split), f"{split} Phase 1 report",
-                                      f"newllm phase1 --split {split}", validate.Phase1Report)["history"]
-                     for split in SPLITS if ws.phase1_report(split).exists()}
+        histories = {
+            split: read_json(
+                ws.phase1_report(split),
+                f"{split} Phase 1 report",
+                f"newllm phase1 --split {split}",
+                validate.Phase1Report,
+            )["history"]
+            for split in SPLITS
+            if ws.phase1_report(split).exists()
+        }
         out["plots"].append(str(plots.convergence(histories, s.phase1.min_converged_ratio, plot)))
     write_json(ws.analysis(), out)
     finish_stage(ws, s)
     return out
 
 
-def analyze_file(s: Settings, contexts: Path, tokens: Path | None, tokenizer_file: Path | None,
-                 plot: Path | None) -> dict:
+def analyze_file(
+    s: Settings, contexts: Path, tokens: Path | None, tokenizer_file: Path | None, plot: Path | None
+) -> dict:
     """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
     ctx = _user_array(contexts, "contexts")
     if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
@@ -355,7 +475,9 @@ def _user_array(path: Path, what: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r")
     except Exception as e:  # numpy: ValueError (object arrays), EOFError, SyntaxError (damaged header)
-        raise UsageError(f"cannot read {what} {path}: a damaged or object .npy ({first_line(e) if str(e) else 'empty'})") from None
+        raise UsageError(
+            f"cannot read {what} {path}: a damaged or object .npy ({first_line(e) if str(e) else 'empty'})"
+        ) from None
 
 
 def untrained_network(s: Settings, vocab: int, device: torch.device) -> NewLLM:
@@ -364,8 +486,9 @@ def untrained_network(s: Settings, vocab: int, device: torch.device) -> NewLLM:
     return build_model(s, vocab).to(device)
 
 
-def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrained: NewLLM,
-                     device: torch.device) -> np.ndarray:
+def control_contexts(
+    ws: Workspace, s: Settings, meta: dict, split: str, untrained: NewLLM, device: torch.device
+) -> np.ndarray:
     """The untrained network's fixed contexts of a split: the control every verdict is measured
     against. Computed once per run and settings, then read from disk."""
     key = {"dataset": meta["key"], "model_id": model_id(untrained), "phase1": s.phase1.model_dump()}
@@ -374,17 +497,40 @@ def control_contexts(ws: Workspace, s: Settings, meta: dict, split: str, untrain
     if path.exists() and rep_path.exists():
         try:
             if read_json(rep_path, "control report", fix, validate.ControlReport)["provenance"] == key:
-                return validate.array(read_array(path, f"{split} control contexts", fix), path, fix, kind="float",
-                                      rows=meta[split]["tokens"], cols=width, finite=True)
+                return validate.array(
+                    read_array(path, f"{split} control contexts", fix),
+                    path,
+                    fix,
+                    kind="float",
+                    rows=meta[split]["tokens"],
+                    cols=width,
+                    finite=True,
+                )
         except RefusedError as e:
             warn(f"recomputing the {split} control contexts: {e}")
     tokens, offsets = dataset.load_split(ws, split, meta)
     info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
-    res = run_cvfp(untrained, tokens, offsets, s.phase1, train=False, device=device, label=f"control {split}",
-                   group=distributed.current(), **budget(ws, s))
+    res = run_cvfp(
+        untrained,
+        tokens,
+        offsets,
+        s.phase1,
+        train=False,
+        device=device,
+        label=f"control {split}",
+        group=distributed.current(),
+        **budget(ws, s),
+    )
     res.save_contexts(path)
-    write_json(rep_path, {"converged_ratio": res.converged_ratio, "residual": res.residual,
-                          "iterations": len(res.history), "provenance": key})
+    write_json(
+        rep_path,
+        {
+            "converged_ratio": res.converged_ratio,
+            "residual": res.residual,
+            "iterations": len(res.history),
+            "provenance": key,
+        },
+    )
     return read_array(path, f"{split} control contexts", fix)
 
 
@@ -397,11 +543,22 @@ def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path |
 
 def _phase2(s: Settings, force: bool = False, plot: Path | None = None, fresh: bool = False) -> dict:
     ws, meta = open_run(s)
-    inputs = _dataset_files(ws) + [ws.phase1_checkpoint(), ws.analysis(),
-                                   *(f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report))]
+    inputs = _dataset_files(ws) + [
+        ws.phase1_checkpoint(),
+        ws.analysis(),
+        *(f(split) for split in SPLITS for f in (ws.contexts, ws.phase1_report)),
+    ]
     given = _given(s, "model", "phase1", "phase2", force=force)
-    return _once(ws, s, "phase2", given, inputs, [ws.phase2_checkpoint(), ws.phase2_report()],
-                 lambda: _fit_phase2(s, ws, meta, force, plot), fresh or plot is not None)
+    return _once(
+        ws,
+        s,
+        "phase2",
+        given,
+        inputs,
+        [ws.phase2_checkpoint(), ws.phase2_report()],
+        lambda: _fit_phase2(s, ws, meta, force, plot),
+        fresh or plot is not None,
+    )
 
 
 def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path | None) -> dict:
@@ -416,8 +573,11 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         tokens, offsets = dataset.load_split(ws, split, meta)
         splits[split] = (ctx, tokens, offsets)
     try:
-        ana = read_json(ws.analysis(), "analysis", "newllm analyze", validate.AnalysisReport) \
-            if ws.analysis().exists() else None
+        ana = (
+            read_json(ws.analysis(), "analysis", "newllm analyze", validate.AnalysisReport)
+            if ws.analysis().exists()
+            else None
+        )
     except RefusedError as e:  # this stage can make it again
         warn(f"recomputing the analysis: {e}")
         ana = None
@@ -430,8 +590,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     cfg, vocab = s.phase2, meta["vocab_size"]
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
-    res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws,
-                                          network=mid)
+    res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     curves = {"head": curves}
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
@@ -439,15 +598,20 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
     unigram = baselines.unigram_log_probs(train_tokens, vocab)
     losses = {"unigram_add_one": -unigram[targets], "bigram_add_k": -bigram["log_probs"]}
-    table = {"unigram_add_one": {"accuracy": float(np.mean(targets == np.argmax(unigram)))},
-             "bigram_add_k": {"k": bigram["k"], "accuracy": bigram["accuracy"]}}
+    table = {
+        "unigram_add_one": {"accuracy": float(np.mean(targets == np.argmax(unigram)))},
+        "bigram_add_k": {"k": bigram["k"], "accuracy": bigram["accuracy"]},
+    }
     warnings = probe.advice(res, "head", cfg.max_iterations)
     if cfg.control:
         untrained = untrained_network(s, vocab, device)
-        control = {split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
-                   for split, (_, tok, off) in splits.items()}
-        ctrl, _, curves["control"] = fit_head_on(untrained, control, s, vocab, device, label="untrained contexts", ws=ws,
-                              network=model_id(untrained))
+        control = {
+            split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
+            for split, (_, tok, off) in splits.items()
+        }
+        ctrl, _, curves["control"] = fit_head_on(
+            untrained, control, s, vocab, device, label="untrained contexts", ws=ws, network=model_id(untrained)
+        )
         losses["untrained_network"] = ctrl.val_losses
         table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2, "selection": ctrl.selection}
         warnings += probe.advice(ctrl, "control", cfg.max_iterations)
@@ -455,21 +619,40 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
     if table["unigram_add_one"]["verdict"] != "beats":
-        warnings.append("the head does not beat add-one unigram, its own starting point: the contexts add "
-                        "nothing a linear head can use beyond token frequencies")
+        warnings.append(
+            "the head does not beat add-one unigram, its own starting point: the contexts add "
+            "nothing a linear head can use beyond token frequencies"
+        )
     warnings += sanity_warnings(res.val["perplexity"], table, vocab, len(train_tokens), len(val_tokens))
     for w in warnings:
         warn(w)
-    provenance = {"dataset": meta["key"], "model_id": mid, "head_input": cfg.head_input, "vocab_size": vocab,
-                  "world_size": distributed.current().size}
+    provenance = {
+        "dataset": meta["key"],
+        "model_id": mid,
+        "head_input": cfg.head_input,
+        "vocab_size": vocab,
+        "world_size": distributed.current().size,
+    }
     head = p2.Head.from_probe(res)
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
-    out = {"val": res.val, "train": res.train, "l2": res.l2, "selection": res.selection,
-           "iterations": res.iterations, "capped": res.capped, "head_rows": res.head_rows,
-           "baselines": table, "warnings": warnings, "curves": curves,
-           "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
-           "settings": cfg.model_dump(), "provenance": provenance, "checkpoint": str(ws.phase2_checkpoint()),
-           "finding": verdict.finding(table), "seconds": time.perf_counter() - t0}
+    out = {
+        "val": res.val,
+        "train": res.train,
+        "l2": res.l2,
+        "selection": res.selection,
+        "iterations": res.iterations,
+        "capped": res.capped,
+        "head_rows": res.head_rows,
+        "baselines": table,
+        "warnings": warnings,
+        "curves": curves,
+        "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+        "settings": cfg.model_dump(),
+        "provenance": provenance,
+        "checkpoint": str(ws.phase2_checkpoint()),
+        "finding": verdict.finding(table),
+        "seconds": time.perf_counter() - t0,
+    }
     if plot is not None:
         out["plots"] = [str(plots.phase2(out, plot))]
     write_json(ws.phase2_report(), out)
@@ -484,22 +667,33 @@ def sanity_warnings(head_perplexity: float, table: dict, vocab: int, train_token
     """What makes the printed figures hard to read: a model worse than guessing uniformly, a tiny
     validation set, fewer training tokens than vocabulary entries."""
     out = []
-    worse = [name for name, ppl in [("the head", head_perplexity)] + [(verdict.NAMES.get(k, k), b["val_perplexity"])
-                                                                       for k, b in table.items()] if ppl > vocab]
+    worse = [
+        name
+        for name, ppl in [("the head", head_perplexity)]
+        + [(verdict.NAMES.get(k, k), b["val_perplexity"]) for k, b in table.items()]
+        if ppl > vocab
+    ]
     if worse:
-        out.append(f"perplexity above the vocabulary size {vocab:,} ({', '.join(worse)}): worse than a uniform guess, "
-                   "so that model has learned frequencies the validation text does not share")
+        out.append(
+            f"perplexity above the vocabulary size {vocab:,} ({', '.join(worse)}): worse than a uniform guess, "
+            "so that model has learned frequencies the validation text does not share"
+        )
     if val_tokens < MIN_VAL_TOKENS:
-        out.append(f"the validation set has {val_tokens:,} tokens (under {MIN_VAL_TOKENS:,}): its perplexities "
-                   "and intervals rest on few predictions; give more validation text")
+        out.append(
+            f"the validation set has {val_tokens:,} tokens (under {MIN_VAL_TOKENS:,}): its perplexities "
+            "and intervals rest on few predictions; give more validation text"
+        )
     if train_tokens < vocab:
-        out.append(f"the training set ({train_tokens:,} tokens) is smaller than the vocabulary ({vocab:,}): most "
-                   "entries are never seen, and every model's figures mostly measure smoothing")
+        out.append(
+            f"the training set ({train_tokens:,} tokens) is smaller than the vocabulary ({vocab:,}): most "
+            "entries are never seen, and every model's figures mostly measure smoothing"
+        )
     return out
 
 
-def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str,
-                ws: Workspace, network: str):
+def fit_head_on(
+    model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str, ws: Workspace, network: str
+):
     """The head of s.phase2 fitted on given (contexts, tokens, offsets) per split; resumable.
     Returns the probe result and the val pairs' document ids (for the verdicts' bootstrap)."""
     cfg, group = s.phase2, distributed.current()
@@ -507,37 +701,62 @@ def fit_head_on(model: NewLLM, splits: dict, s: Settings, vocab: int, device: to
     def embed(ids: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
             return model.embed_tokens(torch.as_tensor(ids, device=device))
+
     features = embed if cfg.head_input == "context+token" else None
     data = {k: p2.make_split(*v, device, features, group=group, **budget(ws, s)) for k, v in splits.items()}
     pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
     if 0 in pairs:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
-    prior = (baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram"
-             else np.zeros(vocab))
+    prior = baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram" else np.zeros(vocab)
     info(f"  {label}: {pairs[0]:,} train and {pairs[1]:,} val pairs")
 
     blocks = []
 
     def show(r: dict) -> None:
         blocks.append(r)
-        info(f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
-             f"iterations  {r['seconds']:.1f}s")
-    resumable = Resumable(ws.resume("phase2_" + label.split()[0]), {
-        "network": network, "format": "probe", "phase2": cfg.model_dump(), "seed": s.runtime.seed,
-        "vocab": vocab, "pairs": pairs})
+        info(
+            f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
+            f"iterations  {r['seconds']:.1f}s"
+        )
+
+    resumable = Resumable(
+        ws.resume("phase2_" + label.split()[0]),
+        {
+            "network": network,
+            "format": "probe",
+            "phase2": cfg.model_dump(),
+            "seed": s.runtime.seed,
+            "vocab": vocab,
+            "pairs": pairs,
+        },
+    )
     try:
         with interrupt.safe_points():
-            res = probe.fit(data["train"], data["val"], vocab, prior, l2=cfg.l2, max_iterations=cfg.max_iterations,
-                            device=device, on_block=show, resume=resumable.load(), save_resume=resumable.save,
-                            label=f"head on {label}", group=group, save_every=s.runtime.save_every)
+            res = probe.fit(
+                data["train"],
+                data["val"],
+                vocab,
+                prior,
+                l2=cfg.l2,
+                max_iterations=cfg.max_iterations,
+                device=device,
+                on_block=show,
+                resume=resumable.load(),
+                save_resume=resumable.save,
+                label=f"head on {label}",
+                group=group,
+                save_every=s.runtime.save_every,
+            )
     finally:
         for split in data.values():
             if isinstance(split.inputs, RowStore):
                 split.inputs.close()  # the streamed pairs' file
     resumable.clear()
     metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
-    info(f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
-         f"for {vocab:,} tokens (never-target tokens tied)")
+    info(
+        f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
+        f"for {vocab:,} tokens (never-target tokens tied)"
+    )
     return res, group.cat(data["val"].groups.cpu().numpy()), blocks
 
 
@@ -550,8 +769,9 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     model, ckpt = load_phase1_model(ws, s, meta, device)
     head_path = ws.phase2_checkpoint()
     head_ckpt = read_checkpoint(head_path, "Phase 2 checkpoint (run `newllm phase2`)", "newllm phase2")
-    check_same({"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"],
-               "the Phase 2 head")
+    check_same(
+        {"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"], "the Phase 2 head"
+    )
     head_input = head_ckpt["provenance"].get("head_input")
     if head_input not in ("context", "context+token"):
         raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")
@@ -563,14 +783,30 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) == 0:
         raise UsageError("--prompt has no tokens")
-    new, _ = gen.sample(model, head, head_input, ids, s.phase1, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, seed=s.runtime.seed, device=device)
-    return {"prompt": prompt, "completion": tok.decode(new), "text": tok.decode(ids.tolist() + new),
-            "prompt_ids": ids.tolist(), "token_ids": new}
+    new, _ = gen.sample(
+        model,
+        head,
+        head_input,
+        ids,
+        s.phase1,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        seed=s.runtime.seed,
+        device=device,
+    )
+    return {
+        "prompt": prompt,
+        "completion": tok.decode(new),
+        "text": tok.decode(ids.tolist() + new),
+        "prompt_ids": ids.tolist(),
+        "token_ids": new,
+    }
 
 
-def full(s: Settings, force: bool = False, probe_rows: int = PROBE_ROWS, rebuild: bool = False,
-         plot: Path | None = None) -> dict:
+def full(
+    s: Settings, force: bool = False, probe_rows: int = PROBE_ROWS, rebuild: bool = False, plot: Path | None = None
+) -> dict:
     """Every stage in order, each writing its artifacts exactly as when run alone; a stage whose
     inputs and settings are unchanged since it last succeeded is skipped (--rebuild reruns all)."""
     if probe_rows < 0:

@@ -1,4 +1,5 @@
 """Shared fixtures: a small deterministic corpus, a workspace, and the CLI run in-process."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,11 @@ from newllm_cli.cli.app import main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
-WORDS = ("the a river stone light quickly moves under over bright quiet garden code runs "
-         "model context learns token fixed point small large green window cat reads writes "
-         "memory table slowly north winter bread coffee test value").split()
+WORDS = (
+    "the a river stone light quickly moves under over bright quiet garden code runs "
+    "model context learns token fixed point small large green window cat reads writes "
+    "memory table slowly north winter bread coffee test value"
+).split()
 
 
 def make_corpus(path: Path, docs: int = 24, seed: int = 0) -> Path:
@@ -73,11 +76,22 @@ def cli(capsys):
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
         return Result(code, out, err)
+
     return run
 
 
 @pytest.fixture
 def base_args(tmp_path: Path, corpus: Path) -> list[str]:
     """A fast run on the fixture corpus: byte tokenizer, tiny Phase 2."""
-    return ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
-            "--tokenizer", "byte", "--phase2-max-iterations", "30"]
+    return [
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--source",
+        "text_file",
+        "--path",
+        str(corpus),
+        "--tokenizer",
+        "byte",
+        "--phase2-max-iterations",
+        "30",
+    ]

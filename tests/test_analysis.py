@@ -1,4 +1,5 @@
 """Analysis figures on matrices whose answers are known."""
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def test_effective_rank_is_entropy_of_normalised_singular_values():
     s = np.array([3.0, 2.0, 1.0])
     p = s / s.sum()
     expected = math.exp(-(p * np.log(p)).sum())
-    assert analysis.spectrum(s ** 2)["effective_rank"] == pytest.approx(expected)
+    assert analysis.spectrum(s**2)["effective_rank"] == pytest.approx(expected)
 
 
 def test_constant_contexts_raise_global_attractor():
@@ -88,9 +89,21 @@ def test_pairwise_statistics_match_direct_computation_and_seed():
 
 def test_gate_thresholds_are_shares_of_the_attainable_centred_rank():
     def rep(eff):  # C = 16: at most 15 centred directions; the uncentred rank plays no part
-        return {"dim": 16, "centred": {"effective_rank": eff}, "information": {"effective_rank": 0.5},
-                "global_attractor": {"degenerate": False}, "zero_solution": {"degenerate": False, "mean_norm": 1.0}}
-    assert analysis.gate(rep(3.0), rep(1.2), ) == []  # 20% and 8% of 15
+        return {
+            "dim": 16,
+            "centred": {"effective_rank": eff},
+            "information": {"effective_rank": 0.5},
+            "global_attractor": {"degenerate": False},
+            "zero_solution": {"degenerate": False, "mean_norm": 1.0},
+        }
+
+    assert (
+        analysis.gate(
+            rep(3.0),
+            rep(1.2),
+        )
+        == []
+    )  # 20% and 8% of 15
     assert "train centred effective rank" in analysis.gate(rep(2.9), rep(1.2))[0]
     assert "val centred effective rank" in analysis.gate(rep(3.0), rep(1.1))[0]
 
@@ -106,13 +119,24 @@ def test_file_backed_streaming_equals_in_memory(tmp_path, monkeypatch):
 
 def test_analyze_any_contexts_file(cli, tmp_path):
     from newllm_cli.data.tokenizer import byte_tokenizer
+
     x = np.random.default_rng(6).normal(size=(400, 8)).astype(np.float32)
     np.save(tmp_path / "ctx.npy", x)
     ids = (np.arange(400) % 26 + 97).astype(np.uint16)
     np.save(tmp_path / "ids.npy", ids)
     byte_tokenizer().save(str(tmp_path / "tok.json"))
-    r = cli("analyze", "--contexts", tmp_path / "ctx.npy", "--tokens", tmp_path / "ids.npy",
-            "--tokenizer-file", tmp_path / "tok.json", "--json", "--workspace", tmp_path / "ws")
+    r = cli(
+        "analyze",
+        "--contexts",
+        tmp_path / "ctx.npy",
+        "--tokens",
+        tmp_path / "ids.npy",
+        "--tokenizer-file",
+        tmp_path / "tok.json",
+        "--json",
+        "--workspace",
+        tmp_path / "ws",
+    )
     assert r.code == 0, r.err
     rep = r.json()["contexts"]
     assert rep["n"] == 400 and 7.0 < rep["information"]["effective_rank"] <= 8.0
@@ -128,6 +152,7 @@ def test_analyze_any_contexts_file(cli, tmp_path):
 def test_plots_are_valid_pngs(cli, base_args, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
+
     assert cli("full", *base_args, "--force").code == 0
     r = cli("analyze", *base_args, "--plot", tmp_path / "plots", "--json")
     assert r.code == 0, r.err
@@ -159,8 +184,11 @@ def _naive_steps(x, offsets, lags=(1, 10, 100)):
         b = [x[t] - m for t in range(k, len(x)) if doc[t] == doc[t - k]]
         a, b = np.array(a, np.float64), np.array(b, np.float64)
         out[k] = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
-    cos = [x[t] @ x[t - 1] / np.linalg.norm(x[t]) / np.linalg.norm(x[t - 1])
-           for t in range(1, len(x)) if doc[t] == doc[t - 1]]
+    cos = [
+        x[t] @ x[t - 1] / np.linalg.norm(x[t]) / np.linalg.norm(x[t - 1])
+        for t in range(1, len(x))
+        if doc[t] == doc[t - 1]
+    ]
     return out, float(np.mean(cos))
 
 
@@ -181,19 +209,26 @@ def test_decodability_reads_what_the_contexts_encode():
     """Contexts that are the one-hot of the current token: x_t decodes exactly from c_t; the next
     token (drawn independently) and Gaussian features decode at chance."""
     from newllm_cli.evaluation import decodability
+
     rng = np.random.default_rng(0)
     vocab = 6
 
     def split(n, docs):
         tokens = rng.integers(0, vocab, n)
         offsets = np.linspace(0, n, docs + 1).astype(np.int64)
-        return tokens, offsets, np.eye(vocab, dtype=np.float32)[tokens] + rng.normal(0, 0.01, (n, vocab)).astype(np.float32)
+        return (
+            tokens,
+            offsets,
+            np.eye(vocab, dtype=np.float32)[tokens] + rng.normal(0, 0.01, (n, vocab)).astype(np.float32),
+        )
+
     (tt, to, tc), (vt, vo, vc) = split(3000, 40), split(1000, 10)
     pos, docs = decodability.positions(to, 10**9, 0)
     assert not np.isin(pos, to[:-1]).any() and not np.isin(pos, to[1:] - 1).any()
     assert len(pos) == 3000 - 2 * 40 and (docs == np.searchsorted(to, pos, side="right") - 1).all()
-    out = decodability.probe_all({"phase1": (tc, vc)}, (tt, to), (vt, vo), vocab, rows=2000, seed=0,
-                                 device=torch.device("cpu"))
+    out = decodability.probe_all(
+        {"phase1": (tc, vc)}, (tt, to), (vt, vo), vocab, rows=2000, seed=0, device=torch.device("cpu")
+    )
     p = out["probes"]
     assert p["token_from_context"]["phase1"]["val_accuracy"] == 1.0
     assert p["next_from_context"]["phase1"]["val_perplexity"] > 0.95 * vocab

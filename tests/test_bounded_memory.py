@@ -1,4 +1,5 @@
 """Phase 1 in bounded memory: chunked statistics, closed-form gradient, windowed sweeps, file stores."""
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,7 @@ def test_chunked_statistics_equal_whole_array_ones(chunk):
     cfg = Phase1Settings(dist_reg_weight=0.3, convergence_threshold=0.02)
     stats = Comparison()
     for s in range(0, len(q), chunk):
-        stats.add(q[s:s + chunk], p[s:s + chunk], cfg.convergence_threshold)
+        stats.add(q[s : s + chunk], p[s : s + chunk], cfg.convergence_threshold)
     q64, p64 = torch.from_numpy(q).double(), torch.from_numpy(p).double()
     whole = {k: float(v) for k, v in phase1_losses(q64, p64, cfg).items()}
     got = stats.losses(cfg)
@@ -46,7 +47,7 @@ def test_closed_form_gradient_equals_autograd(use_reg):
     phase1_losses(leaf, p, cfg)["loss"].backward()
     stats = Comparison()
     for s in range(0, 300, 37):
-        stats.add(q[s:s + 37].numpy(), p[s:s + 37].numpy(), 0.02)
+        stats.add(q[s : s + 37].numpy(), p[s : s + 37].numpy(), 0.02)
     assert torch.allclose(loss_gradient(q, p, stats, cfg), leaf.grad, rtol=1e-6, atol=1e-12)
 
 
@@ -55,7 +56,7 @@ def test_row_store_in_a_file_reads_what_was_written_and_saves_by_rename(tmp_path
     data = rng.normal(size=(1000, 3)).astype(np.float32)
     store = RowStore(1000, 3, tmp_path)
     for s in range(0, 1000, 333):
-        store.write(s, data[s:s + 333])
+        store.write(s, data[s : s + 333])
     assert np.array_equal(store.read(0, 1000), data)
     assert np.array_equal(store.read(500, 502), data[500:502])
     assert np.array_equal(store.gather(np.array([999, 0, 17])), data[[999, 0, 17]])
@@ -93,8 +94,9 @@ def test_windowed_sweep_equals_one_call(kernel, window, tmp_path):
     # torch: a window changes the lockstep batch, and float32 BLAS may round a row differently for
     # another batch shape. Both runs are float32 evaluations of one recurrence, so each is within
     # float32's own error of the float64 result: the windowed run may round differently, not worse.
-    exact = fn(copy.deepcopy(model).double(), table.double(), torch.as_tensor(tokens), offsets,
-               torch.from_numpy(c0).double()).numpy()
+    exact = fn(
+        copy.deepcopy(model).double(), table.double(), torch.as_tensor(tokens), offsets, torch.from_numpy(c0).double()
+    ).numpy()
     ulp = np.finfo(np.float32).eps * np.abs(exact).max()
     bound = 2 * np.abs(whole - exact).max() + 4 * ulp
     assert 0 < np.abs(whole - exact).max() < 1e3 * ulp  # the reference is float64, the runs float32
@@ -123,26 +125,27 @@ def test_small_budget_gives_the_same_contexts(scheme, tmp_path):
     for budget in (1 << 30, 1):
         torch.manual_seed(4)
         model = NewLLM(40, 8, 6, 2)
-        res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU, memory_budget=budget,
-                       scratch=tmp_path)
+        res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU, memory_budget=budget, scratch=tmp_path)
         runs.append((res.contexts.read(0, len(tokens)).copy(), res.history, res.contexts.path))
     (a, hist_a, path_a), (b, hist_b, path_b) = runs
     assert path_a is None and path_b is not None and path_b.parent == tmp_path
     assert np.array_equal(a, b)
-    assert [{k: v for k, v in h.items() if k != "seconds"} for h in hist_a] == \
-        [{k: v for k, v in h.items() if k != "seconds"} for h in hist_b]
+    assert [{k: v for k, v in h.items() if k != "seconds"} for h in hist_a] == [
+        {k: v for k, v in h.items() if k != "seconds"} for h in hist_b
+    ]
     assert len(list(tmp_path.iterdir())) == 1  # only the live result's file; spares were deleted
 
 
 def test_kernel_rule_follows_rows_per_lockstep_step():
     from newllm_cli.model.recurrence import choose_kernel
+
     equal = lambda docs, length: np.arange(docs + 1) * length  # noqa: E731
-    assert choose_kernel("auto", CPU, 16, equal(8192, 20)) == "numba"       # small C: never lockstep
-    assert choose_kernel("auto", CPU, 768, equal(1, 500)) == "torch"        # one wide stream: BLAS
+    assert choose_kernel("auto", CPU, 16, equal(8192, 20)) == "numba"  # small C: never lockstep
+    assert choose_kernel("auto", CPU, 768, equal(1, 500)) == "torch"  # one wide stream: BLAS
     assert choose_kernel("auto", CPU, 256, equal(64, 100)) == "torch"
-    skewed = np.concatenate([equal(63, 100), [6300 + 100_000]])             # one long document
+    skewed = np.concatenate([equal(63, 100), [6300 + 100_000]])  # one long document
     assert choose_kernel("auto", CPU, 256, skewed) == "numba"
-    assert choose_kernel("numba", CPU, 768, equal(1, 500)) == "numba"       # an explicit choice stands
+    assert choose_kernel("numba", CPU, 768, equal(1, 500)) == "numba"  # an explicit choice stands
     assert choose_kernel("auto", torch.device("cuda"), 16, equal(1, 5)) == "torch"
 
 
@@ -152,13 +155,16 @@ def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkey
     from newllm_cli.runtime import interrupt
     from newllm_cli.store.artifacts import Resumable
     from newllm_cli.runtime.errors import Interrupted
+
     tokens, offsets = _corpus([400, 300, 500], 30, seed=5)
     cfg = Phase1Settings(max_iterations=5, min_converged_ratio=1.0)
 
     def run(**kw):
         torch.manual_seed(2)
-        return run_cvfp(NewLLM(30, 6, 4, 2), tokens, offsets, cfg, train=True, device=CPU, memory_budget=1,
-                        scratch=tmp_path, **kw)
+        return run_cvfp(
+            NewLLM(30, 6, 4, 2), tokens, offsets, cfg, train=True, device=CPU, memory_budget=1, scratch=tmp_path, **kw
+        )
+
     whole = run().contexts.read(0, len(tokens)).copy()
     resumable = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
     seen = []

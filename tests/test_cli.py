@@ -1,4 +1,5 @@
 """Every stage through the CLI: artifacts, chaining, settings precedence, errors and exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -26,27 +27,44 @@ def test_help_reads_well(cli):
     r = cli("prepare-data", "--help")  # only the settings the command uses
     assert "Phase1 settings" not in r.out and "--scheme" not in r.out and "--phase2-l2" not in r.out
     assert "--phase2-l2" not in cli("phase1", "--help").out
-    assert cli("config", "--no-use-distribution-reg", "--json").json()["settings"]["phase1"]["use_distribution_reg"] is False
+    assert (
+        cli("config", "--no-use-distribution-reg", "--json").json()["settings"]["phase1"]["use_distribution_reg"]
+        is False
+    )
 
 
 def test_no_option_name_is_cut_at_80_columns(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    for name in (None, "prepare-data", "phase1", "analyze", "phase2", "full", "generate", "config", "sweep", "runs",
-                 "compare"):
+    for name in (
+        None,
+        "prepare-data",
+        "phase1",
+        "analyze",
+        "phase2",
+        "full",
+        "generate",
+        "config",
+        "sweep",
+        "runs",
+        "compare",
+    ):
         r = cli(*([name] if name else []), "--help")
         assert r.code == 0 and max(map(len, r.out.splitlines())) <= 80, name
         assert "\u2026" not in r.out, (name, [line for line in r.out.splitlines() if "\u2026" in line])
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--context-dim", "-3"], "--context-dim -3: must be greater than 0 (model.context_dim)"),
-    (["--context-dim", "abc"], "--context-dim abc: expected a whole number"),
-    (["--scheme", "nope"], "--scheme nope: must be one of 'sequential' or 'parallel'"),
-    (["--dist-reg-weight", "1.5"], "--dist-reg-weight 1.5: must be at most 1"),
-    (["--bogus"], "No such option"),
-    (["--lr-warmup", "inf"], "--lr-warmup inf: expected a finite number"),
-    (["--source", "text_file"], "--source text_file needs --path"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--context-dim", "-3"], "--context-dim -3: must be greater than 0 (model.context_dim)"),
+        (["--context-dim", "abc"], "--context-dim abc: expected a whole number"),
+        (["--scheme", "nope"], "--scheme nope: must be one of 'sequential' or 'parallel'"),
+        (["--dist-reg-weight", "1.5"], "--dist-reg-weight 1.5: must be at most 1"),
+        (["--bogus"], "No such option"),
+        (["--lr-warmup", "inf"], "--lr-warmup inf: expected a finite number"),
+        (["--source", "text_file"], "--source text_file needs --path"),
+    ],
+)
 def test_bad_values_exit_2_with_one_line(cli, tmp_path, args, needle):
     r = cli("phase1", "--workspace", tmp_path, *args)
     assert r.code == 2
@@ -59,8 +77,17 @@ def test_full_leaves_every_artifact(cli, base_args):
     assert r.code == 0, r.err
     out = r.json()
     run = run_dir(base_args)
-    for name in ("settings.json", "phase1.pt", "contexts_train.npy", "contexts_val.npy", "phase1_train.json",
-                 "phase1_val.json", "analysis.json", "phase2.pt", "phase2.json"):
+    for name in (
+        "settings.json",
+        "phase1.pt",
+        "contexts_train.npy",
+        "contexts_val.npy",
+        "phase1_train.json",
+        "phase1_val.json",
+        "analysis.json",
+        "phase2.pt",
+        "phase2.json",
+    ):
         assert (run / name).exists(), name
     data_dir = Path(out["prepare_data"]["dataset_dir"])
     for name in ("tokenizer.json", "train.tokens.npy", "train.offsets.npy", "val.tokens.npy", "dataset.json"):
@@ -80,14 +107,21 @@ def test_full_leaves_every_artifact(cli, base_args):
     for b in report["baselines"].values():  # every comparison carries its interval and its verdict
         assert b["verdict"] in ("beats", "ties", "loses to") and b["ratio_low"] <= b["ratio"] <= b["ratio_high"]
     assert all(0 <= b["accuracy"] <= 1 for b in report["baselines"].values())  # every figure filled
-    assert all(b["size"].startswith(b["verdict"].split()[0]) and "%" in b["size"] or "x (" in b["size"]
-               for b in report["baselines"].values()) and isinstance(report["warnings"], list)
+    assert all(
+        b["size"].startswith(b["verdict"].split()[0]) and "%" in b["size"] or "x (" in b["size"]
+        for b in report["baselines"].values()
+    ) and isinstance(report["warnings"], list)
 
 
 def test_stage_by_stage_equals_full(cli, base_args):
     chain = base_args + ["--run", "chain"]
-    for stage in (["prepare-data"], ["phase1", "--split", "train"], ["phase1", "--split", "val"],
-                  ["analyze"], ["phase2", "--force"]):
+    for stage in (
+        ["prepare-data"],
+        ["phase1", "--split", "train"],
+        ["phase1", "--split", "val"],
+        ["analyze"],
+        ["phase2", "--force"],
+    ):
         r = cli(*stage, *chain)
         assert r.code == 0, (stage, r.err)
     assert cli("full", *base_args, "--run", "whole", "--force").code == 0
@@ -96,8 +130,10 @@ def test_stage_by_stage_equals_full(cli, base_args):
         assert np.array_equal(np.load(a / f"contexts_{split}.npy"), np.load(b / f"contexts_{split}.npy"))
     pa, pb = json.loads((a / "phase2.json").read_text()), json.loads((b / "phase2.json").read_text())
     assert pa["val"] == pb["val"] and pa["selection"] == pb["selection"] and pa["baselines"] == pb["baselines"]
-    assert json.loads((a / "analysis.json").read_text())["train"]["information"] == \
-        json.loads((b / "analysis.json").read_text())["train"]["information"]
+    assert (
+        json.loads((a / "analysis.json").read_text())["train"]["information"]
+        == json.loads((b / "analysis.json").read_text())["train"]["information"]
+    )
 
 
 def test_stdout_is_a_path_without_json(cli, base_args):
@@ -159,8 +195,13 @@ def test_defaults_are_the_seed_values():
     p = s.phase1
     # 100 iterations without the "diverging" stop, not 10 with it, on measurement (docs/EXPERIMENTS.md)
     assert (p.max_iterations, p.stop_on_drops, p.convergence_threshold, p.min_converged_ratio) == (100, 0, 0.02, 0.95)
-    assert (p.lr_warmup, p.lr_medium, p.lr_finetune, p.dist_reg_weight, p.use_distribution_reg) == \
-        (0.002, 0.0005, 0.0001, 0.2, True)
+    assert (p.lr_warmup, p.lr_medium, p.lr_finetune, p.dist_reg_weight, p.use_distribution_reg) == (
+        0.002,
+        0.0005,
+        0.0001,
+        0.2,
+        True,
+    )
     # Phase 2 is fitted to its optimum: only the penalty (chosen on held-out documents) and a cap remain
     assert (s.phase2.l2, s.phase2.max_iterations, s.phase2.head_init) == (None, 200, "unigram")
 
@@ -170,6 +211,7 @@ def test_artifacts_honour_the_umask(cli, base_args):
     the staged dataset directory (0700 by mkdtemp) get the umask's modes before they are renamed,
     including contexts that Phase 1 kept in files (a tiny --memory-budget)."""
     import os
+
     old = os.umask(0o022)
     try:
         assert cli("prepare-data", *base_args).code == 0
@@ -196,6 +238,7 @@ def test_phase1_capped_below_its_target_says_which_option_to_raise(cli, base_arg
 
 def test_version(cli):
     from newllm_cli import __version__
+
     r = cli("--version")
     assert r.code == 0 and r.out.strip() == f"newllm {__version__}"
 
@@ -205,8 +248,11 @@ def test_help_imports_no_torch(args):
     """Help and --version answer without importing torch or numba (seconds of start-up)."""
     import subprocess
     import sys
-    code = ("import sys; from newllm_cli.cli.app import main; code = main(%r); "
-            "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,))
+
+    code = (
+        "import sys; from newllm_cli.cli.app import main; code = main(%r); "
+        "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "heavy: [] 0"
 
@@ -235,6 +281,7 @@ def test_config_prints_the_effective_settings_as_toml_that_config_accepts(cli, b
 
 def test_full_writes_a_log_and_metrics_matching_the_reports(cli, base_args):
     import csv
+
     assert cli("full", *base_args, "--force").code == 0
     run = run_dir(base_args)
     log = (run / "log.txt").read_text()
@@ -251,12 +298,14 @@ def test_full_writes_a_log_and_metrics_matching_the_reports(cli, base_args):
     assert {r["stage"] for r in rows} >= {"phase1", "phase2_phase1", "phase2_untrained"}
     assert cli("phase1", *base_args, "--split", "val").code == 0  # a rerun replaces its own rows
     again = list(csv.DictReader((run / "metrics.csv").open()))
-    assert len([r for r in again if r["stage"] == "phase1" and r["split"] == "val"]) == \
-        len([r for r in rows if r["stage"] == "phase1" and r["split"] == "val"])
+    assert len([r for r in again if r["stage"] == "phase1" and r["split"] == "val"]) == len(
+        [r for r in rows if r["stage"] == "phase1" and r["split"] == "val"]
+    )
 
 
 def test_tensorboard_events_hold_the_reported_figures(cli, base_args):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     assert cli("prepare-data", *base_args).code == 0
     assert cli("phase1", *base_args, "--phase1-max-iterations", "4", "--tensorboard").code == 0
     history = json.loads((run_dir(base_args) / "phase1_train.json").read_text())["history"]

@@ -1,4 +1,5 @@
 """Sources, tokenizers and token arrays on small fixtures; bad input fails with exit 2 and no leftovers."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,12 @@ from newllm_cli.settings import DataSettings
 
 
 def dialogue(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"question {i} about rivers"},
-                         {"role": "assistant", "content": f"answer {i} about stones"}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"question {i} about rivers"},
+            {"role": "assistant", "content": f"answer {i} about stones"},
+        ]
+    }
 
 
 def load_split(dataset_dir: Path, split: str) -> list[list[int]]:
@@ -46,6 +51,7 @@ def test_text_dir_recursive_symlink_once_binary_skipped(tmp_path):
 def test_ultrachat_jsonl_and_parquet_through_datasets(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     rows = [dialogue(i) for i in range(5)]
     jl = tmp_path / "chat.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows))
@@ -85,8 +91,22 @@ def test_manual_validation_formats(cli, tmp_path, corpus, fmt):
         path.write_text(json.dumps(ids))
     else:
         path.write_text("\n".join(" ".join(map(str, r)) for r in ids))
-    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path", corpus,
-            "--tokenizer", "byte", "--val-source", "manual", "--val-path", path, "--json")
+    r = cli(
+        "prepare-data",
+        "--workspace",
+        tmp_path / "ws",
+        "--source",
+        "text_file",
+        "--path",
+        corpus,
+        "--tokenizer",
+        "byte",
+        "--val-source",
+        "manual",
+        "--val-path",
+        path,
+        "--json",
+    )
     assert r.code == 0, r.err
     assert load_split(Path(r.json()["dataset_dir"]), "val") == ids
 
@@ -126,8 +146,20 @@ def test_bad_inputs_exit_2_and_leave_nothing(cli, tmp_path, corpus):
 def test_more_samples_than_exist_warns_and_uses_all(cli, tmp_path):
     chat = tmp_path / "chat.jsonl"
     chat.write_text("\n".join(json.dumps(dialogue(i)) for i in range(4)))
-    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "ultrachat", "--path", chat,
-            "--num-samples", "10", "--tokenizer", "byte", "--json")
+    r = cli(
+        "prepare-data",
+        "--workspace",
+        tmp_path / "ws",
+        "--source",
+        "ultrachat",
+        "--path",
+        chat,
+        "--num-samples",
+        "10",
+        "--tokenizer",
+        "byte",
+        "--json",
+    )
     assert r.code == 0 and "using all" in r.err
     assert r.json()["train"]["documents"] + r.json()["val"]["documents"] == 4
 
@@ -144,8 +176,17 @@ def test_hub_unreachable_says_how_to_use_a_local_export(cli, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "ultrachat", "--num-samples", "3")
     assert r.code == 2 and "--path" in r.err and len(r.err.strip().splitlines()) == 1
-    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path",
-            make_text(tmp_path), "--tokenizer", "gpt2")
+    r = cli(
+        "prepare-data",
+        "--workspace",
+        tmp_path / "ws",
+        "--source",
+        "text_file",
+        "--path",
+        make_text(tmp_path),
+        "--tokenizer",
+        "gpt2",
+    )
     assert r.code == 2 and "tokenizer.json" in r.err
 
 
@@ -157,10 +198,21 @@ def make_text(tmp_path: Path) -> Path:
 
 def test_a_local_tokenizer_json_is_used_and_stored(cli, tmp_path):
     from newllm_cli.data.tokenizer import train_bpe
+
     tok_path = tmp_path / "mine.json"
     train_bpe(["some words for a tokenizer", "more words"], 300).save(str(tok_path))
-    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path",
-            make_text(tmp_path), "--tokenizer", tok_path, "--json")
+    r = cli(
+        "prepare-data",
+        "--workspace",
+        tmp_path / "ws",
+        "--source",
+        "text_file",
+        "--path",
+        make_text(tmp_path),
+        "--tokenizer",
+        tok_path,
+        "--json",
+    )
     assert r.code == 0, r.err
     stored = Path(r.json()["dataset_dir"]) / "tokenizer.json"
     assert json.loads(stored.read_text())["model"]["vocab"] == json.loads(tok_path.read_text())["model"]["vocab"]
@@ -168,7 +220,10 @@ def test_a_local_tokenizer_json_is_used_and_stored(cli, tmp_path):
 
 def test_a_new_source_does_not_inherit_the_old_path(cli, tmp_path):
     ws = ["--workspace", tmp_path / "ws"]
-    assert cli("prepare-data", *ws, "--source", "text_file", "--path", make_text(tmp_path), "--tokenizer", "byte").code == 0
+    assert (
+        cli("prepare-data", *ws, "--source", "text_file", "--path", make_text(tmp_path), "--tokenizer", "byte").code
+        == 0
+    )
     r = cli("prepare-data", *ws, "--source", "sample", "--num-samples", "4", "--json")
     assert r.code == 0, r.err
     # another source starts from its defaults: neither the path nor the tokenizer of the old one
@@ -181,9 +236,28 @@ def test_encoding_reads_latin1_and_the_error_names_the_option(cli, tmp_path):
     ws = str(tmp_path / "ws")
     r = cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--tokenizer", "byte")
     assert r.code == 2 and "--encoding" in r.err and "0xe9" in r.err and len(r.err.strip().splitlines()) == 1
-    assert list(sources.text_file_documents(str(p), "latin-1")) == ["un caf\u00e9 cr\u00e8me", "une cr\u00eape br\u00fbl\u00e9e"]
-    assert cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--tokenizer", "byte",
-               "--encoding", "latin-1", "--val-ratio", "0.5").code == 0
+    assert list(sources.text_file_documents(str(p), "latin-1")) == [
+        "un caf\u00e9 cr\u00e8me",
+        "une cr\u00eape br\u00fbl\u00e9e",
+    ]
+    assert (
+        cli(
+            "prepare-data",
+            "--workspace",
+            ws,
+            "--source",
+            "text_file",
+            "--path",
+            p,
+            "--tokenizer",
+            "byte",
+            "--encoding",
+            "latin-1",
+            "--val-ratio",
+            "0.5",
+        ).code
+        == 0
+    )
     for bad in ("klingon", "utf-16"):  # unknown, or line breaks wider than a byte
         r = cli("prepare-data", "--workspace", ws, "--source", "text_file", "--path", p, "--encoding", bad)
         assert r.code == 2 and "data.encoding" in r.err
@@ -195,6 +269,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_ids(monkeypatch):
     byte-level pre-tokenizer cuts anyway, so the ids are those of the whole document."""
     from newllm_cli.data import dataset
     from newllm_cli.data import tokenizer as tokenizers
+
     rng = np.random.default_rng(0)
     words = ["the", "river", "stone,", "light.", "  double", "\nnew", "x" * 40, "tab\t", "", "code()"]
     text = " ".join(rng.choice(words) for _ in range(3000))

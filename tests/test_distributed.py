@@ -1,5 +1,6 @@
 """Data parallelism under torchrun (gloo, 2 processes on this machine): the same artifacts as one
 process, Ctrl-C and a killed rank end the job with a resume point that any world size continues."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,6 @@ from newllm_cli.runtime import distributed
 from newllm_cli.training.pairs import pair_block, pair_documents
 
 from conftest import make_corpus
-
 
 
 class FakeRanks(distributed.Group):
@@ -62,9 +62,19 @@ def test_pair_blocks_of_the_ranks_are_all_pairs_in_order():
 
 # ---- the CLI under torchrun ---------------------------------------------------------------------
 
+
 def torchrun(*args: str, nproc: int = 2, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "newllm_cli", "--", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "newllm_cli",
+        "--",
+        *args,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -84,8 +94,22 @@ def uneven(tmp_path_factory) -> Path:
 
 
 def common(ws: Path, corpus: Path, *extra: str) -> list[str]:
-    return ["--workspace", str(ws), "--source", "text_file", "--path", str(corpus), "--tokenizer", "byte",
-            "--threads", "1", "--phase2-max-iterations", "40", "--quiet", *extra]
+    return [
+        "--workspace",
+        str(ws),
+        "--source",
+        "text_file",
+        "--path",
+        str(corpus),
+        "--tokenizer",
+        "byte",
+        "--threads",
+        "1",
+        "--phase2-max-iterations",
+        "40",
+        "--quiet",
+        *extra,
+    ]
 
 
 def close(a, b, what: str) -> None:
@@ -93,8 +117,15 @@ def close(a, b, what: str) -> None:
     world size, resume point and memory budget gives one process's bits with the same --threads."""
     if isinstance(a, dict):
         for k in a:
-            if k not in ("seconds", "token_iterations_per_second", "path", "contexts", "checkpoint", "plots",
-                         "world_size"):
+            if k not in (
+                "seconds",
+                "token_iterations_per_second",
+                "path",
+                "contexts",
+                "checkpoint",
+                "plots",
+                "world_size",
+            ):
                 close(a[k], b[k], f"{what}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), what
@@ -125,8 +156,9 @@ def test_two_ranks_give_the_artifacts_of_one_process(tmp_path, uneven):
     for stage in (["phase1", "--split", "train"], ["phase1", "--split", "val"], ["phase2"]):
         code, out, err = finished(torchrun(*stage, *args, "--run", "two"))
         assert code == 0, err
-        assert out.count("\n") == 1 and out.strip().endswith(("runs/two/contexts_train.npy", "contexts_val.npy",
-                                                              "phase2.pt")), out  # the leader's line only
+        assert out.count("\n") == 1 and out.strip().endswith(
+            ("runs/two/contexts_train.npy", "contexts_val.npy", "phase2.pt")
+        ), out  # the leader's line only
         assert "rank 1" not in err  # the other rank is silent
     one, two = ws / "runs" / "one", ws / "runs" / "two"
     same_artifacts(one, two)  # each process with one thread, as the single one: the same bits
@@ -181,6 +213,7 @@ def reference(tmp_path_factory, uneven):
             assert r.returncode == 0, r.stderr
             made[extra] = ws / "runs" / "ref"
         return made[extra]
+
     return run
 
 

@@ -2,6 +2,7 @@
 where and how), then the command that reads it. Whatever the damage, the command ends with an exit
 code of the README's table, at most one error line and no traceback, and leaves the good artifacts
 as they were."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,11 +24,16 @@ from newllm_cli.cli.app import main
 EXITS = {0, 2, 3, 4}
 FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
 READER = {  # the artifact -> the (quick) command that reads it first
-    "tokens": ["phase1", "--split", "val"], "offsets": ["phase1", "--split", "val"],
-    "dataset.json": ["phase1", "--split", "val"], "tokenizer.json": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
-    "settings.json": ["phase1", "--split", "val"], "phase1.pt": ["phase1", "--split", "val"],
-    "phase1_train.json": ["analyze", "--probe-rows", "0"], "contexts_train.npy": ["analyze", "--probe-rows", "0"],
-    "phase1_val.json": ["analyze", "--probe-rows", "0"], "contexts_val.npy": ["analyze", "--probe-rows", "0"],
+    "tokens": ["phase1", "--split", "val"],
+    "offsets": ["phase1", "--split", "val"],
+    "dataset.json": ["phase1", "--split", "val"],
+    "tokenizer.json": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+    "settings.json": ["phase1", "--split", "val"],
+    "phase1.pt": ["phase1", "--split", "val"],
+    "phase1_train.json": ["analyze", "--probe-rows", "0"],
+    "contexts_train.npy": ["analyze", "--probe-rows", "0"],
+    "phase1_val.json": ["analyze", "--probe-rows", "0"],
+    "contexts_val.npy": ["analyze", "--probe-rows", "0"],
     "phase2.pt": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
     "analysis.json": ["phase2", "--force"],
 }
@@ -40,8 +46,13 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     corpus = make_corpus(root / "corpus.txt", docs=16)
     base = ["--workspace", str(root / "ws"), "--source", "text_file", "--path", str(corpus), *FAST]
-    for cmd in (["prepare-data"], ["phase1"], ["phase1", "--split", "val"], ["analyze", "--probe-rows", "0"],
-                ["phase2", "--force"]):
+    for cmd in (
+        ["prepare-data"],
+        ["phase1"],
+        ["phase1", "--split", "val"],
+        ["analyze", "--probe-rows", "0"],
+        ["phase2", "--force"],
+    ):
         assert main([*cmd, *base]) == 0, cmd
     return root, base
 
@@ -62,9 +73,10 @@ def digest(ws: Path) -> dict:
 
 # --- ways to damage a file -------------------------------------------------------------------------
 
+
 def truncate(path: Path, data) -> None:
     blob = path.read_bytes()
-    path.write_bytes(blob[:data.draw(st.integers(0, max(len(blob) - 1, 0)))])
+    path.write_bytes(blob[: data.draw(st.integers(0, max(len(blob) - 1, 0)))])
 
 
 def flip(path: Path, data) -> None:
@@ -81,7 +93,7 @@ def npy(path: Path, data) -> None:
     if how == "dtype":
         a = a.astype(data.draw(st.sampled_from([np.float64, np.int8, np.bool_, np.complex64, np.uint64])))
     elif how == "rows":
-        a = a[:data.draw(st.integers(0, max(len(a) - 1, 0)))]
+        a = a[: data.draw(st.integers(0, max(len(a) - 1, 0)))]
     elif how == "cols":
         a = a[:, :-1] if a.ndim == 2 else a.reshape(-1, 1)
     elif how == "nonfinite" and a.dtype.kind == "f" and a.size:
@@ -90,12 +102,19 @@ def npy(path: Path, data) -> None:
     elif how == "scalar":
         a = np.array(data.draw(st.integers(-5, 5)))
     elif how == "negative" and a.size:
-        a = a.astype(np.int64) - data.draw(st.integers(1, 10 ** 6))
+        a = a.astype(np.int64) - data.draw(st.integers(1, 10**6))
     np.save(path, a)
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10 ** 6), st.floats(allow_nan=True),
-                        st.text(max_size=5), st.lists(st.integers(), max_size=3), st.just({}))
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=3),
+    st.just({}),
+)
 
 
 def json_edit(path: Path, data) -> None:
@@ -139,8 +158,11 @@ def empty(path: Path, data) -> None:
     path.write_bytes(b"")
 
 
-DAMAGE = {".npy": [truncate, flip, npy, empty], ".json": [truncate, flip, json_edit, empty],
-          ".pt": [truncate, flip, ckpt_edit, empty]}
+DAMAGE = {
+    ".npy": [truncate, flip, npy, empty],
+    ".json": [truncate, flip, json_edit, empty],
+    ".pt": [truncate, flip, ckpt_edit, empty],
+}
 
 
 def run_damaged(built, name: str, data) -> None:
@@ -176,11 +198,16 @@ CASES["analysis.json"] = 12
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_damaged_artifacts_end_cleanly(built, name):
-    @settings(max_examples=CASES[name], deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=CASES[name],
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(data=st.data())
     def case(data):
         run_damaged(built, name, data)
+
     case()
 
 

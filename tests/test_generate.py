@@ -1,4 +1,5 @@
 """generate: deterministic for a seed, the requested length, and starts from the prompt's fixed context."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def test_generation_starts_from_the_prompts_fixed_context():
     model, head = NewLLM(30, 6, 5, 2), Head(6, 30)
     ids = np.array([3, 7, 7, 1, 9])
     cfg = Phase1Settings()
-    new, start = gen.sample(model, head, "context", ids, cfg, max_new_tokens=4, temperature=0,
-                            top_k=0, seed=0, device=torch.device("cpu"))
+    new, start = gen.sample(
+        model, head, "context", ids, cfg, max_new_tokens=4, temperature=0, top_k=0, seed=0, device=torch.device("cpu")
+    )
     fixed = run_cvfp(model, ids, np.array([0, 5]), cfg, train=False, device=torch.device("cpu")).contexts
     assert torch.equal(start, torch.from_numpy(fixed.read(4, 5)[0]))
     with torch.no_grad():  # greedy: the first token is the head's argmax at the fixed context

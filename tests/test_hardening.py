@@ -1,5 +1,6 @@
 """The reproductions of the hardening issue, one named test each: damaged or tampered artifacts,
 concurrent writers, left-over temporary files, odd option values, Ctrl-C at start-up."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def finished(cli, base_args) -> Path:
 def one_error(r, code: int, *needles: str) -> None:
     lines = r.err.strip().splitlines()
     assert r.code == code, r.err
-    assert "Traceback" not in r.err and lines[-1].startswith("Error:") and sum(l.startswith("Error:") for l in lines) == 1
+    assert (
+        "Traceback" not in r.err and lines[-1].startswith("Error:") and sum(l.startswith("Error:") for l in lines) == 1
+    )
     assert all(n in lines[-1] for n in needles), lines[-1]
 
 
@@ -87,10 +90,12 @@ def test_contexts_of_the_wrong_width_are_refused(cli, base_args):
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_exit_1(cli, base_args, monkeypatch):
     import errno
+
     assert cli("prepare-data", *base_args).code == 0
 
     def full(self, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
     monkeypatch.setattr(Path, "write_bytes", full)
     one_error(cli("phase1", *base_args, "--phase1-max-iterations", "2"), 1, "No space left on device")
 
@@ -99,9 +104,22 @@ def test_two_writers_on_one_run(base_args, tmp_path):
     ws = Path(base_args[1])
     big = make_corpus(tmp_path / "big.txt", docs=1500)
     base_args = [a if a != base_args[base_args.index("--path") + 1] else str(big) for a in base_args]
-    cmd = [sys.executable, "-m", "newllm_cli", "phase1", *base_args, "--phase1-min-iterations", "40",
-           "--phase1-max-iterations", "40", "--json"]
-    assert subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", *base_args], capture_output=True).returncode == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "newllm_cli",
+        "phase1",
+        *base_args,
+        "--phase1-min-iterations",
+        "40",
+        "--phase1-max-iterations",
+        "40",
+        "--json",
+    ]
+    assert (
+        subprocess.run([sys.executable, "-m", "newllm_cli", "prepare-data", *base_args], capture_output=True).returncode
+        == 0
+    )
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = ws / "locks" / "run-default.lock"
     deadline = time.time() + 60
@@ -113,7 +131,10 @@ def test_two_writers_on_one_run(base_args, tmp_path):
     assert second.returncode == 3 and f"in use by PID {first.pid}" in second.stderr, second.stderr
     saved = np.load(ws / "runs/default/contexts_train.npy")  # the run's artifacts are the first command's
     report = json.loads(out)
-    assert len(saved) == report["tokens"] and json.loads((ws / "runs/default/phase1_train.json").read_text())["seconds"] == report["seconds"]
+    assert (
+        len(saved) == report["tokens"]
+        and json.loads((ws / "runs/default/phase1_train.json").read_text())["seconds"] == report["seconds"]
+    )
 
 
 def test_temporary_files_of_dead_processes_are_swept(cli, base_args):
@@ -150,11 +171,26 @@ def test_odd_values_are_usage_errors(cli, base_args, tmp_path, monkeypatch):
 
 def test_ctrl_c_during_start_up_and_prepare_data_is_one_line_exit_130(tmp_path):
     corpus = make_corpus(tmp_path / "big.txt", docs=40000)
-    for delay, args in ((0.3, ["phase1", "--workspace", str(tmp_path / "a")]),
-                        (3.5, ["prepare-data", "--workspace", str(tmp_path / "b"), "--source", "text_file",
-                               "--path", str(corpus), "--tokenizer-vocab-size", "30000"])):
-        p = subprocess.Popen([sys.executable, "-m", "newllm_cli", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    for delay, args in (
+        (0.3, ["phase1", "--workspace", str(tmp_path / "a")]),
+        (
+            3.5,
+            [
+                "prepare-data",
+                "--workspace",
+                str(tmp_path / "b"),
+                "--source",
+                "text_file",
+                "--path",
+                str(corpus),
+                "--tokenizer-vocab-size",
+                "30000",
+            ],
+        ),
+    ):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "newllm_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
@@ -166,20 +202,54 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_result(t
     """kill -9 in the middle of each stage; the same command again yields exactly what an
     uninterrupted run yields, and no temporary file of the killed process stays behind."""
     import random
+
     corpus = make_corpus(tmp_path / "corpus.txt", docs=400)
     rng = random.Random(7)
 
     def newllm(ws: Path, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "newllm_cli", *args, "--workspace", str(ws), "--source",
-                               "text_file", "--path", str(corpus), "--phase1-max-iterations", "30",
-                               "--phase2-max-iterations", "30", "--no-control"], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "newllm_cli",
+                *args,
+                "--workspace",
+                str(ws),
+                "--source",
+                "text_file",
+                "--path",
+                str(corpus),
+                "--phase1-max-iterations",
+                "30",
+                "--phase2-max-iterations",
+                "30",
+                "--no-control",
+            ],
+            capture_output=True,
+            text=True,
+        )
+
     stages = [["prepare-data"], ["phase1"], ["phase1", "--split", "val"], ["phase2", "--force"]]
     for stage in stages:  # the reference
         assert newllm(tmp_path / "ref", *stage).returncode == 0, stage
     for stage in stages:
-        cmd = [sys.executable, "-m", "newllm_cli", *stage, "--workspace", str(tmp_path / "k"), "--source",
-               "text_file", "--path", str(corpus), "--phase1-max-iterations", "30", "--phase2-max-iterations", "30",
-               "--no-control"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "newllm_cli",
+            *stage,
+            "--workspace",
+            str(tmp_path / "k"),
+            "--source",
+            "text_file",
+            "--path",
+            str(corpus),
+            "--phase1-max-iterations",
+            "30",
+            "--phase2-max-iterations",
+            "30",
+            "--no-control",
+        ]
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(2.0, 4.0))
         p.send_signal(signal.SIGKILL)
@@ -191,7 +261,9 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_the_uninterrupted_result(t
         assert np.array_equal(np.load(ref_run / name), np.load(run / name)), name
     for name in ("phase1_train.json", "phase2.json"):
         a, b = (json.loads((d / name).read_text()) for d in (ref_run, run))
-        assert a["converged_ratio" if "phase1" in name else "val"] == b["converged_ratio" if "phase1" in name else "val"]
+        assert (
+            a["converged_ratio" if "phase1" in name else "val"] == b["converged_ratio" if "phase1" in name else "val"]
+        )
     leftovers = [p for p in (tmp_path / "k").rglob(".*") if p.name not in (".lock",) and "locks" not in p.parts]
     assert not leftovers, leftovers
 
@@ -208,6 +280,7 @@ def test_prepare_data_rebuilds_its_own_damaged_output(cli, base_args):
 def test_parallel_commands_do_not_trip_over_the_writability_probe(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     from newllm_cli.store.artifacts import Workspace
+
     ws = Workspace(tmp_path, "r")
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: ws.ensure(), range(800)))  # raised "not writable" before

@@ -1,4 +1,5 @@
 """Phase 1 maths against hand computations and naive token-by-token references."""
+
 from __future__ import annotations
 
 import copy
@@ -8,7 +9,15 @@ import pytest
 import torch
 
 from newllm_cli.model.network import NewLLM
-from newllm_cli.training.phase1 import Comparison, accumulate_gradient, dist_loss, learning_rate, phase1_losses, run_cvfp, set_gradients
+from newllm_cli.training.phase1 import (
+    Comparison,
+    accumulate_gradient,
+    dist_loss,
+    learning_rate,
+    phase1_losses,
+    run_cvfp,
+    set_gradients,
+)
 from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
 from newllm_cli.store.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
@@ -80,9 +89,9 @@ def two_iterations(model, tokens, offsets) -> tuple[torch.Tensor, torch.Tensor]:
 def test_dist_loss_matches_hand_computation():
     q = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 4.0]])
     # column means 2 and 2; population variances 2/3 and 8/3
-    expected = ((2.0 ** 2 + 2.0 ** 2) / 2) + (((2 / 3 - 1) ** 2 + (8 / 3 - 1) ** 2) / 2)
+    expected = ((2.0**2 + 2.0**2) / 2) + (((2 / 3 - 1) ** 2 + (8 / 3 - 1) ** 2) / 2)
     assert dist_loss(q).item() == pytest.approx(expected, rel=1e-6)
-    sample_var = ((2.0 ** 2 + 2.0 ** 2) / 2) + (((1.0 - 1) ** 2 + (4.0 - 1) ** 2) / 2)
+    sample_var = ((2.0**2 + 2.0**2) / 2) + (((1.0 - 1) ** 2 + (4.0 - 1) ** 2) / 2)
     assert dist_loss(q).item() != pytest.approx(sample_var, rel=1e-3)
 
 
@@ -164,8 +173,23 @@ def test_training_gradient_equals_token_by_token_reference():
     for s, e in qs.chunks(7):
         stats.add(qs.read(s, e), ps.read(s, e), 0.02)
     model.zero_grad()
-    set_gradients(model, accumulate_gradient(model, embedding_table(model, CPU), tokens, offsets, qs, c0.numpy(),
-                                             qs, ps, stats, cfg, 7, blocks=np.array([0, 13, 20, 40])))
+    set_gradients(
+        model,
+        accumulate_gradient(
+            model,
+            embedding_table(model, CPU),
+            tokens,
+            offsets,
+            qs,
+            c0.numpy(),
+            qs,
+            ps,
+            stats,
+            cfg,
+            7,
+            blocks=np.array([0, 13, 20, 40]),
+        ),
+    )
     # reference: token by token with autograd, incoming context detached at every step
     outs = []
     for d in range(2):
@@ -200,8 +224,9 @@ def test_training_updates_only_the_context_blocks():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens, offsets = corpus()
-    res = run_cvfp(model, tokens, offsets, Phase1Settings(max_iterations=4, min_converged_ratio=1.0),
-                   train=True, device=CPU)
+    res = run_cvfp(
+        model, tokens, offsets, Phase1Settings(max_iterations=4, min_converged_ratio=1.0), train=True, device=CPU
+    )
     assert res.optimizer_steps == 2  # iterations 2 and 3; none after the final sweep
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("blocks.") for k in changed)
@@ -211,8 +236,9 @@ def test_saved_contexts_are_those_of_the_final_weights():
     """No optimizer step follows the final sweep: inside each document c_t = f(x_t, c_{t-1}) exactly."""
     model = tiny()
     tokens, offsets = corpus()
-    res = run_cvfp(model, tokens, offsets, Phase1Settings(max_iterations=5, min_converged_ratio=1.0),
-                   train=True, device=CPU)
+    res = run_cvfp(
+        model, tokens, offsets, Phase1Settings(max_iterations=5, min_converged_ratio=1.0), train=True, device=CPU
+    )
     assert res.optimizer_steps == 3 and res.history[-1]["lr"] is None
     q = rows(res)
     with torch.no_grad():
@@ -236,8 +262,7 @@ def test_same_seed_same_contexts(scheme):
 def test_parallel_iteration_is_one_jacobi_step_with_wraparound():
     model = tiny()
     tokens, offsets = corpus()
-    two = run_cvfp(model, tokens, offsets, Phase1Settings(scheme="parallel", max_iterations=2),
-                   train=False, device=CPU)
+    two = run_cvfp(model, tokens, offsets, Phase1Settings(scheme="parallel", max_iterations=2), train=False, device=CPU)
     emb = model.embed_tokens(torch.as_tensor(tokens)).detach()
     with torch.no_grad():
         p = model.step(emb, torch.zeros(len(tokens), model.context_dim))  # iteration 1 from zeros
@@ -258,6 +283,7 @@ def test_concat_is_one_stream():
 
 def test_diverging_training_stops_after_two_drops():
     from newllm_cli.training.phase1 import _stop_reason as _should_stop  # a reason is truthy, None is not
+
     cfg = Phase1Settings(stop_on_drops=2)  # the seed's rule; off by default
     hist = [{"converged_ratio": None}, {"converged_ratio": 0.9}, {"converged_ratio": 0.8}]
     assert _should_stop(hist, 0.7, cfg, train=True, steps=3)
@@ -293,6 +319,7 @@ def test_adam_is_torch_adam_bit_for_bit():
     """Our Adam against torch.optim.Adam: same updates, with a parameter that has no gradient and a
     learning rate that changes between steps, as in Phase 1."""
     from newllm_cli.training.adam import Adam
+
     torch.manual_seed(0)
     ours = [torch.randn(5, 3), torch.randn(4), torch.randn(2)]
     ref = [p.clone() for p in ours]

@@ -1,4 +1,5 @@
 """Phase 2: the head, its metrics and the baselines against direct computations."""
+
 from __future__ import annotations
 
 import math
@@ -111,18 +112,30 @@ def _reference_optimum(train, val, vocab, prior, l2):
     prior = torch.as_tensor(prior, dtype=torch.float64)
     w = torch.zeros(vocab, t.shape[1], dtype=torch.float64, requires_grad=True)
     b = prior.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        max_iter=2000,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(white(train.inputs) @ w.t() + b, train.targets) + \
-            0.5 * l2 * ((w ** 2).sum() + ((b - prior) ** 2).sum())
+        loss = F.cross_entropy(white(train.inputs) @ w.t() + b, train.targets) + 0.5 * l2 * (
+            (w**2).sum() + ((b - prior) ** 2).sum()
+        )
         loss.backward()
         return loss
+
     opt.step(closure)
     with torch.no_grad():
-        return F.cross_entropy(white(val.inputs) @ w.t() + b, val.targets).item(), w @ t.t(), b - (w @ t.t()) @ torch.as_tensor(mean)
+        return (
+            F.cross_entropy(white(val.inputs) @ w.t() + b, val.targets).item(),
+            w @ t.t(),
+            b - (w @ t.t()) @ torch.as_tensor(mean),
+        )
 
 
 def test_tied_classes_whitening_and_scaling_reach_the_naive_optimum(monkeypatch):
@@ -180,18 +193,32 @@ def test_bootstrap_verdict_against_hand_cases():
     assert verdict.units(np.zeros(90, dtype=int))[1] == "30 blocks of contiguous pairs"
     # the size in words: exp(-0.5) = 0.6065, so 39.3% lower perplexity, a degenerate interval
     assert same["size"] == "beats by 39.3% (39.3%-39.3%)"
-    assert verdict.size({"verdict": "loses to", "ratio_low": 1.01, "ratio": 1.017, "ratio_high": 1.025}) == \
-        "loses by 1.7% (1.0%-2.5%)"
-    assert verdict.size({"verdict": "ties", "ratio_low": 0.992, "ratio": 1.001, "ratio_high": 1.012}) == \
-        "ties (-0.8% to +1.2%)"
-    assert verdict.size({"verdict": "loses to", "ratio_low": 9.052, "ratio": 11.409, "ratio_high": 14.209}) == \
-        "loses by 1040.9% (805.2%-1320.9%)"  # one wording at every size
+    assert (
+        verdict.size({"verdict": "loses to", "ratio_low": 1.01, "ratio": 1.017, "ratio_high": 1.025})
+        == "loses by 1.7% (1.0%-2.5%)"
+    )
+    assert (
+        verdict.size({"verdict": "ties", "ratio_low": 0.992, "ratio": 1.001, "ratio_high": 1.012})
+        == "ties (-0.8% to +1.2%)"
+    )
+    assert (
+        verdict.size({"verdict": "loses to", "ratio_low": 9.052, "ratio": 11.409, "ratio_high": 14.209})
+        == "loses by 1040.9% (805.2%-1320.9%)"
+    )  # one wording at every size
 
 
 def test_probe_advice_says_what_to_do():
     def result(**kw):
         return probe.ProbeResult(weight=torch.zeros(1), bias=torch.zeros(1), **kw)
-    assert probe.advice(result(l2=1e-3, selection=[{"l2": 1e-1}, {"l2": 3e-2}, {"l2": 1e-2}, {"l2": 3e-3}, {"l2": 1e-3}]), "head", 200) == []
+
+    assert (
+        probe.advice(
+            result(l2=1e-3, selection=[{"l2": 1e-1}, {"l2": 3e-2}, {"l2": 1e-2}, {"l2": 3e-3}, {"l2": 1e-3}]),
+            "head",
+            200,
+        )
+        == []
+    )
     capped = probe.advice(result(l2=1e-3, capped=True), "head", 200)
     assert len(capped) == 1 and "--phase2-max-iterations 200" in capped[0]
     weakest = probe.advice(result(l2=probe.L2_GRID[-1], selection=[{"l2": v} for v in probe.L2_GRID]), "head", 200)

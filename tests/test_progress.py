@@ -1,4 +1,5 @@
 """Progress bars: on a terminal they show, with rate and ETA; redirected or --quiet they do not."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,7 @@ def run(args: list[str], terminal: bool, tmp_path) -> str:
 
 def test_progress_shows_on_a_terminal_only(tmp_path):
     corpus = make_corpus(tmp_path / "corpus.txt", docs=200)
-    base = ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
-            "--tokenizer", "byte"]
+    base = ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus), "--tokenizer", "byte"]
     run(["prepare-data", *base], False, tmp_path)
     phase1 = ["phase1", *base, "--phase1-max-iterations", "3", "--rebuild"]  # each run trains again
     seen = run(phase1, True, tmp_path)
@@ -50,4 +50,6 @@ def test_progress_shows_on_a_terminal_only(tmp_path):
     assert BAR not in redirected and "\x1b[" not in redirected and "\r" not in redirected
     assert "iteration  2: cvfp" in redirected
     quiet = run([*phase1, "--quiet"], True, tmp_path)
-    assert BAR not in quiet and "iteration  2" not in quiet and "--phase1-max-iterations 3" in quiet  # the warning stays
+    assert (
+        BAR not in quiet and "iteration  2" not in quiet and "--phase1-max-iterations 3" in quiet
+    )  # the warning stays

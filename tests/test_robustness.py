@@ -1,4 +1,5 @@
 """Interrupted, corrupted, mismatched or non-finite runs: nothing lost, nothing mixed, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def test_signal_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args
     prepared(cli, base_args)
     slow = ["--phase2-max-iterations", "200", "--no-control", "--force"]
     cmd = [sys.executable, "-m", "newllm_cli", "phase2", *base_args, *slow]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -59,11 +61,17 @@ def test_signal_during_phase2_resumes_to_the_uninterrupted_result(cli, base_args
 
 def small_training():
     """Tokens, offsets, settings and a fresh network of a short Phase 1 that never converges."""
+
     def fresh():
         torch.manual_seed(1)
         return NewLLM(40, 6, 5, 2)
-    return (np.random.default_rng(0).integers(0, 40, 200), np.array([0, 80, 200]),
-            Phase1Settings(max_iterations=6, min_converged_ratio=1.0), fresh)
+
+    return (
+        np.random.default_rng(0).integers(0, 40, 200),
+        np.array([0, 80, 200]),
+        Phase1Settings(max_iterations=6, min_converged_ratio=1.0),
+        fresh,
+    )
 
 
 def test_phase1_resume_is_exact(monkeypatch):
@@ -85,15 +93,33 @@ def test_periodic_resume_points_continue_exactly():
     any of them, passed back, ends where the uninterrupted run ends."""
     import copy
     from newllm_cli.training import head_fit as probe
+
     tokens, offsets, cfg, fresh = small_training()
     whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
     saves = []
-    run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"), save_every=1e-9,
-             save_resume=lambda state, tag: saves.append((tag, copy.deepcopy(dict(state, prev=state["prev"].store.read(0, 200))))))
+    run_cvfp(
+        fresh(),
+        tokens,
+        offsets,
+        cfg,
+        train=True,
+        device=torch.device("cpu"),
+        save_every=1e-9,
+        save_resume=lambda state, tag: saves.append(
+            (tag, copy.deepcopy(dict(state, prev=state["prev"].store.read(0, 200))))
+        ),
+    )
     assert [tag for tag, _ in saves] == ["1", "2", "3", "4", "5"]  # after each iteration but the last
     tag, state = saves[2]
-    resumed = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"),
-                       resume=dict(state, prev=_store(state["prev"])))
+    resumed = run_cvfp(
+        fresh(),
+        tokens,
+        offsets,
+        cfg,
+        train=True,
+        device=torch.device("cpu"),
+        resume=dict(state, prev=_store(state["prev"])),
+    )
     assert np.array_equal(resumed.contexts.read(0, 200), whole.contexts.read(0, 200))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 3, generator=gen)
@@ -101,8 +127,15 @@ def test_periodic_resume_points_continue_exactly():
     train, val = probe.Split(x[:400], y[:400], torch.arange(400) // 20), probe.Split(x[400:], y[400:])
     plain = probe.fit(train, val, 6, np.zeros(6), max_iterations=60)
     points = []
-    probe.fit(train, val, 6, np.zeros(6), max_iterations=60, save_every=1e-9,
-              save_resume=lambda st: points.append(copy.deepcopy(st)))
+    probe.fit(
+        train,
+        val,
+        6,
+        np.zeros(6),
+        max_iterations=60,
+        save_every=1e-9,
+        save_resume=lambda st: points.append(copy.deepcopy(st)),
+    )
     assert len(points) >= 3
     again = probe.fit(train, val, 6, np.zeros(6), max_iterations=60, resume=copy.deepcopy(points[len(points) // 2]))
     assert again.val == plain.val and again.l2 == plain.l2 and again.iterations == plain.iterations
@@ -110,6 +143,7 @@ def test_periodic_resume_points_continue_exactly():
 
 def _store(rows: np.ndarray):
     from newllm_cli.store.rowstore import RowStore
+
     store = RowStore(*rows.shape)
     store.write(0, rows)
     return store
@@ -120,6 +154,7 @@ def test_a_resume_point_is_never_paired_with_another_iteration_s_rows(tmp_path):
     the checkpoint naming them leaves the previous checkpoint with its own rows."""
     from newllm_cli.store.artifacts import Resumable
     from newllm_cli.store.rowstore import RowStore
+
     res = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
     first = RowStore(5, 2)
     first.write(0, np.ones((5, 2), np.float32))
@@ -136,8 +171,16 @@ def test_a_resume_point_is_never_paired_with_another_iteration_s_rows(tmp_path):
 def _interrupt_at(iteration, model, tokens, offsets, cfg, saved, monkeypatch):
     seen = []
     monkeypatch.setattr(interrupt, "requested", lambda: len(seen) >= iteration)
-    run_cvfp(model, tokens, offsets, cfg, train=True, device=torch.device("cpu"),
-             on_iteration=seen.append, save_resume=lambda state, tag: saved.update(state))
+    run_cvfp(
+        model,
+        tokens,
+        offsets,
+        cfg,
+        train=True,
+        device=torch.device("cpu"),
+        on_iteration=seen.append,
+        save_resume=lambda state, tag: saved.update(state),
+    )
 
 
 def test_truncated_and_foreign_checkpoints_give_one_line(cli, base_args):
@@ -163,8 +206,10 @@ def test_val_contexts_from_another_run_are_refused(cli, base_args):
     assert r.code == 3 and "val contexts" in r.err and "model_id" in r.err
     r = cli("phase2", *base_args, "--force", "--rebuild")  # the user asks to rebuild instead
     assert r.code == 0, r.err
-    assert json.loads((runs / "default" / "phase1_val.json").read_text())["provenance"]["model_id"] == \
-        json.loads((runs / "default" / "phase1_train.json").read_text())["provenance"]["model_id"]
+    assert (
+        json.loads((runs / "default" / "phase1_val.json").read_text())["provenance"]["model_id"]
+        == json.loads((runs / "default" / "phase1_train.json").read_text())["provenance"]["model_id"]
+    )
 
 
 def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monkeypatch):
@@ -177,6 +222,7 @@ def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monke
     assert r.code == 3 and "NaN" in r.err and "newllm phase1 --split train" in r.err
     assert not (run / "phase2.pt").exists()
     import newllm_cli.training.phase1 as p1
+
     real = p1.Comparison.losses
     monkeypatch.setattr(p1.Comparison, "losses", lambda self, cfg: {**real(self, cfg), "loss": float("nan")})
     before = (run / "phase1.pt").read_bytes()
@@ -198,13 +244,26 @@ def test_unusable_workspace_gives_one_line(cli, tmp_path, corpus):
         assert r.code != 0 and len(r.err.strip().splitlines()) == 1
 
 
-KEYS = {"model": ["context_dim", "embed_dim", "num_layers", "bogus"],
-        "phase1": ["max_iterations", "dist_reg_weight", "scheme", "convergence_threshold"],
-        "data": ["source", "path", "val_ratio", "tokenizer"], "runtime": ["seed", "device", "run"], "extra": ["x"]}
-values = st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-                   st.booleans(), st.none(), st.lists(st.integers(), max_size=3))
-configs = st.dictionaries(st.sampled_from(sorted(KEYS)), st.dictionaries(
-    st.sampled_from(sorted({k for ks in KEYS.values() for k in ks})), values, max_size=4), max_size=4)
+KEYS = {
+    "model": ["context_dim", "embed_dim", "num_layers", "bogus"],
+    "phase1": ["max_iterations", "dist_reg_weight", "scheme", "convergence_threshold"],
+    "data": ["source", "path", "val_ratio", "tokenizer"],
+    "runtime": ["seed", "device", "run"],
+    "extra": ["x"],
+}
+values = st.one_of(
+    st.integers(-5, 50),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=3),
+)
+configs = st.dictionaries(
+    st.sampled_from(sorted(KEYS)),
+    st.dictionaries(st.sampled_from(sorted({k for ks in KEYS.values() for k in ks})), values, max_size=4),
+    max_size=4,
+)
 
 
 def assert_clean(r) -> None:
@@ -229,8 +288,21 @@ def test_random_settings_files_never_crash(cli, tmp_path, config):
 def test_malformed_token_files_never_crash(cli, tmp_path, corpus, suffix, blob):
     path = tmp_path / f"val{suffix}"
     path.write_bytes(blob)
-    r = cli("prepare-data", "--workspace", tmp_path / "ws", "--source", "text_file", "--path", corpus,
-            "--tokenizer", "byte", "--val-source", "manual", "--val-path", path)
+    r = cli(
+        "prepare-data",
+        "--workspace",
+        tmp_path / "ws",
+        "--source",
+        "text_file",
+        "--path",
+        corpus,
+        "--tokenizer",
+        "byte",
+        "--val-source",
+        "manual",
+        "--val-path",
+        path,
+    )
     assert_clean(r)
     assert r.code in (0, 2)
 
@@ -244,6 +316,7 @@ def test_write_failures_give_one_line_and_keep_old_artifacts(cli, base_args, mon
 
     def refuse(*args, **kwargs):
         raise OSError(errno, text, str(run))
+
     monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
     r = cli("phase1", *base_args, "--seed", "7")  # another seed: the stage must run (and write) again
     assert r.code != 0 and text in r.err.strip().splitlines()[-1]

@@ -1,5 +1,6 @@
 """Sweeps on Optuna: each grid point runs once across workers and processes, a killed worker's
 point is run again by the next sweep, a bad point fails alone; compare's fits against numpy."""
+
 from __future__ import annotations
 
 import json
@@ -15,20 +16,44 @@ import pytest
 
 from conftest import make_corpus
 
-FAST = ["--tokenizer", "byte", "--probe-rows", "0", "--phase2-max-iterations", "20", "--control",
-        "--phase1-max-iterations", "6"]
+FAST = [
+    "--tokenizer",
+    "byte",
+    "--probe-rows",
+    "0",
+    "--phase2-max-iterations",
+    "20",
+    "--control",
+    "--phase1-max-iterations",
+    "6",
+]
 
 
 def sweep_cmd(tmp_path: Path, name: str, *args: str) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         make_corpus(corpus, docs=60)
-    return [sys.executable, "-m", "newllm_cli", "sweep", "--name", name, "--workspace", str(tmp_path / "ws"),
-            "--source", "text_file", "--path", str(corpus), *FAST, *args]
+    return [
+        sys.executable,
+        "-m",
+        "newllm_cli",
+        "sweep",
+        "--name",
+        name,
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--source",
+        "text_file",
+        "--path",
+        str(corpus),
+        *FAST,
+        *args,
+    ]
 
 
 def trials(storage: str, name: str) -> list:
     import optuna
+
     study = optuna.load_study(study_name=name, storage=storage)
     return [t for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs]
 
@@ -39,8 +64,20 @@ def completed_once(found: list, expected: int) -> None:
 
 
 def test_grid_with_two_workers_runs_each_point_once_and_survives_a_killed_worker(tmp_path):
-    cmd = sweep_cmd(tmp_path, "g", "--grid", "num-samples=20,30", "--grid", "dist-reg-weight=0.1,0.3",
-                    "--jobs", "2", "--heartbeat", "1", "--phase1-max-iterations", "30")
+    cmd = sweep_cmd(
+        tmp_path,
+        "g",
+        "--grid",
+        "num-samples=20,30",
+        "--grid",
+        "dist-reg-weight=0.1,0.3",
+        "--jobs",
+        "2",
+        "--heartbeat",
+        "1",
+        "--phase1-max-iterations",
+        "30",
+    )
     storage = f"sqlite:///{tmp_path / 'ws' / 'sweeps.db'}"
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = []
@@ -93,9 +130,12 @@ def test_a_bad_point_fails_with_its_message_and_the_others_finish(tmp_path, cli)
 
 
 def test_usage_errors(cli, tmp_path):
-    for args, needle in ((["--grid", "nope=1,2"], "no setting --nope"), (["--grid", "context-dim"], "NAME=v1"),
-                         (["--grid", "dist-reg-weight=0:1"], "needs a search"),
-                         (["--grid", "context-dim=4,8", "--sampler", "tpe"], "needs --trials")):
+    for args, needle in (
+        (["--grid", "nope=1,2"], "no setting --nope"),
+        (["--grid", "context-dim"], "NAME=v1"),
+        (["--grid", "dist-reg-weight=0:1"], "needs a search"),
+        (["--grid", "context-dim=4,8", "--sampler", "tpe"], "needs --trials"),
+    ):
         r = cli("sweep", "--name", "u", "--workspace", tmp_path, *args)
         assert r.code == 2 and needle in r.err, r.err
 
@@ -103,17 +143,20 @@ def test_usage_errors(cli, tmp_path):
 def synthetic_run(root: Path, name: str, samples: int, tokens: int, ppl: float, rank: float, weight: float) -> None:
     run = root / "runs" / name
     run.mkdir(parents=True)
-    (run / "settings.json").write_text(json.dumps({"data": {"num_samples": samples},
-                                                   "phase1": {"dist_reg_weight": weight}, "runtime": {"run": name}}))
+    (run / "settings.json").write_text(
+        json.dumps({"data": {"num_samples": samples}, "phase1": {"dist_reg_weight": weight}, "runtime": {"run": name}})
+    )
     (run / "phase1_train.json").write_text(json.dumps({"tokens": tokens, "converged_ratio": 0.96, "seconds": 1.0}))
-    (run / "analysis.json").write_text(json.dumps({"val": {"centred": {"effective_rank": rank}, "attainable_rank": 15}}))
+    (run / "analysis.json").write_text(
+        json.dumps({"val": {"centred": {"effective_rank": rank}, "attainable_rank": 15}})
+    )
     (run / "phase2.json").write_text(json.dumps({"val": {"perplexity": ppl}, "baselines": {}}))
 
 
 def test_compare_recovers_the_scaling_law_and_the_correlation(cli, tmp_path):
     rng = np.random.default_rng(0)
     tokens = np.array([5_000, 11_000, 23_000, 52_000, 98_000])
-    ppl = 900 * tokens ** -0.4 * np.exp(rng.normal(0, 0.05, len(tokens)))
+    ppl = 900 * tokens**-0.4 * np.exp(rng.normal(0, 0.05, len(tokens)))
     rank = rng.uniform(3, 12, len(tokens))
     names = []
     for i, (n, p, r) in enumerate(zip(tokens, ppl, rank)):
@@ -123,7 +166,7 @@ def test_compare_recovers_the_scaling_law_and_the_correlation(cli, tmp_path):
     (fit,) = out["scaling"]
     alpha, log_a = np.polyfit(np.log(tokens), np.log(ppl), 1)  # direct least squares
     residual = np.log(ppl) - (log_a + alpha * np.log(tokens))
-    r2 = 1 - (residual ** 2).sum() / ((np.log(ppl) - np.log(ppl).mean()) ** 2).sum()
+    r2 = 1 - (residual**2).sum() / ((np.log(ppl) - np.log(ppl).mean()) ** 2).sum()
     assert abs(fit["alpha"] - alpha) < 1e-6 and abs(fit["r2"] - r2) < 1e-6
     assert abs(fit["A"] - np.exp(log_a)) < 1e-6 * np.exp(log_a)
     assert abs(out["rank_perplexity"]["r"] - np.corrcoef(rank, ppl)[0, 1]) < 1e-6
@@ -139,6 +182,7 @@ def postgres():
     import shutil
     import socket
     import tempfile
+
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins:
         pytest.skip("PostgreSQL server binaries not installed (Debian package postgresql)")
@@ -150,23 +194,44 @@ def postgres():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"), "-w", "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data / "db"),
+            "-l",
+            str(data / "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
 def test_two_sweep_processes_share_a_grid_on_postgresql(tmp_path, postgres):
-    cmd = sweep_cmd(tmp_path, "pg", "--grid", "num-samples=20,30", "--grid", "dist-reg-weight=0.1,0.3",
-                    "--storage", postgres)
-    procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    cmd = sweep_cmd(
+        tmp_path, "pg", "--grid", "num-samples=20,30", "--grid", "dist-reg-weight=0.1,0.3", "--storage", postgres
+    )
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err

@@ -1,5 +1,6 @@
 """Results a researcher can trust on the first try: no silent inheritance, no train/val leakage,
 figures that say when they mean little, hints that act on the same run, fast reruns of `full`."""
+
 from __future__ import annotations
 
 import io
@@ -20,11 +21,25 @@ from newllm_cli.runtime.progress import make_bar
 
 
 def _fast(tmp_path: Path, corpus: Path, *more: str) -> list[str]:
-    return ["--workspace", str(tmp_path / "ws"), "--source", "text_file", "--path", str(corpus),
-            "--tokenizer", "byte", "--phase2-max-iterations", "30", *more, "--probe-rows", "0"]  # last: see [:-2]
+    return [
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--source",
+        "text_file",
+        "--path",
+        str(corpus),
+        "--tokenizer",
+        "byte",
+        "--phase2-max-iterations",
+        "30",
+        *more,
+        "--probe-rows",
+        "0",
+    ]  # last: see [:-2]
 
 
 # 2. inheritance
+
 
 def test_a_new_source_does_not_inherit_the_old_sources_data_settings(cli, tmp_path, corpus):
     ws = ["--workspace", str(tmp_path / "ws")]
@@ -47,6 +62,7 @@ def test_config_of_a_run_that_does_not_exist_is_refused(cli, tmp_path):
 
 
 # 3. duplicates between the splits
+
 
 def _naive_duplicates(train: list[str], val: list[str]) -> list[bool]:
     norm = lambda t: " ".join(t.split())  # noqa: E731
@@ -100,21 +116,27 @@ def test_prepare_data_drops_validation_documents_seen_in_training(cli, tmp_path)
     assert meta["val_duplicates"] == dups
     kept = cli("prepare-data", "--workspace", tmp_path / "b", *args, "--val-duplicates", "keep")
     assert kept.code == 0 and kept.json()["key"] != r.json()["key"]
-    assert kept.json()["val_duplicates"]["dropped"] == 0 and kept.json()["val_duplicates"]["of_train"] == dups["of_train"]
+    assert (
+        kept.json()["val_duplicates"]["dropped"] == 0 and kept.json()["val_duplicates"]["of_train"] == dups["of_train"]
+    )
     assert len(_documents(tmp_path / "b", "val")) == len(val) + dups["dropped"]  # the original behaviour
     assert set(_documents(tmp_path / "b", "val")) & set(_documents(tmp_path / "b", "train"))
 
 
 # 4. sanity of what is printed
 
+
 def test_small_sets_and_worse_than_uniform_perplexities_are_warned(cli, tmp_path, corpus):
     from newllm_cli.stages import sanity_warnings
+
     r = cli("full", *_fast(tmp_path, corpus, "--val-ratio", "0.05"), "--force", "--json")
     assert r.code == 0, r.err
     warnings = r.json()["phase2"]["warnings"]
     assert r.json()["prepare_data"]["val"]["tokens"] < 1000
     assert any("validation set has" in w and "under 1,000" in w for w in warnings)
-    words = sanity_warnings(300.0, {"bigram_add_k": {"val_perplexity": 10.0}}, vocab=256, train_tokens=100, val_tokens=5000)
+    words = sanity_warnings(
+        300.0, {"bigram_add_k": {"val_perplexity": 10.0}}, vocab=256, train_tokens=100, val_tokens=5000
+    )
     assert any("above the vocabulary size 256 (the head)" in w for w in words)
     assert any("smaller than the vocabulary" in w for w in words)
     assert sanity_warnings(10.0, {}, vocab=256, train_tokens=10_000, val_tokens=5000) == []
@@ -172,11 +194,15 @@ def test_runs_table_and_progress_bar_fit_80_columns(cli, tmp_path, corpus, monke
     r = cli("runs", "--workspace", tmp_path / "ws")
     assert r.code == 0 and max(len(line) for line in r.err.splitlines()) <= 80, r.err
     bar = make_bar(Console(file=io.StringIO(), width=80, force_terminal=True))
-    task = bar.add_task("head on phase1 contexts l2=0.001 (select), a long description", total=10 ** 8,
-                        status="objective 5.123456", unit="it")
-    bar.update(task, advance=10 ** 6)
+    task = bar.add_task(
+        "head on phase1 contexts l2=0.001 (select), a long description",
+        total=10**8,
+        status="objective 5.123456",
+        unit="it",
+    )
+    bar.update(task, advance=10**6)
     time.sleep(0.02)
-    bar.update(task, advance=10 ** 6)
+    bar.update(task, advance=10**6)
     out = io.StringIO()
     Console(file=out, width=80, no_color=True).print(bar.make_tasks_table(bar.tasks))
     lines = out.getvalue().splitlines()
@@ -185,12 +211,17 @@ def test_runs_table_and_progress_bar_fit_80_columns(cli, tmp_path, corpus, monke
 
 # 5. fast reruns of full
 
+
 def test_a_rerun_of_full_skips_every_unchanged_stage_and_reports_the_same(cli, tmp_path, corpus):
     args = _fast(tmp_path, corpus, "--force")
     first = cli("full", *args, "--json")
     assert first.code == 0, first.err
     run = tmp_path / "ws" / "runs" / "default"
-    reports = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".json", ".npy", ".pt") and p.name != "stages.json"}
+    reports = {
+        p.name: p.read_bytes()
+        for p in run.iterdir()
+        if p.suffix in (".json", ".npy", ".pt") and p.name != "stages.json"
+    }
     second = cli("full", *args, "--json")
     assert second.code == 0, second.err
     got = second.json()
@@ -200,15 +231,19 @@ def test_a_rerun_of_full_skips_every_unchanged_stage_and_reports_the_same(cli, t
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in reports} == reports
     for key in ("phase1_train", "phase2"):
         a, b = first.json()[key], got[key]
-        assert {k: v for k, v in a.items() if k not in ("skipped", "wall_seconds")} == \
-            json.loads(json.dumps({k: v for k, v in b.items() if k not in ("skipped", "wall_seconds")}))
+        assert {k: v for k, v in a.items() if k not in ("skipped", "wall_seconds")} == json.loads(
+            json.dumps({k: v for k, v in b.items() if k not in ("skipped", "wall_seconds")})
+        )
     # another Phase 2 setting: only Phase 2 runs again
     third = cli("full", *args, "--phase2-l2", "0.01", "--json").json()
     assert [k for k in ("phase1_train", "phase1_val", "analysis", "phase2") if not third[k]["skipped"]] == ["phase2"]
     # an upstream output rewritten: everything after it runs again; --rebuild runs everything
     (run / "contexts_val.npy").unlink()
     fourth = cli("full", *args, "--phase2-l2", "0.01", "--json").json()
-    assert [k for k in ("phase1_train", "phase1_val", "analysis", "phase2") if not fourth[k]["skipped"]] == \
-        ["phase1_val", "analysis", "phase2"]
+    assert [k for k in ("phase1_train", "phase1_val", "analysis", "phase2") if not fourth[k]["skipped"]] == [
+        "phase1_val",
+        "analysis",
+        "phase2",
+    ]
     fifth = cli("full", *args, "--phase2-l2", "0.01", "--rebuild", "--json").json()
     assert not any(fifth[k]["skipped"] for k in ("phase1_train", "phase1_val", "analysis", "phase2"))

@@ -1,4 +1,5 @@
 """The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """New-LLM research toolkit: CVFP context training (Phase 1), analysis and next-token heads
     (Phase 2), stage by stage on disk."""
 
@@ -43,8 +47,14 @@ stage = functools.partial(register, lock="write", parallel=True)  # the run's wr
 
 stage("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
 stage("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
-stage("analyze", "stages.analyze", report.analysis, ANALYZE, RECURRENCE,
-      lock=lambda options: None if options.get("contexts") else "write")  # an outside file: no run
+stage(
+    "analyze",
+    "stages.analyze",
+    report.analysis,
+    ANALYZE,
+    RECURRENCE,
+    lock=lambda options: None if options.get("contexts") else "write",
+)  # an outside file: no run
 stage("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
 stage("full", "stages.full", report.full, FULL)
 register("generate", "stages.generate", report.generate, GENERATE, lock="read")

@@ -3,6 +3,7 @@
 Commands are registered from `<module>.<function>(settings, **extra)` names, so the module (stages,
 and torch with it) is imported only when the command runs: help and argument errors answer at once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +31,17 @@ from newllm_cli.settings import SECTIONS, RuntimeSettings, resolve
 ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
 
 
-
-def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: list[inspect.Parameter] = (),
-             sections: tuple[str, ...] = tuple(SECTIONS), saved: bool = True,
-             lock: str | Callable[[dict], str | None] | None = None, parallel: bool = False) -> None:
+def register(
+    app: typer.Typer,
+    name: str,
+    stage: str,
+    render: Callable,
+    extra: list[inspect.Parameter] = (),
+    sections: tuple[str, ...] = tuple(SECTIONS),
+    saved: bool = True,
+    lock: str | Callable[[dict], str | None] | None = None,
+    parallel: bool = False,
+) -> None:
     """Register `<module>.<function>(settings, **extra)` as the command `name`: options from the
     settings model (a run's saved settings too, unless `saved` is False), the run's lock held
     (`lock`: "write", "read", or a function of the command's own options giving either or None)
@@ -66,6 +74,7 @@ def register(app: typer.Typer, name: str, stage: str, render: Callable, extra: l
         if group.leader:
             render(result)  # the tables go to the run's log too
             print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
+
     run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
     run.__doc__ = DOCS[stage]
     app.command(name)(run)
@@ -75,12 +84,18 @@ def on_this_run(message: str, workspace: str, run: str) -> str:
     """Every `newllm COMMAND ...` hint in a message, given the --workspace and --run (where they are
     not the defaults) of the command that failed, so that copying it acts on the same run."""
     defaults = RuntimeSettings()
-    where = "".join(f" --{flag} {shlex.quote(value)}" for flag, value, default in
-                    (("workspace", workspace, defaults.workspace), ("run", run, defaults.run)) if value != default)
+    where = "".join(
+        f" --{flag} {shlex.quote(value)}"
+        for flag, value, default in (("workspace", workspace, defaults.workspace), ("run", run, defaults.run))
+        if value != default
+    )
     if not where:
         return message
-    return re.sub(r"`(newllm [a-z-]+)([^`]*)`",
-                  lambda m: m[0] if "--run" in m[2] or "--workspace" in m[2] else f"`{m[1]}{m[2]}{where}`", message)
+    return re.sub(
+        r"`(newllm [a-z-]+)([^`]*)`",
+        lambda m: m[0] if "--run" in m[2] or "--workspace" in m[2] else f"`{m[1]}{m[2]}{where}`",
+        message,
+    )
 
 
 def join(name: str, device: str, parallel: bool) -> distributed.Group:

@@ -3,6 +3,7 @@
 Options arrive as strings (or None when not given) and pydantic converts them, so a bad value
 gives the same one-line error whether it came from an option, a config file or settings.json.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,34 +36,62 @@ def settings_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
             names = [cli_name(section, name), *cli_aliases(section, name)]
             for i, flag in enumerate(names):  # the name first: it wins over an alias given too
                 key = f"{section}{SEP}{name}" + (f"{SEP}{i}" if i else "")
-                params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY,
-                                                **_option(f, flag, section, i > 0 or section not in sections)))
+                params.append(
+                    inspect.Parameter(
+                        key,
+                        inspect.Parameter.KEYWORD_ONLY,
+                        **_option(f, flag, section, i > 0 or section not in sections),
+                    )
+                )
     return params
 
 
 def _option(f, flag: str, section: str, hidden: bool) -> dict:
     common = dict(rich_help_panel=f"{section.title()} settings", show_default=False, hidden=hidden)
     if f.annotation is bool:
-        return dict(annotation=Optional[bool], default=typer.Option(
-            None, f"--{flag}/--no-{flag}", help=f"{f.description} (default: {'on' if f.default else 'off'})", **common))
-    return dict(annotation=Optional[str], default=typer.Option(
-        None, f"--{flag}", help=f"{f.description} (default: {f.default})", metavar=_metavar(f.annotation), **common))
+        return dict(
+            annotation=Optional[bool],
+            default=typer.Option(
+                None,
+                f"--{flag}/--no-{flag}",
+                help=f"{f.description} (default: {'on' if f.default else 'off'})",
+                **common,
+            ),
+        )
+    return dict(
+        annotation=Optional[str],
+        default=typer.Option(
+            None, f"--{flag}", help=f"{f.description} (default: {f.default})", metavar=_metavar(f.annotation), **common
+        ),
+    )
 
 
 def extra(name: str, annotation, default, flag: str, help: str, *short: str) -> inspect.Parameter:
     """A command-specific option that is not a setting (what to do now, not how a run is made)."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, flag, *short, help=help))
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=annotation,
+        default=typer.Option(default, flag, *short, help=help),
+    )
 
 
 COMMON = [
     extra("config", Optional[Path], None, "--config", "Settings file (JSON or TOML), by section."),
     extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
-    extra("quiet", bool, False, "--quiet", "No progress or summaries on stderr, only warnings and errors "
-          "(the run's log.txt keeps everything).", "-q"),
+    extra(
+        "quiet",
+        bool,
+        False,
+        "--quiet",
+        "No progress or summaries on stderr, only warnings and errors (the run's log.txt keeps everything).",
+        "-q",
+    ),
 ]
 SPLIT = extra("split", str, "train", "--split", "train (learns) or val (weights frozen).")
-REBUILD = extra("rebuild", bool, False, "--rebuild", "Rerun the upstream stages first instead of refusing mismatched inputs.")
+REBUILD = extra(
+    "rebuild", bool, False, "--rebuild", "Rerun the upstream stages first instead of refusing mismatched inputs."
+)
 FORCE = extra("force", bool, False, "--force", "Run Phase 2 even if the Phase-1 gate fails.")
 GENERATE = [
     extra("prompt", str, ..., "--prompt", "Text to continue."),
@@ -70,10 +99,28 @@ GENERATE = [
     extra("temperature", float, 1.0, "--temperature", "Softmax temperature (0 = greedy)."),
     extra("top_k", int, 0, "--top-k", "Sample among the k most likely tokens (0 = all)."),
 ]
-PLOT = extra("plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra).")
-PROBE_ROWS = extra("probe_rows", int, DEFAULT_PROBE_ROWS, "--probe-rows", "Positions sampled per split for the decodability probes (0: none).")
-FULL = [FORCE, PROBE_ROWS, extra("rebuild", bool, False, "--rebuild", "Rerun every stage, even those whose inputs "
-                                 "and settings are unchanged since they last succeeded."), PLOT]
+PLOT = extra(
+    "plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra)."
+)
+PROBE_ROWS = extra(
+    "probe_rows",
+    int,
+    DEFAULT_PROBE_ROWS,
+    "--probe-rows",
+    "Positions sampled per split for the decodability probes (0: none).",
+)
+FULL = [
+    FORCE,
+    PROBE_ROWS,
+    extra(
+        "rebuild",
+        bool,
+        False,
+        "--rebuild",
+        "Rerun every stage, even those whose inputs and settings are unchanged since they last succeeded.",
+    ),
+    PLOT,
+]
 ANALYZE = [
     extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
@@ -90,8 +137,13 @@ def _stage_docs() -> dict[str, str]:
     docs = {}
     for module in ("stages", "settings", "experiments.sweep", "experiments.compare"):
         tree = ast.parse((Path(__file__).parents[1] / f"{module.replace('.', '/')}.py").read_text())
-        docs.update({f"{module}.{f.name}": re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(f) or "")
-                     for f in tree.body if isinstance(f, ast.FunctionDef)})  # rich keeps single line breaks
+        docs.update(
+            {
+                f"{module}.{f.name}": re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(f) or "")
+                for f in tree.body
+                if isinstance(f, ast.FunctionDef)
+            }
+        )  # rich keeps single line breaks
     return docs
 
 
@@ -114,25 +166,54 @@ def split_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 SWEEP = [
     extra("name", str, ..., "--name", "The sweep's name: its study, and the prefix of its runs."),
-    extra("grid", list[str], [], "--grid", "NAME=v1,v2,... (any setting by its option name), or NAME=LOW:HIGH[:log] "
-          "for a search; repeat for more axes."),
+    extra(
+        "grid",
+        list[str],
+        [],
+        "--grid",
+        "NAME=v1,v2,... (any setting by its option name), or NAME=LOW:HIGH[:log] for a search; repeat for more axes.",
+    ),
     extra("sampler", str, "grid", "--sampler", "grid (every point), random or tpe (a search of --trials points)."),
     extra("trials", Optional[int], None, "--trials", "Points of a search."),
-    extra("storage", Optional[str], None, "--storage", "Optuna storage URL shared by workers, e.g. "
-          "postgresql+psycopg://user@host/db (default: sqlite WORKSPACE/sweeps.db)."),
+    extra(
+        "storage",
+        Optional[str],
+        None,
+        "--storage",
+        "Optuna storage URL shared by workers, e.g. "
+        "postgresql+psycopg://user@host/db (default: sqlite WORKSPACE/sweeps.db).",
+    ),
     extra("jobs", int, 1, "--jobs", "Local worker processes."),
-    extra("probe_rows", int, DEFAULT_PROBE_ROWS, "--probe-rows", "Decodability probe rows of each trial's analysis (0: none)."),
-    extra("heartbeat", float, 10.0, "--heartbeat", "Seconds between a worker's heartbeats; a trial silent for 3 "
-          "of them counts as killed."),
+    extra(
+        "probe_rows",
+        int,
+        DEFAULT_PROBE_ROWS,
+        "--probe-rows",
+        "Decodability probe rows of each trial's analysis (0: none).",
+    ),
+    extra(
+        "heartbeat",
+        float,
+        10.0,
+        "--heartbeat",
+        "Seconds between a worker's heartbeats; a trial silent for 3 of them counts as killed.",
+    ),
     FORCE,
-    inspect.Parameter("worker", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                      default=typer.Option(False, "--worker", hidden=True)),
+    inspect.Parameter(
+        "worker", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(False, "--worker", hidden=True)
+    ),
 ]
-CSV = [extra("csv_output", bool, False, "--csv", "Print the rows as CSV on stdout."),
-       extra("markdown", bool, False, "--markdown", "Print the rows (and fits) as Markdown on stdout.")]
+CSV = [
+    extra("csv_output", bool, False, "--csv", "Print the rows as CSV on stdout."),
+    extra("markdown", bool, False, "--markdown", "Print the rows (and fits) as Markdown on stdout."),
+]
 COMPARE = [
-    inspect.Parameter("names", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
-                      default=typer.Argument(None, help="Runs to compare.", show_default=False)),
+    inspect.Parameter(
+        "names",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[list[str]],
+        default=typer.Argument(None, help="Runs to compare.", show_default=False),
+    ),
     extra("sweep", Optional[str], None, "--sweep", "Compare the finished trials of this sweep."),
     extra("storage", Optional[str], None, "--storage", "The sweep's Optuna storage URL (default: the workspace's)."),
     PLOT,

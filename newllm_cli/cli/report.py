@@ -1,4 +1,5 @@
 """Compact rich reports of each stage's result, on stderr (stdout is for scripts)."""
+
 from __future__ import annotations
 
 from rich.table import Table
@@ -43,9 +44,11 @@ def prepare(r: dict) -> None:
 def phase1(r: dict) -> None:
     ratio = r["converged_ratio"]
     settled = f", then {len(r['solve'])} no-update iterations" if r.get("solve") else ""
-    console(quiet=True).print(f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps "
-                    f"({r['stopped_by']}){settled}; saved contexts {ratio:.1%} converged, fixed-point residual "
-                    f"{r['residual']:.2g}; {r['token_iterations_per_second']:,.0f} token-iterations/s")
+    console(quiet=True).print(
+        f"phase1 {r['split']}: {r['iterations']} iterations, {r['optimizer_steps']} optimizer steps "
+        f"({r['stopped_by']}){settled}; saved contexts {ratio:.1%} converged, fixed-point residual "
+        f"{r['residual']:.2g}; {r['token_iterations_per_second']:,.0f} token-iterations/s"
+    )
 
 
 def _flag(value: bool) -> str:
@@ -60,15 +63,20 @@ SECTIONS = {
         ("zero solution", lambda a: _flag(a["zero_solution"]["degenerate"])),
     ],
     "distribution": [
-        ("norm mean / median / std", lambda a: "{norm_mean:.3f} / {norm_median:.3f} / {norm_std:.3f}".format(**a["distribution"])),
+        (
+            "norm mean / median / std",
+            lambda a: "{norm_mean:.3f} / {norm_median:.3f} / {norm_std:.3f}".format(**a["distribution"]),
+        ),
         ("pairwise L2 median", lambda a: f"{a['distribution']['pairwise_l2_median']:.4f}"),
         ("sparsity (|v| < 0.01)", lambda a: f"{a['distribution']['sparsity']:.3%}"),
     ],
     "steps along the text": [
         ("norm spread (std / mean)", lambda a: _num(a["steps"]["norm_spread"])),
         ("cosine of consecutive contexts", lambda a: _num(a["steps"]["consecutive_cosine"])),
-        *[(f"autocorrelation, lag {k}", lambda a, k=k: _num(a["steps"]["autocorrelation"][f"lag_{k}"]))
-          for k in (1, 10, 100)],
+        *[
+            (f"autocorrelation, lag {k}", lambda a, k=k: _num(a["steps"]["autocorrelation"][f"lag_{k}"]))
+            for k in (1, 10, 100)
+        ],
     ],
     "information": [
         ("actual rank", lambda a: f"{a['information']['actual_rank']} / {a['dim']}"),
@@ -107,33 +115,45 @@ def analysis(r: dict) -> None:
     if "decodability" in r:
         decodability(r["decodability"], r.get("control_steps", {}))
     gate = r["gate"]
-    con.print("Phase-1 gate: " + ("[green]passed[/]" if gate["passed"] else
-                                  "[bold red]failed[/]: " + "; ".join(gate["problems"])))
+    con.print(
+        "Phase-1 gate: "
+        + ("[green]passed[/]" if gate["passed"] else "[bold red]failed[/]: " + "; ".join(gate["problems"]))
+    )
     for p in r.get("plots", []):
         con.print(f"wrote {p}")
 
 
-PROBE_NAMES = {"token_from_context": "current token from c_t", "token_from_step": "current token from c_t - c_(t-1)",
-               "next_from_context": "next token from c_t"}
+PROBE_NAMES = {
+    "token_from_context": "current token from c_t",
+    "token_from_step": "current token from c_t - c_(t-1)",
+    "next_from_context": "next token from c_t",
+}
 
 
 def decodability(d: dict, control_steps: dict) -> None:
     """Val perplexity / accuracy of each linear probe, for each source side by side."""
-    t = Table(title=f"linear decodability (fit on {d['rows']['train']:,} train rows, scored on "
-                    f"{d['rows']['val']:,} val rows): val perplexity / accuracy", title_justify="left")
+    t = Table(
+        title=f"linear decodability (fit on {d['rows']['train']:,} train rows, scored on "
+        f"{d['rows']['val']:,} val rows): val perplexity / accuracy",
+        title_justify="left",
+    )
     t.add_column("probe")
     sources = list(next(iter(d["probes"].values())))
     for name in sources:
         t.add_column(name, justify="right")
     for key, by_source in d["probes"].items():
-        t.add_row(PROBE_NAMES.get(key, key), *(f"{v['val_perplexity']:.1f} / {v['val_accuracy']:.3f}"
-                                              for v in by_source.values()))
+        t.add_row(
+            PROBE_NAMES.get(key, key),
+            *(f"{v['val_perplexity']:.1f} / {v['val_accuracy']:.3f}" for v in by_source.values()),
+        )
     console(quiet=True).print(t)
     for split, st in control_steps.items():
         auto = st["autocorrelation"]
-        console(quiet=True).print(f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
-                        f"autocorrelation lag 1/10/100 {_num(auto['lag_1'])} / {_num(auto['lag_10'])} / "
-                        f"{_num(auto['lag_100'])}")
+        console(quiet=True).print(
+            f"  untrained network, {split}: consecutive cosine {_num(st['consecutive_cosine'])}, "
+            f"autocorrelation lag 1/10/100 {_num(auto['lag_1'])} / {_num(auto['lag_10'])} / "
+            f"{_num(auto['lag_100'])}"
+        )
 
 
 def phase2(r: dict) -> None:
@@ -148,10 +168,16 @@ def phase2(r: dict) -> None:
     for key, b in r["baselines"].items():
         extra = f" (k={b['k']:g})" if "k" in b else ""
         colour = {"beats": "green", "ties": "yellow"}.get(b["verdict"], "bold red")
-        t.add_row(NAMES.get(key, key) + extra, f"{b['val_perplexity']:.2f}", f"{b['accuracy']:.3f}",
-                  f"[{colour}]{b['size']}[/]")
-    t.caption = ("the head's val perplexity lower (beats) or higher (loses) by this much; 95% interval in "
-                 f"parentheses, bootstrap over {next(iter(r['baselines'].values()))['resampled']}")
+        t.add_row(
+            NAMES.get(key, key) + extra,
+            f"{b['val_perplexity']:.2f}",
+            f"{b['accuracy']:.3f}",
+            f"[{colour}]{b['size']}[/]",
+        )
+    t.caption = (
+        "the head's val perplexity lower (beats) or higher (loses) by this much; 95% interval in "
+        f"parentheses, bootstrap over {next(iter(r['baselines'].values()))['resampled']}"
+    )
     console(quiet=True).print(t)
     for p in r.get("plots", []):
         console(quiet=True).print(f"wrote {p}")
@@ -193,6 +219,7 @@ def runs(r: dict, title: str = "runs") -> None:
     (train/val), val effective rank, Phase 2 perplexities, time."""
     from rich import box
     from newllm_cli.experiments.compare import flag
+
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     t.add_column("run", overflow="fold", min_width=8)
     varied = r.get("varied")
@@ -205,11 +232,19 @@ def runs(r: dict, title: str = "runs") -> None:
         conv = "/".join("-" if row[k] is None else f"{100 * row[k]:.0f}" for k in ("converged_train", "converged_val"))
         cells = [_fmt(row["settings"].get(k), "g") for k in r["settings"]] if varied else [_setup(row["settings"])]
         name = row["run"].split(".", 1)[1] if r.get("sweep") and "." in row["run"] else row["run"]
-        t.add_row(name, *cells, _count(row["tokens"]), conv, _fmt(row["rank_val"], ".1f"),
-                  *(_fmt(row[k], ".1f") for k in ("perplexity", "unigram", "bigram", "control")),
-                  "-" if row["seconds"] is None else f"{row['seconds']:.0f}s")
-    t.caption = ("conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
-                 "val perplexity beside add-one unigram, add-k bigram and the untrained control")
+        t.add_row(
+            name,
+            *cells,
+            _count(row["tokens"]),
+            conv,
+            _fmt(row["rank_val"], ".1f"),
+            *(_fmt(row[k], ".1f") for k in ("perplexity", "unigram", "bigram", "control")),
+            "-" if row["seconds"] is None else f"{row['seconds']:.0f}s",
+        )
+    t.caption = (
+        "conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
+        "val perplexity beside add-one unigram, add-k bigram and the untrained control"
+    )
     console(quiet=True).print(t, soft_wrap=False)
 
 
@@ -218,8 +253,10 @@ def compare(r: dict) -> None:
     con = console(quiet=True)
     for fit in r["scaling"]:
         group = ", ".join(f"{k}={v}" for k, v in fit["group"].items())
-        con.print(f"scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}, "
-                  f"R^2 {_fmt(fit['r2'], '.4f')} over {fit['points']} runs")
+        con.print(
+            f"scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} * tokens^{fit['alpha']:.4f}, "
+            f"R^2 {_fmt(fit['r2'], '.4f')} over {fit['points']} runs"
+        )
     if r["rank_perplexity"]:
         c = r["rank_perplexity"]
         con.print(f"correlation of val effective rank with perplexity: r = {_fmt(c['r'], '.4f')} over {c['runs']} runs")
@@ -232,5 +269,7 @@ def sweep(r: dict) -> None:
     for col in ("trial", "run", "state", "val ppl", "error"):
         t.add_column(col, overflow="fold")
     for trial in r["trials"]:
-        t.add_row(str(trial["number"]), trial["run"], trial["state"].lower(), _fmt(trial["value"]), trial["error"] or "")
+        t.add_row(
+            str(trial["number"]), trial["run"], trial["state"].lower(), _fmt(trial["value"]), trial["error"] or ""
+        )
     console(quiet=True).print(t)

@@ -5,6 +5,7 @@ the input files: preparing the same data again is a cache hit, and different dat
 directory. It is built in a temporary directory and renamed into place, so a failure leaves nothing.
 Token ids are uint16 when the vocabulary fits (half the disk and memory), else uint32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def _path_state(path: str | None, pattern: str) -> object:
         st = p.stat()
         return [os.path.realpath(p), st.st_size, st.st_mtime_ns]
     if p.is_dir():
-        files = [(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in sources.text_dir_files(str(p), pattern)]
+        files = [
+            (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sources.text_dir_files(str(p), pattern)
+        ]
         return [os.path.realpath(p), fingerprint(files)]
     return str(p)
 
@@ -53,9 +56,12 @@ def dataset_key(s: Settings) -> str:
         data.pop("encoding")
     if data["val_duplicates"] == "keep":  # datasets made before duplicates were dropped kept them: same key
         data.pop("val_duplicates")
-    parts = {"data": data, "path": _path_state(d.path, d.pattern),
-             "val_path": _path_state(d.val_path, d.pattern),
-             "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None}
+    parts = {
+        "data": data,
+        "path": _path_state(d.path, d.pattern),
+        "val_path": _path_state(d.val_path, d.pattern),
+        "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None,
+    }
     return fingerprint(parts)
 
 
@@ -64,7 +70,7 @@ def workspace_for(s: Settings) -> Workspace:
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2 ** 16 else np.uint32)
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 class Spool:
@@ -76,12 +82,14 @@ class Spool:
 
     def fill(self, docs: Iterator[str]) -> None:
         with open(self.path, "w") as f:
+
             def kept() -> Iterator[int]:
                 for doc in docs:
                     if doc.strip():
                         f.write(json.dumps(doc) + "\n")
                         self.count += 1
                         yield dedup.text_key(doc)
+
             self.keys.write(kept())
 
     def read(self, keep=None) -> Iterator[str]:
@@ -91,8 +99,8 @@ class Spool:
                     yield json.loads(line)
 
 
-PIECE = 1 << 16          # characters: a longer document is tokenized in pieces of about this size
-BATCH_CHARS = 1 << 22    # characters encoded in one call, so memory stays bounded for any document
+PIECE = 1 << 16  # characters: a longer document is tokenized in pieces of about this size
+BATCH_CHARS = 1 << 22  # characters encoded in one call, so memory stays bounded for any document
 
 
 def pieces(text: str) -> Iterator[str]:
@@ -111,8 +119,9 @@ def pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
-def write_tokens(tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, offsets_path: Path,
-                 total: int, label: str) -> dict:
+def write_tokens(
+    tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, offsets_path: Path, total: int, label: str
+) -> dict:
     """Encode documents, piece by piece in bounded batches, into a raw file, then copy it into .npy
     chunk by chunk."""
     raw_path = tokens_path.with_suffix(".raw")
@@ -134,6 +143,7 @@ def write_tokens(tok, docs: Iterator[str], dtype: np.dtype, tokens_path: Path, o
                     advance(1)
             pending.clear()
             chars = 0
+
         for doc in docs:
             parts = list(pieces(doc))
             for i, piece in enumerate(parts):
@@ -152,8 +162,8 @@ def _finish_arrays(raw_path: Path, offsets: np.ndarray, dtype, tokens_path: Path
     out = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=dtype, shape=(n,))
     digest = hashlib.sha256()
     for s in range(0, n, 1 << 24):
-        out[s:s + (1 << 24)] = flat[s:s + (1 << 24)]
-        digest.update(np.ascontiguousarray(flat[s:s + (1 << 24)]).tobytes())
+        out[s : s + (1 << 24)] = flat[s : s + (1 << 24)]
+        digest.update(np.ascontiguousarray(flat[s : s + (1 << 24)]).tobytes())
     out.flush()
     del out, flat
     raw_path.unlink(missing_ok=True)
@@ -187,8 +197,10 @@ def read_manual(path: str, vocab_size: int) -> list[np.ndarray]:
     for i, doc in enumerate(docs):
         bad = np.nonzero((doc < 0) | (doc >= vocab_size))[0]
         if len(bad):
-            raise UsageError(f"{p}: token id {int(doc[bad[0]])} (document {i}, position {int(bad[0])}) "
-                             f"is outside the vocabulary of {vocab_size}")
+            raise UsageError(
+                f"{p}: token id {int(doc[bad[0]])} (document {i}, position {int(bad[0])}) "
+                f"is outside the vocabulary of {vocab_size}"
+            )
     return docs
 
 
@@ -250,8 +262,10 @@ def _prepare(s: Settings, ws: Workspace) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    info(f"prepared dataset {ws.data_dir.name}: {meta['train']['tokens']:,} train and "
-         f"{meta['val']['tokens']:,} val tokens, vocabulary {meta['vocab_size']:,}")
+    info(
+        f"prepared dataset {ws.data_dir.name}: {meta['train']['tokens']:,} train and "
+        f"{meta['val']['tokens']:,} val tokens, vocabulary {meta['vocab_size']:,}"
+    )
     return {**meta, "cache_hit": False, "dataset_dir": str(ws.data_dir)}
 
 
@@ -284,7 +298,9 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
         val = write_tokens(tok, spool.read(val_keep), dtype, *names["val"], int(val_keep.sum()), "val")
     elif d.val_source == "manual":
         docs = read_manual(d.val_path, vocab)
-        found = dedup.find(_token_keys(names["train"], tmp), dedup.KeyFile(tmp / "val.keys").write(map(dedup.ids_key, docs)))
+        found = dedup.find(
+            _token_keys(names["train"], tmp), dedup.KeyFile(tmp / "val.keys").write(map(dedup.ids_key, docs))
+        )
         if dedupe:
             docs = [x for x, dup in zip(docs, found["duplicate"]) if not dup]
         raw = names["val"][0].with_suffix(".raw")
@@ -296,33 +312,57 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
         vspool.fill(sources.documents(d.val_source, d.val_path, d, d.val_num_samples))
         found = dedup.find(spool.keys.read(), vspool.keys.read(), keep)
         val_keep = ~found["duplicate"] if dedupe else None
-        val = write_tokens(tok, vspool.read(val_keep), dtype, *names["val"],
-                           vspool.count - (int(found["duplicate"].sum()) if dedupe else 0), "val")
-    duplicates = {"of_train": found["of_train"], "within_val": found["within_val"],
-                  "dropped": int(found["duplicate"].sum()) if dedupe else 0}
+        val = write_tokens(
+            tok,
+            vspool.read(val_keep),
+            dtype,
+            *names["val"],
+            vspool.count - (int(found["duplicate"].sum()) if dedupe else 0),
+            "val",
+        )
+    duplicates = {
+        "of_train": found["of_train"],
+        "within_val": found["within_val"],
+        "dropped": int(found["duplicate"].sum()) if dedupe else 0,
+    }
     if duplicates["of_train"] + duplicates["within_val"]:
         (info if dedupe else warn)(
             f"validation duplicates: {duplicates['of_train']:,} documents equal a training document and "
             f"{duplicates['within_val']:,} an earlier validation one; "
-            + (f"dropped {duplicates['dropped']:,} (--val-duplicates keep keeps them)" if dedupe
-               else "kept (--val-duplicates keep): the val figures partly measure memory of the training set"))
+            + (
+                f"dropped {duplicates['dropped']:,} (--val-duplicates keep keeps them)"
+                if dedupe
+                else "kept (--val-duplicates keep): the val figures partly measure memory of the training set"
+            )
+        )
     if dedupe and val["documents"] == 0:
-        raise UsageError("every validation document repeats a training document; give another validation "
-                         "source, or --val-duplicates keep to measure on them anyway")
+        raise UsageError(
+            "every validation document repeats a training document; give another validation "
+            "source, or --val-duplicates keep to measure on them anyway"
+        )
     for name, split in (("train", train), ("val", val)):
         if split["tokens"] == 0:
             raise UsageError(f"the {name} set is empty after tokenization")
     for f in [*tmp.glob("*.docs.jsonl"), *tmp.glob("*.keys")]:
         f.unlink()
-    return {"key": key, "data": d.model_dump(), "tokenizer": d.tokenizer,
-            "vocab_size": vocab, "dtype": dtype.name, "train": train, "val": val, "val_duplicates": duplicates}
+    return {
+        "key": key,
+        "data": d.model_dump(),
+        "tokenizer": d.tokenizer,
+        "vocab_size": vocab,
+        "dtype": dtype.name,
+        "train": train,
+        "val": val,
+        "val_duplicates": duplicates,
+    }
 
 
 def _token_keys(train_files: tuple[Path, Path], tmp: Path) -> np.ndarray:
     """The training documents' hashes by token ids (to compare manual validation ids with)."""
     tokens, offsets = np.load(train_files[0], mmap_mode="r"), np.load(train_files[1])
     return dedup.KeyFile(tmp / "train.ids.keys").write(
-        dedup.ids_key(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:]))
+        dedup.ids_key(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])
+    )
 
 
 FIX = "newllm prepare-data"
@@ -350,8 +390,10 @@ def load_meta(s: Settings) -> tuple[Workspace, dict]:
     if not ws.dataset_meta().exists():
         if not ws.run_dir.exists() and ws.runs():  # most likely a mistyped --run
             raise ws.no_such_run()
-        raise RefusedError(f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
-                           "run `newllm prepare-data` with the same data options first")
+        raise RefusedError(
+            f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
+            "run `newllm prepare-data` with the same data options first"
+        )
     return ws, read_meta(ws)
 
 
@@ -360,8 +402,19 @@ def load_split(ws: Workspace, split: str, meta: dict | None = None) -> tuple[np.
     description: counts, boundaries, ids within the vocabulary."""
     meta = meta or read_meta(ws)
     m = meta[split]
-    tokens = validate.array(read_array(ws.tokens(split), f"{split} tokens", FIX), ws.tokens(split), FIX,
-                            kind="int", rows=m["tokens"], below=meta["vocab_size"])
-    offsets = validate.offsets(np.array(read_array(ws.offsets(split), f"{split} offsets", FIX)), ws.offsets(split),
-                               FIX, m["documents"], m["tokens"])
+    tokens = validate.array(
+        read_array(ws.tokens(split), f"{split} tokens", FIX),
+        ws.tokens(split),
+        FIX,
+        kind="int",
+        rows=m["tokens"],
+        below=meta["vocab_size"],
+    )
+    offsets = validate.offsets(
+        np.array(read_array(ws.offsets(split), f"{split} offsets", FIX)),
+        ws.offsets(split),
+        FIX,
+        m["documents"],
+        m["tokens"],
+    )
     return tokens, offsets

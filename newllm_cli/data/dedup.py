@@ -6,6 +6,7 @@ they are. Documents are compared by a 64-bit hash of their text with whitespace 
 (token documents: of their ids). Hashes are kept in files, 8 bytes a document, and compared one
 hash partition at a time, so memory stays within PART hashes whatever the corpus size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,8 @@ from typing import Iterable
 
 import numpy as np
 
-PART = 1 << 22   # hashes of one partition held at once (32 MiB)
-READ = 1 << 20   # hashes read from a file at a time
+PART = 1 << 22  # hashes of one partition held at once (32 MiB)
+READ = 1 << 20  # hashes read from a file at a time
 
 
 def text_key(text: str) -> int:
@@ -55,17 +56,18 @@ def _members(keys: np.ndarray, mask: np.ndarray | None, parts: int, p: int) -> t
     """(positions, hashes) of the rows of `keys` (those with mask True) that fall in partition p."""
     pos, got = [], []
     for s in range(0, len(keys), READ):
-        block = np.asarray(keys[s:s + READ])
+        block = np.asarray(keys[s : s + READ])
         hit = (block % np.uint64(parts)) == p
         if mask is not None:
-            hit &= mask[s:s + READ]
+            hit &= mask[s : s + READ]
         pos.append(np.nonzero(hit)[0] + s)
         got.append(block[hit])
     return (np.concatenate(pos), np.concatenate(got)) if pos else (np.zeros(0, np.int64), np.zeros(0, np.uint64))
 
 
-def find(train: np.ndarray, val: np.ndarray, train_mask: np.ndarray | None = None,
-         val_mask: np.ndarray | None = None) -> dict:
+def find(
+    train: np.ndarray, val: np.ndarray, train_mask: np.ndarray | None = None, val_mask: np.ndarray | None = None
+) -> dict:
     """Which validation documents repeat a training document or an earlier validation document.
 
     `train` and `val` are hash arrays (memory-mapped is fine); the masks select the rows that belong

@@ -3,6 +3,7 @@
 A document is one conversation (ultrachat/sample), one blank-line-separated block (text_file) or
 one file (text_dir). Nothing here invents data: a missing or unreadable input is a UsageError.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,9 @@ def _existing(path: str | None, what: str) -> Path:
 
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the Hugging Face hub answers, decided in seconds (the hub clients retry for minutes)."""
-    if any(os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+    if any(
+        os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -61,8 +64,10 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
     """Streamed through `datasets`, so 10 samples read 10 conversations, from the hub or a local export."""
     quiet_hub_logs()
     if not path and not hub_reachable():
-        raise UsageError(f"cannot reach {dataset} on the hub (offline?); download an export and pass "
-                         "--source ultrachat --path FILE.jsonl|.parquet")
+        raise UsageError(
+            f"cannot reach {dataset} on the hub (offline?); download an export and pass "
+            "--source ultrachat --path FILE.jsonl|.parquet"
+        )
     import datasets
 
     datasets.disable_progress_bars()
@@ -81,8 +86,10 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
         try:
             stream = datasets.load_dataset(dataset, split=split, streaming=True)
         except Exception as e:
-            raise UsageError(f"cannot reach {dataset} on the hub ({type(e).__name__}); offline, download an "
-                             "export and pass --source ultrachat --path FILE.jsonl|.parquet") from None
+            raise UsageError(
+                f"cannot reach {dataset} on the hub ({type(e).__name__}); offline, download an "
+                "export and pass --source ultrachat --path FILE.jsonl|.parquet"
+            ) from None
     count = 0
     try:
         for record in stream:
@@ -100,8 +107,10 @@ def _decode(raw: bytes, path: Path, offset: int, encoding: str) -> str:
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: byte 0x{raw[e.start]:02x} at offset {offset + e.start} is not valid {encoding}; "
-                         "if the file uses another encoding, pass it with --encoding (e.g. latin-1)") from None
+        raise UsageError(
+            f"{path}: byte 0x{raw[e.start]:02x} at offset {offset + e.start} is not valid {encoding}; "
+            "if the file uses another encoding, pass it with --encoding (e.g. latin-1)"
+        ) from None
 
 
 def text_file_documents(path: str | None, encoding: str = "utf-8") -> Iterator[str]:
@@ -174,8 +183,11 @@ def documents(source: str, path: str | None, data, limit: int | None) -> Iterato
     if source == "ultrachat":
         yield from ultrachat_documents(path, data.ultrachat_dataset, data.ultrachat_split, limit)
         return
-    it = (text_file_documents(path, data.encoding) if source == "text_file"
-          else text_dir_documents(path, data.pattern, data.encoding))
+    it = (
+        text_file_documents(path, data.encoding)
+        if source == "text_file"
+        else text_dir_documents(path, data.pattern, data.encoding)
+    )
     for i, doc in enumerate(it):
         if limit is not None and i >= limit:
             return

@@ -4,6 +4,7 @@ bpe: byte-level BPE trained offline on the training documents (the default).
 byte: the 256 byte values, no merges (no training, any text).
 gpt2: GPT-2's tokenizer from the hub (the original program's); a local tokenizer.json path also works.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,9 @@ def byte_tokenizer() -> Tokenizer:
 
 def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
     tok = _byte_level(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(documents, trainer=trainer)
     return tok
 
@@ -61,15 +63,20 @@ def pretrained(name: str) -> Tokenizer:
     if name != "gpt2":
         raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
     from newllm_cli.data.sources import hub_reachable, quiet_hub_logs
+
     quiet_hub_logs()
     if not hub_reachable():
-        raise UsageError("cannot reach the hub for the gpt2 tokenizer (offline?); pass a local "
-                         "tokenizer.json path with --tokenizer PATH")
+        raise UsageError(
+            "cannot reach the hub for the gpt2 tokenizer (offline?); pass a local "
+            "tokenizer.json path with --tokenizer PATH"
+        )
     try:
         return Tokenizer.from_pretrained("gpt2")
     except Exception:
-        raise UsageError("cannot fetch the gpt2 tokenizer from the hub (offline?); pass a local "
-                         "tokenizer.json path with --tokenizer PATH") from None
+        raise UsageError(
+            "cannot fetch the gpt2 tokenizer from the hub (offline?); pass a local "
+            "tokenizer.json path with --tokenizer PATH"
+        ) from None
 
 
 def needs_training(name: str) -> bool:

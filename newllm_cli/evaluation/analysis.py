@@ -4,6 +4,7 @@ One pass accumulates the float64 Gram matrix, sums and norms; singular values co
 eigenvalues (s_i = sqrt(lambda_i)), so N never meets N. Pairwise statistics use a seeded sample.
 A second pass finds, for the top singular directions, the tokens whose contexts project most.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,8 @@ import numpy as np
 from newllm_cli.runtime.errors import NumericalError
 from newllm_cli.runtime.progress import progress
 
-ROWS = 1 << 18          # contexts per streamed chunk (16 MB of float32 at C = 16)
-PAIR_SAMPLE = 2000      # contexts in the pairwise sample (about 2M pairs)
+ROWS = 1 << 18  # contexts per streamed chunk (16 MB of float32 at C = 16)
+PAIR_SAMPLE = 2000  # contexts in the pairwise sample (about 2M pairs)
 TOP_DIRECTIONS = 3
 TOP_TOKENS = 5
 LAGS = (1, 10, 100)
@@ -59,7 +60,7 @@ def _read_chunks(contexts: np.ndarray, rows: int):
                 yield s, block.astype(np.float64)
         return
     for s in range(0, n, rows):
-        yield s, np.asarray(contexts[s:s + rows], dtype=np.float64)
+        yield s, np.asarray(contexts[s : s + rows], dtype=np.float64)
 
 
 def sample_rows(contexts: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -105,7 +106,7 @@ def pairwise(sample: np.ndarray) -> dict:
     m = len(x)
     if m < 2:
         return {"mean_l2": 0.0, "median_l2": 0.0, "mean_cosine": 1.0, "sample_size": m}
-    sq = (x ** 2).sum(1)
+    sq = (x**2).sum(1)
     d2 = np.clip(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0, None)
     iu = np.triu_indices(m, k=1)
     dist = np.sqrt(d2[iu])
@@ -115,8 +116,12 @@ def pairwise(sample: np.ndarray) -> dict:
     cos = (u @ u.T)[iu]
     zero = (norms[iu[0]] == 0) | (norms[iu[1]] == 0)
     cos = np.where(zero, np.where((norms[iu[0]] == 0) & (norms[iu[1]] == 0), 1.0, 0.0), cos)
-    return {"mean_l2": float(dist.mean()), "median_l2": float(np.median(dist)),
-            "mean_cosine": float(cos.mean()), "sample_size": m}
+    return {
+        "mean_l2": float(dist.mean()),
+        "median_l2": float(np.median(dist)),
+        "mean_cosine": float(cos.mean()),
+        "sample_size": m,
+    }
 
 
 def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray | None = None) -> dict:
@@ -148,8 +153,9 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
     return {"consecutive_cosine": cos_sum / cos_n if cos_n else None, "autocorrelation": auto}
 
 
-def _steps(contexts: np.ndarray, norm_mean: float, norm_std: float, mean: np.ndarray,
-           offsets: np.ndarray | None) -> dict:
+def _steps(
+    contexts: np.ndarray, norm_mean: float, norm_std: float, mean: np.ndarray, offsets: np.ndarray | None
+) -> dict:
     """Norm spread (std / mean of the context norms) and the step statistics."""
     spread = float(norm_std / norm_mean) if norm_mean > 0 else None
     return {"norm_spread": spread, **step_statistics(contexts, mean, offsets)}
@@ -165,14 +171,19 @@ def steps(contexts: np.ndarray, offsets: np.ndarray | None = None) -> dict:
     """The "steps" figures of `analyze_contexts` alone: one pass for the norms and mean, one for the steps."""
     sums, total = np.zeros(2), np.zeros(contexts.shape[1])
     for s, x in chunks(contexts, ROWS, "analysis: norms"):
-        r = np.sqrt((x ** 2).sum(1))
+        r = np.sqrt((x**2).sum(1))
         sums += [r.sum(), (r * r).sum()]
         total += x.sum(0)
     return _steps(contexts, *_norm_moments(sums, len(contexts)), total / max(len(contexts), 1), offsets)
 
 
-def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | None = None,
-                     decode=None, offsets: np.ndarray | None = None) -> dict:
+def analyze_contexts(
+    contexts: np.ndarray,
+    seed: int = 0,
+    tokens: np.ndarray | None = None,
+    decode=None,
+    offsets: np.ndarray | None = None,
+) -> dict:
     """Every analysis figure for one N x C context matrix (may be a read-only memmap)."""
     n, c = contexts.shape
     if n == 0:
@@ -188,8 +199,8 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
             raise NumericalError(f"contexts contain NaN or Inf (first at row {s + int(np.argmax(bad))}); rerun phase1")
         gram += x.T @ x
         total += x.sum(0)
-        r = np.sqrt((x ** 2).sum(1))
-        norms[s:s + len(x)] = r
+        r = np.sqrt((x**2).sum(1))
+        norms[s : s + len(x)] = r
         norm_sums += [r.sum(), (r * r).sum()]
         near_zero += int((np.abs(x) < 0.01).sum())
     mean = total / n
@@ -203,14 +214,23 @@ def analyze_contexts(contexts: np.ndarray, seed: int = 0, tokens: np.ndarray | N
     cen = spectrum(centred_eigenvalues, scale=raw["singular_values"][0])
     norm_mean, norm_std = _norm_moments(norm_sums, n)
     report = {
-        "n": n, "dim": c,
-        "global_attractor": {"mean_l2": pairs["mean_l2"], "mean_cosine": pairs["mean_cosine"],
-                             "sample_size": pairs["sample_size"],
-                             "degenerate": bool(pairs["mean_l2"] < 0.1 and pairs["mean_cosine"] > 0.99)},
+        "n": n,
+        "dim": c,
+        "global_attractor": {
+            "mean_l2": pairs["mean_l2"],
+            "mean_cosine": pairs["mean_cosine"],
+            "sample_size": pairs["sample_size"],
+            "degenerate": bool(pairs["mean_l2"] < 0.1 and pairs["mean_cosine"] > 0.99),
+        },
         "zero_solution": {"mean_norm": norm_mean, "degenerate": bool(norm_mean < 0.1)},
-        "distribution": {"norm_mean": norm_mean, "norm_median": float(np.median(norms, overwrite_input=True)),
-                         "norm_std": norm_std, "pairwise_l2_mean": pairs["mean_l2"],
-                         "pairwise_l2_median": pairs["median_l2"], "sparsity": near_zero / (n * c)},
+        "distribution": {
+            "norm_mean": norm_mean,
+            "norm_median": float(np.median(norms, overwrite_input=True)),
+            "norm_std": norm_std,
+            "pairwise_l2_mean": pairs["mean_l2"],
+            "pairwise_l2_median": pairs["median_l2"],
+            "sparsity": near_zero / (n * c),
+        },
         "information": {**raw, "top_singular_values": raw["singular_values"][:5]},
         "centred": {**cen, "top_singular_values": cen["singular_values"][:5]},
         "attainable_rank": attainable_rank(c, centred_eigenvalues),
@@ -269,6 +289,5 @@ def gate(train: dict | None, val: dict | None) -> list[str]:
         if rep["global_attractor"]["degenerate"]:
             problems.append(f"{name} contexts collapsed to one point (global attractor)")
         if rep["zero_solution"]["degenerate"]:
-            problems.append(f"{name} contexts collapsed to zero (mean norm "
-                            f"{rep['zero_solution']['mean_norm']:.3f})")
+            problems.append(f"{name} contexts collapsed to zero (mean norm {rep['zero_solution']['mean_norm']:.3f})")
     return problems

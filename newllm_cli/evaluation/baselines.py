@@ -4,6 +4,7 @@ Both are computed on the same split and tokenizer as the head, over the same (x_
 The bigram's k is chosen on a held-out tenth of the training documents, then counts are refitted
 on all training pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,8 +88,13 @@ def training_pairs(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray,
     return tokens[pos], tokens[pos + 1]
 
 
-def bigram_perplexity(train_tokens: np.ndarray, train_offsets: np.ndarray, val_tokens: np.ndarray,
-                      val_offsets: np.ndarray, vocab_size: int) -> dict:
+def bigram_perplexity(
+    train_tokens: np.ndarray,
+    train_offsets: np.ndarray,
+    val_tokens: np.ndarray,
+    val_offsets: np.ndarray,
+    vocab_size: int,
+) -> dict:
     """The add-k bigram on the val pairs: perplexity, per-pair log-probabilities, and the accuracy of
     its most likely successor."""
     k = choose_k(np.asarray(train_tokens), train_offsets, vocab_size)
@@ -97,5 +103,9 @@ def bigram_perplexity(train_tokens: np.ndarray, train_offsets: np.ndarray, val_t
     prev, nxt = val_tokens[vp], val_tokens[vp + 1]
     log_probs = model.log_probs(prev, nxt, k)
     top = int(np.argmax(unigram_log_probs(train_tokens, vocab_size)))
-    return {"k": k, "val_perplexity": float(math.exp(-log_probs.mean())), "log_probs": log_probs,
-            "accuracy": float(np.mean(model.predict(prev, top) == nxt)) if len(nxt) else 0.0}
+    return {
+        "k": k,
+        "val_perplexity": float(math.exp(-log_probs.mean())),
+        "log_probs": log_probs,
+        "accuracy": float(np.mean(model.predict(prev, top) == nxt)) if len(nxt) else 0.0,
+    }

@@ -8,6 +8,7 @@ Each is fitted on train rows and scored on val rows, for the run's contexts besi
 network's and a Gaussian floor (features with no information), so a figure always has its
 reference. Only the sampled rows are read, so memory is bounded at any corpus size.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -19,8 +20,11 @@ from newllm_cli.training import head_fit as probe
 from newllm_cli.evaluation.analysis import sample_rows
 from newllm_cli.evaluation.baselines import unigram_log_probs
 
-PROBES = {"token_from_context": "x_t from c_t", "token_from_step": "x_t from c_t - c_{t-1}",
-          "next_from_context": "x_{t+1} from c_t"}
+PROBES = {
+    "token_from_context": "x_t from c_t",
+    "token_from_step": "x_t from c_t - c_{t-1}",
+    "next_from_context": "x_{t+1} from c_t",
+}
 
 
 def positions(offsets: np.ndarray, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +49,17 @@ def _features(contexts: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torc
     return torch.from_numpy(cur), torch.from_numpy(cur - prev)
 
 
-def probe_all(sources: dict[str, tuple[np.ndarray, np.ndarray]], train: tuple[np.ndarray, np.ndarray],
-              val: tuple[np.ndarray, np.ndarray], vocab: int, *, rows: int, seed: int,
-              device: torch.device, on_fit: Callable[[str], None] | None = None) -> dict:
+def probe_all(
+    sources: dict[str, tuple[np.ndarray, np.ndarray]],
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    vocab: int,
+    *,
+    rows: int,
+    seed: int,
+    device: torch.device,
+    on_fit: Callable[[str], None] | None = None,
+) -> dict:
     """{probe: {source: {val_perplexity, val_accuracy, train_perplexity, train_accuracy, l2}}}.
 
     `sources` maps a name to its (train contexts, val contexts); `train`/`val` are (tokens, offsets).
@@ -64,8 +76,9 @@ def probe_all(sources: dict[str, tuple[np.ndarray, np.ndarray]], train: tuple[np
     feats = {}
     for name, ctx in sources.items():
         feats[name] = {split: _features(ctx[i], sampled[split][0]) for i, split in enumerate(("train", "val"))}
-    feats["gaussian"] = {split: (torch.randn(len(sampled[split][0]), width, generator=gen),) * 2
-                         for split in ("train", "val")}
+    feats["gaussian"] = {
+        split: (torch.randn(len(sampled[split][0]), width, generator=gen),) * 2 for split in ("train", "val")
+    }
     out: dict = {key: {} for key in PROBES}
     for key in PROBES:
         for name, by_split in feats.items():
@@ -78,7 +91,11 @@ def probe_all(sources: dict[str, tuple[np.ndarray, np.ndarray]], train: tuple[np
             if on_fit:
                 on_fit(f"{PROBES[key]} ({name})")
             res = probe.fit(splits[0], splits[1], vocab, prior, device=device, label=f"probe {key} ({name})")
-            out[key][name] = {"val_perplexity": res.val["perplexity"], "val_accuracy": res.val["accuracy"],
-                              "train_perplexity": res.train["perplexity"], "train_accuracy": res.train["accuracy"],
-                              "l2": res.l2}
+            out[key][name] = {
+                "val_perplexity": res.val["perplexity"],
+                "val_accuracy": res.val["accuracy"],
+                "train_perplexity": res.train["perplexity"],
+                "train_accuracy": res.train["accuracy"],
+                "l2": res.l2,
+            }
     return {"rows": {split: int(len(sampled[split][0])) for split in sampled}, "probes": out}

@@ -6,6 +6,7 @@ documents are resampled (or, with fewer than MIN_UNITS documents, contiguous blo
 verdict follows from the 95% interval of the ratio: "beats" when it lies below 1, "loses to" when it
 lies above 1, "ties" when it covers 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,11 +37,16 @@ def compare(losses_a: np.ndarray, losses_b: np.ndarray, groups: np.ndarray, seed
     batch = max(1, 2_000_000 // max(len(sums), 1))  # bounded memory for any number of documents
     for s in range(0, SAMPLES, batch):
         draw = rng.integers(0, len(sums), size=(min(batch, SAMPLES - s), len(sums)))
-        means[s:s + len(draw)] = sums[draw].sum(1) / counts[draw].sum(1)
+        means[s : s + len(draw)] = sums[draw].sum(1) / counts[draw].sum(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     verdict = "beats" if hi < 0 else "loses to" if lo > 0 else "ties"
-    out = {"ratio": math.exp(diff.mean()), "ratio_low": math.exp(lo), "ratio_high": math.exp(hi),
-           "verdict": verdict, "resampled": how}
+    out = {
+        "ratio": math.exp(diff.mean()),
+        "ratio_low": math.exp(lo),
+        "ratio_high": math.exp(hi),
+        "verdict": verdict,
+        "resampled": how,
+    }
     return {**out, "size": size(out)}
 
 
@@ -55,8 +61,11 @@ def size(c: dict) -> str:
     return f"ties ({lo:+.1%} to {hi:+.1%})"
 
 
-NAMES = {"unigram_add_one": "add-one unigram", "bigram_add_k": "add-k bigram",
-         "untrained_network": "untrained network (control)"}
+NAMES = {
+    "unigram_add_one": "add-one unigram",
+    "bigram_add_k": "add-k bigram",
+    "untrained_network": "untrained network (control)",
+}
 
 
 def finding(baselines: dict, names: dict[str, str] = NAMES) -> str:
@@ -66,8 +75,10 @@ def finding(baselines: dict, names: dict[str, str] = NAMES) -> str:
     for key in ("untrained_network", "bigram_add_k"):
         if key in baselines:
             b = baselines[key]
-            parts.append(f"against the {names[key]}, it {b['size']} (perplexity ratio {b['ratio']:.3f}, "
-                         f"95% interval {b['ratio_low']:.3f}-{b['ratio_high']:.3f})")
+            parts.append(
+                f"against the {names[key]}, it {b['size']} (perplexity ratio {b['ratio']:.3f}, "
+                f"95% interval {b['ratio_low']:.3f}-{b['ratio_high']:.3f})"
+            )
     control = baselines.get("untrained_network", {}).get("verdict")
     bigram = baselines.get("bigram_add_k", {}).get("verdict")
     if control == "beats" and bigram == "beats":
@@ -75,10 +86,15 @@ def finding(baselines: dict, names: dict[str, str] = NAMES) -> str:
     elif control == "beats":
         claim = "carry more next-token information than the untrained network, but not beyond the bigram"
     elif control is None:
-        claim = ("carry next-token information beyond the bigram" if bigram == "beats" else
-                 "show no next-token information beyond the bigram") + " (no control was fitted)"
+        claim = (
+            "carry next-token information beyond the bigram"
+            if bigram == "beats"
+            else "show no next-token information beyond the bigram"
+        ) + " (no control was fitted)"
     else:
         claim = "show no next-token information beyond what the untrained network's contexts carry"
     unit = next(iter(baselines.values()))["resampled"] if baselines else "documents"
-    return (f"Finding: the Phase 1 contexts {claim}. The head on them: {'; '.join(parts)}. The intervals resample "
-            f"the {unit} of the validation set under one seed; they do not cover other seeds.")
+    return (
+        f"Finding: the Phase 1 contexts {claim}. The head on them: {'; '.join(parts)}. The intervals resample "
+        f"the {unit} of the validation set under one seed; they do not cover other seeds."
+    )

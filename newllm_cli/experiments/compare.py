@@ -4,6 +4,7 @@ scaling law PPL = A * tokens^alpha and the correlation of val effective rank wit
 Everything here reads artifacts only; no stage is run. A run that has not reached a stage shows
 blanks for that stage's figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ import numpy as np
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
-KEY_SETTINGS = ("model.context_dim", "model.num_layers", "data.source", "data.num_samples",
-                "phase1.dist_reg_weight", "data.tokenizer")
+KEY_SETTINGS = (
+    "model.context_dim",
+    "model.num_layers",
+    "data.source",
+    "data.num_samples",
+    "phase1.dist_reg_weight",
+    "data.tokenizer",
+)
 DATA_SIZE = ("data.num_samples",)  # settings that make a sweep a data-size sweep
 
 
@@ -29,8 +36,12 @@ def _read(path: Path) -> dict | None:
 
 
 def _flat(settings: dict) -> dict:
-    return {f"{section}.{k}": v for section, values in settings.items() if isinstance(values, dict)
-            for k, v in values.items()}
+    return {
+        f"{section}.{k}": v
+        for section, values in settings.items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+    }
 
 
 def _get(d: dict | None, *keys):
@@ -49,9 +60,11 @@ def run_row(run_dir: Path) -> dict:
     base = _get(p2, "baselines") or {}
     seconds = [x for x in (_get(p1["train"], "seconds"), _get(p1["val"], "seconds"), _get(p2, "seconds")) if x]
     return {
-        "run": run_dir.name, "settings": settings,
+        "run": run_dir.name,
+        "settings": settings,
         "tokens": _get(p1["train"], "tokens"),
-        "converged_train": _get(p1["train"], "converged_ratio"), "converged_val": _get(p1["val"], "converged_ratio"),
+        "converged_train": _get(p1["train"], "converged_ratio"),
+        "converged_val": _get(p1["val"], "converged_ratio"),
         "rank_train": _get(ana, "train", "centred", "effective_rank"),
         "rank_val": _get(ana, "val", "centred", "effective_rank"),
         "attainable_rank": _get(ana, "val", "attainable_rank"),
@@ -72,8 +85,9 @@ def workspace_runs(workspace: str) -> list[Path]:
 def varied(rows: list[dict]) -> list[str]:
     """The settings (section.field) whose values differ between the rows, runtime ones aside."""
     keys = sorted({k for r in rows for k in r["settings"]} - {"runtime.run", "runtime.workspace"})
-    return [k for k in keys if not k.startswith("runtime.") and
-            len({json.dumps(r["settings"].get(k)) for r in rows}) > 1]
+    return [
+        k for k in keys if not k.startswith("runtime.") and len({json.dumps(r["settings"].get(k)) for r in rows}) > 1
+    ]
 
 
 def flag(key: str) -> str:
@@ -88,15 +102,19 @@ def scaling_law(tokens, perplexity) -> dict:
     (intercept, alpha), *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - (intercept + alpha * x)
     total = ((y - y.mean()) ** 2).sum()
-    return {"alpha": float(alpha), "A": float(math.exp(intercept)), "points": len(x),
-            "r2": float(1 - (residual ** 2).sum() / total) if total > 0 else None}
+    return {
+        "alpha": float(alpha),
+        "A": float(math.exp(intercept)),
+        "points": len(x),
+        "r2": float(1 - (residual**2).sum() / total) if total > 0 else None,
+    }
 
 
 def correlation(x, y) -> float | None:
     """Pearson's r (None when either side does not vary)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     dx, dy = x - x.mean(), y - y.mean()
-    norm = math.sqrt((dx ** 2).sum() * (dy ** 2).sum())
+    norm = math.sqrt((dx**2).sum() * (dy**2).sum())
     return float((dx * dy).sum() / norm) if norm > 0 else None
 
 
@@ -124,14 +142,25 @@ def fits(rows: list[dict]) -> dict:
     return out
 
 
-FIGURES = ("tokens", "converged_train", "converged_val", "rank_train", "rank_val", "perplexity", "unigram",
-           "bigram", "control", "seconds")
+FIGURES = (
+    "tokens",
+    "converged_train",
+    "converged_val",
+    "rank_train",
+    "rank_val",
+    "perplexity",
+    "unigram",
+    "bigram",
+    "control",
+    "seconds",
+)
 
 
 def to_csv(rows: list[dict], settings: list[str]) -> str:
     """The rows as CSV: run, the given settings (by option name), the figures."""
     import csv
     import io
+
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(["run", *map(flag, settings), *FIGURES])
@@ -142,24 +171,44 @@ def to_csv(rows: list[dict], settings: list[str]) -> str:
 
 def to_markdown(result: dict) -> str:
     """The rows and the fits as a Markdown table and lines, ready for a notebook or the docs."""
-    cols = ["run", *map(flag, result["settings"]), "train tokens", "converged train / val", "val rank (centred)",
-            "val ppl", "unigram", "bigram", "control", "seconds"]
+    cols = [
+        "run",
+        *map(flag, result["settings"]),
+        "train tokens",
+        "converged train / val",
+        "val rank (centred)",
+        "val ppl",
+        "unigram",
+        "bigram",
+        "control",
+        "seconds",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in result["runs"]:
         conv = " / ".join("-" if r[k] is None else f"{r[k]:.1%}" for k in ("converged_train", "converged_val"))
-        cells = [r["run"], *(str(r["settings"].get(k)) for k in result["settings"]), _num(r["tokens"], ","), conv,
-                 _num(r["rank_val"]), *(_num(r[k]) for k in ("perplexity", "unigram", "bigram", "control")),
-                 _num(r["seconds"], ".0f")]
+        cells = [
+            r["run"],
+            *(str(r["settings"].get(k)) for k in result["settings"]),
+            _num(r["tokens"], ","),
+            conv,
+            _num(r["rank_val"]),
+            *(_num(r[k]) for k in ("perplexity", "unigram", "bigram", "control")),
+            _num(r["seconds"], ".0f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if result.get("scaling") or result.get("rank_perplexity"):
         lines.append("")
     for fit in result.get("scaling", []):
         group = ", ".join(f"{k}={v}" for k, v in fit["group"].items())
-        lines.append(f"Scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
-                     f"R^2 = {_num(fit['r2'], '.4f')} ({fit['points']} runs).")
+        lines.append(
+            f"Scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
+            f"R^2 = {_num(fit['r2'], '.4f')} ({fit['points']} runs)."
+        )
     if result.get("rank_perplexity"):
         c = result["rank_perplexity"]
-        lines.append(f"Correlation of val effective rank with val perplexity: r = {_num(c['r'], '.3f')} ({c['runs']} runs).")
+        lines.append(
+            f"Correlation of val effective rank with val perplexity: r = {_num(c['r'], '.3f')} ({c['runs']} runs)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +233,15 @@ def runs(s, csv_output: bool = False, markdown: bool = False) -> dict:
     return _formats({"runs": rows, "settings": list(KEY_SETTINGS)}, csv_output, markdown)
 
 
-def compare(s, names: list[str] | None = None, sweep: str | None = None, storage: str | None = None,
-            plot: Path | None = None, csv_output: bool = False, markdown: bool = False) -> dict:
+def compare(
+    s,
+    names: list[str] | None = None,
+    sweep: str | None = None,
+    storage: str | None = None,
+    plot: Path | None = None,
+    csv_output: bool = False,
+    markdown: bool = False,
+) -> dict:
     """The chosen runs (or a sweep's) side by side with their varied settings, the scaling law
     when the data size varies, and the rank-perplexity correlation."""
     if bool(names) == bool(sweep):
@@ -200,6 +256,7 @@ def compare(s, names: list[str] | None = None, sweep: str | None = None, storage
     out = {"runs": rows, "settings": varied(rows), "sweep": sweep, **fits(rows)}
     if plot is not None:
         from newllm_cli.cli import plots
+
         out["plots"] = [str(p) for p in plots.comparison(out, plot)]
     return _formats(out, csv_output, markdown)
 
@@ -209,10 +266,14 @@ def sweep_runs(workspace: str, name: str, storage: str | None) -> list[str]:
     import optuna
     from optuna.trial import TrialState
     from newllm_cli.experiments.sweep import open_storage, storage_url
+
     url = storage_url(workspace, storage)
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(url, 10.0))
     except KeyError:
         raise UsageError(f"no sweep {name!r} in {url}") from None
-    return [t.user_attrs["run"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "run" in t.user_attrs]
+    return [
+        t.user_attrs["run"]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "run" in t.user_attrs
+    ]

@@ -12,6 +12,7 @@ once however many workers, local (`--jobs`) or on other machines, share the stud
 killed stops sending heartbeats; the next worker to look marks its trial failed, and the next sweep
 command queues the point again.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -38,6 +39,7 @@ LOCK_TIMEOUT = 60.0  # seconds after which a queueing lock left by a killed proc
 @dataclass(frozen=True)
 class Axis:
     """One swept setting: a list of values (grid, or choices of a search) or a numeric range."""
+
     flag: str
     section: str
     field: str
@@ -66,9 +68,16 @@ def parse_axes(specs: list[str]) -> list[Axis]:
                 low, high = float(parts[0]), float(parts[1])
             except (ValueError, IndexError):
                 raise UsageError(f"--grid {spec!r}: a range is LOW:HIGH or LOW:HIGH:log") from None
-            if len(parts) > 3 or (len(parts) == 3 and parts[2] != "log") or not low < high or \
-                    not all(math.isfinite(v) for v in (low, high)) or (len(parts) == 3 and low <= 0):
-                raise UsageError(f"--grid {spec!r}: a range is LOW:HIGH or LOW:HIGH:log with LOW < HIGH (LOW > 0 for log)")
+            if (
+                len(parts) > 3
+                or (len(parts) == 3 and parts[2] != "log")
+                or not low < high
+                or not all(math.isfinite(v) for v in (low, high))
+                or (len(parts) == 3 and low <= 0)
+            ):
+                raise UsageError(
+                    f"--grid {spec!r}: a range is LOW:HIGH or LOW:HIGH:log with LOW < HIGH (LOW > 0 for log)"
+                )
             axes.append(Axis(name, section, field, low=low, high=high, log=len(parts) == 3))
         else:
             values = tuple(v.strip() for v in rest.split(","))
@@ -111,17 +120,22 @@ def open_storage(url: str, heartbeat: float):
     running one; SQLite waits for its lock instead of failing at once."""
     import warnings
     import optuna
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials: our own one-line warning
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=max(1, round(heartbeat)),
-                                              grace_period=max(2, round(3 * heartbeat)))
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=max(1, round(heartbeat)),
+                grace_period=max(2, round(3 * heartbeat)),
+            )
         except (ImportError, ModuleNotFoundError) as e:
             raise UsageError(f"--storage {url}: its database driver is missing ({first_line(e)})") from None
         except Exception as e:  # SQLAlchemy's errors: a bad URL, a server that does not answer, or two
-            if attempt == 4:    # workers creating the schema of a new database at once (retried)
+            if attempt == 4:  # workers creating the schema of a new database at once (retried)
                 raise UsageError(f"--storage {url}: {first_line(e)}") from None
             time.sleep(0.5 * (attempt + 1))
 
@@ -130,6 +144,7 @@ def open_storage(url: str, heartbeat: float):
 def queue_lock(storage, name: str):
     """A study named NAME.queue-lock exists while one process fills the queue; creating it is atomic."""
     import optuna
+
     lock = f"{name}.queue-lock"
     deadline = time.monotonic() + 2 * LOCK_TIMEOUT
     while True:
@@ -156,11 +171,15 @@ def queue_lock(storage, name: str):
 
 def open_study(storage, name: str, axes: list[Axis], sampler: str, seed: int):
     import optuna
-    samplers = {"grid": lambda: optuna.samplers.RandomSampler(seed=seed),  # never asked: grids are queued
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "tpe": lambda: optuna.samplers.TPESampler(seed=seed)}
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize",
-                                sampler=samplers[sampler]())
+
+    samplers = {
+        "grid": lambda: optuna.samplers.RandomSampler(seed=seed),  # never asked: grids are queued
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+    }
+    study = optuna.create_study(
+        study_name=name, storage=storage, load_if_exists=True, direction="minimize", sampler=samplers[sampler]()
+    )
     axes_key = [[a.flag, list(a.values), a.low, a.high, a.log] for a in axes]
     known = study.user_attrs.get("axes")
     if known is None:
@@ -175,6 +194,7 @@ def fill_queue(storage, study, grid: list[dict[str, str]]) -> int:
     """Queue each grid point that has no finished, running or queued trial; return how many."""
     import optuna
     from optuna.trial import TrialState
+
     optuna.storages.fail_stale_trials(study)  # killed workers' trials become failed ones
     with queue_lock(storage, study.study_name):
         live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
@@ -188,8 +208,9 @@ def fill_queue(storage, study, grid: list[dict[str, str]]) -> int:
     return added
 
 
-def work(s: Settings, study, axes: list[Axis], base: dict, search_trials: int | None, force: bool,
-         probe_rows: int) -> None:
+def work(
+    s: Settings, study, axes: list[Axis], base: dict, search_trials: int | None, force: bool, probe_rows: int
+) -> None:
     """Take trials until the queue is empty (a grid) or the study holds `search_trials` (a search)."""
     import optuna
     from optuna.trial import TrialState
@@ -231,18 +252,33 @@ def work(s: Settings, study, axes: list[Axis], base: dict, search_trials: int | 
 
     if search_trials is None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         return
-    if search_trials is not None and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= search_trials:
+    if (
+        search_trials is not None
+        and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= search_trials
+    ):
         return
     study.optimize(objective, catch=(Exception,), callbacks=[enough], gc_after_trial=True)
 
 
 def summary(study) -> dict:
     """Each trial of the study: its point, run, state, val perplexity and error."""
-    trials = [{"number": t.number, "run": t.user_attrs.get("run"), "params": t.params, "state": t.state.name,
-               "value": t.value, "error": t.user_attrs.get("error")}
-              for t in study.get_trials(deepcopy=False) if "run" in t.user_attrs]
-    return {"sweep": study.study_name, "trials": trials,
-            "counts": {state: sum(t["state"] == state for t in trials) for state in {t["state"] for t in trials}}}
+    trials = [
+        {
+            "number": t.number,
+            "run": t.user_attrs.get("run"),
+            "params": t.params,
+            "state": t.state.name,
+            "value": t.value,
+            "error": t.user_attrs.get("error"),
+        }
+        for t in study.get_trials(deepcopy=False)
+        if "run" in t.user_attrs
+    ]
+    return {
+        "sweep": study.study_name,
+        "trials": trials,
+        "counts": {state: sum(t["state"] == state for t in trials) for state in {t["state"] for t in trials}},
+    }
 
 
 def spawn_workers(argv: list[str], jobs: int, threads: int) -> None:
@@ -258,9 +294,19 @@ def spawn_workers(argv: list[str], jobs: int, threads: int) -> None:
         raise NewLLMError(f"workers {', '.join(killed)} were killed; rerun the same command to run their trials again")
 
 
-def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials: int | None = None,
-          storage: str | None = None, jobs: int = 1, force: bool = False, probe_rows: int = PROBE_ROWS,
-          heartbeat: float = 10.0, worker: bool = False) -> dict:
+def sweep(
+    s: Settings,
+    name: str,
+    grid: list[str],
+    sampler: str = "grid",
+    trials: int | None = None,
+    storage: str | None = None,
+    jobs: int = 1,
+    force: bool = False,
+    probe_rows: int = PROBE_ROWS,
+    heartbeat: float = 10.0,
+    worker: bool = False,
+) -> dict:
     """Run every point of a grid (or TRIALS points of a search) as ordinary runs named SWEEP.flag-value...,
     with N local workers, sharing the study with any other `newllm sweep` on the same --storage."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
@@ -279,7 +325,7 @@ def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials
     elif trials is None:
         raise UsageError(f"--sampler {sampler} needs --trials N")
     base = s.model_dump()
-    for params in (todo if sampler == "grid" else []):
+    for params in todo if sampler == "grid" else []:
         try:
             trial_settings(base, axes, params, name)
         except UsageError as e:  # recorded as that trial's failure; the others still run
@@ -292,6 +338,7 @@ def sweep(s: Settings, name: str, grid: list[str], sampler: str = "grid", trials
             info(f"sweep {name}: {len(todo)} points, {fill_queue(store, study, todo)} queued now; study in {url}")
         if jobs > 1:
             from newllm_cli.cli.commands import ARGV  # this command's own line, for its worker copies
+
             spawn_workers(list(ARGV), jobs, s.runtime.threads)
             return {**summary(study), "storage": url}
     work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows)

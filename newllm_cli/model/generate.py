@@ -4,6 +4,7 @@ The prompt is read as a document with carry-over until its trajectory is a fixed
 Phase 1 validation); generation starts from its last context c_N. Each sampled token is fed back
 through f, so generation continues the same recurrence the head was trained on.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,14 +18,25 @@ from newllm_cli.settings import Phase1Settings
 
 def prompt_context(model: NewLLM, ids: np.ndarray, cfg: Phase1Settings, device: torch.device) -> torch.Tensor:
     """c_N of the prompt's fixed-point trajectory."""
-    res = run_cvfp(model, ids, np.array([0, len(ids)]), cfg.model_copy(update={"concat": False}),
-                   train=False, device=device)
+    res = run_cvfp(
+        model, ids, np.array([0, len(ids)]), cfg.model_copy(update={"concat": False}), train=False, device=device
+    )
     return torch.from_numpy(res.contexts.read(len(ids) - 1, len(ids))[0]).to(device)
 
 
-def sample(model: NewLLM, head: Head, head_input: str, ids: np.ndarray, cfg: Phase1Settings, *,
-           max_new_tokens: int, temperature: float, top_k: int, seed: int,
-           device: torch.device) -> tuple[list[int], torch.Tensor]:
+def sample(
+    model: NewLLM,
+    head: Head,
+    head_input: str,
+    ids: np.ndarray,
+    cfg: Phase1Settings,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[int], torch.Tensor]:
     """Sampled token ids and the starting context. temperature 0 means greedy."""
     start = prompt_context(model, ids, cfg, device)
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
 """The New-LLM network: token embedding, L residual context blocks, and the step f(x, c)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,9 @@ class ContextBlock(nn.Module):
         self.norm_tok = nn.LayerNorm(embed_dim)
         self.context_dim = context_dim
 
-    def forward(self, ctx: torch.Tensor, tok: torch.Tensor, last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, ctx: torch.Tensor, tok: torch.Tensor, last: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """New (ctx, tok); the last block's tok is never read, so it is not computed (None)."""
         y_ctx, y_tok = self.mlp(torch.cat([ctx, tok], dim=-1)).split([self.context_dim, tok.shape[-1]], dim=-1)
         return self.norm_ctx(ctx + y_ctx), None if last else self.norm_tok(tok + y_tok)
@@ -28,14 +31,12 @@ class ContextBlock(nn.Module):
 class NewLLM(nn.Module):
     """Embedding + context blocks. The next-token head lives in Phase 2 (phase2.py)."""
 
-    def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int,
-                 layers_per_block: int = 1):
+    def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int, layers_per_block: int = 1):
         super().__init__()
         self.context_dim, self.embed_dim = context_dim, embed_dim
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
-        self.blocks = nn.ModuleList(
-            ContextBlock(context_dim, embed_dim, layers_per_block) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(ContextBlock(context_dim, embed_dim, layers_per_block) for _ in range(num_layers))
         self.apply(init_weights)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

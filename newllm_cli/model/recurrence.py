@@ -12,6 +12,7 @@ continued in a later window goes on exactly as if it had not been cut:
 `sweep` runs either over a corpus in windows of bounded size and writes into a RowStore, so the
 corpus never has to be in memory at once. Also the shift that builds each token's incoming context.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,14 @@ def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0:
     return inc
 
 
-def sweep_torch(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
-                c0: torch.Tensor, last: np.ndarray | None = None) -> torch.Tensor:
+def sweep_torch(
+    model: NewLLM,
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: np.ndarray,
+    c0: torch.Tensor,
+    last: np.ndarray | None = None,
+) -> torch.Tensor:
     """Lockstep: position t of every document in one call of f.
 
     Documents are visited longest first so that the ones still running at position t are always a
@@ -61,9 +68,9 @@ def sweep_torch(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
     order = np.argsort(-lengths, kind="stable")
     sorted_len = lengths[order]
     steps = np.arange(int(sorted_len[0]))[:, None]
-    valid = steps < sorted_len[None, :]                              # [T, B]
+    valid = steps < sorted_len[None, :]  # [T, B]
     rows = torch.as_tensor(np.where(valid, offsets[:-1][order][None, :] + steps, 0), device=ids.device)
-    emb = table[ids[rows]]                                           # [T, B, E]
+    emb = table[ids[rows]]  # [T, B, E]
     out_tm = torch.empty(*valid.shape, c0.shape[1], device=ids.device, dtype=table.dtype)
     active = np.searchsorted(-sorted_len, -steps[:, 0], side="left")  # documents longer than t
     ctx = c0[torch.as_tensor(order, device=c0.device)].to(table.dtype)
@@ -88,8 +95,10 @@ def numba_available() -> bool:
 def _pack(model: NewLLM) -> tuple:
     """The model's context blocks as contiguous float64 arrays; weights transposed (input-major) so
     the kernel's inner loop runs over outputs, whose accumulators are independent."""
+
     def arr(t):
         return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
+
     blocks = model.blocks
     lin = [[m for m in b.mlp if isinstance(m, torch.nn.Linear)] for b in blocks]
     WT = arr(torch.stack([torch.stack([m.weight.t() for m in ls]) for ls in lin]))
@@ -101,8 +110,14 @@ def _pack(model: NewLLM) -> tuple:
     return WT, B, gc, bc, gt, bt, float(blocks[0].norm_ctx.eps)
 
 
-def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: np.ndarray,
-                c0: torch.Tensor, last: np.ndarray | None = None) -> torch.Tensor:
+def sweep_numba(
+    model: NewLLM,
+    table: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: np.ndarray,
+    c0: torch.Tensor,
+    last: np.ndarray | None = None,
+) -> torch.Tensor:
     """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6.
     It computes in float64: `last` gets the float64 states, not the float32 outputs."""
     if numba is None:
@@ -113,8 +128,15 @@ def sweep_numba(model: NewLLM, table: torch.Tensor, ids: torch.Tensor, offsets: 
     start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
     out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
     state = np.empty_like(start)
-    _sweep_kernel(tab, np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
-                  np.ascontiguousarray(offsets, dtype=np.int64), start, *_pack(model), out, state)
+    _sweep_kernel(
+        tab,
+        np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
+        np.ascontiguousarray(offsets, dtype=np.int64),
+        start,
+        *_pack(model),
+        out,
+        state,
+    )
     if last is not None:
         last[:] = state
     return torch.from_numpy(out).to(table.device)
@@ -145,11 +167,20 @@ def choose_kernel(kernel: str, device: torch.device, context_dim: int, offsets: 
         return "torch"
     lengths = np.diff(offsets)
     rows_per_step = lengths.sum() / max(int(lengths.max(initial=0)), 1)
-    return "torch" if context_dim >= 64 and rows_per_step * context_dim ** 2 >= 2 ** 19 else "numba"
+    return "torch" if context_dim >= 64 and rows_per_step * context_dim**2 >= 2**19 else "numba"
 
 
-def sweep(model: NewLLM, kernel: str, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
-          c0: np.ndarray, out: RowStore, window: int, advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+def sweep(
+    model: NewLLM,
+    kernel: str,
+    table: torch.Tensor,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    c0: np.ndarray,
+    out: RowStore,
+    window: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> np.ndarray:
     """Run the recurrence over every document from c0, writing Q into `out`; return each document's
     last context (the carry-over into the next iteration).
 
@@ -188,7 +219,7 @@ def _write_segments(out: RowStore, dest: np.ndarray, local: np.ndarray, q: np.nd
         j = i + 1
         while j < n and dest[j] == dest[j - 1] + (local[j] - local[j - 1]):
             j += 1
-        out.write(int(dest[i]), q[local[i]:local[j]])
+        out.write(int(dest[i]), q[local[i] : local[j]])
         i = j
 
 

@@ -11,6 +11,7 @@ and writes the run's other files (`artifacts.publishing`); the other ranks compu
 print only their errors. One process is SOLO, where combining is the identity, so the stages have
 one code path.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ from newllm_cli.runtime.errors import NewLLMError, RankFailed, first_line
 class Shard:
     """Documents first..last-1, rows start..stop-1, of a corpus of `total` rows; `blocks` are the
     row bounds (from `start`) of the corpus's blocks in it."""
+
     first: int
     last: int
     start: int
@@ -43,7 +45,7 @@ class Shard:
 
     def local(self, tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """This shard's tokens and its document offsets counted from its first row."""
-        return tokens[self.start:self.stop], np.asarray(offsets[self.first:self.last + 1], np.int64) - self.start
+        return tokens[self.start : self.stop], np.asarray(offsets[self.first : self.last + 1], np.int64) - self.start
 
 
 def block_size(n: int) -> int:
@@ -78,6 +80,7 @@ def shard_of(offsets: np.ndarray, rank: int, size: int) -> Shard:
 
 class Group:
     """One process: every combination is the identity. `Ranks` is the torch.distributed job."""
+
     rank, size, local_size = 0, 1, 1
 
     @property
@@ -156,12 +159,14 @@ def launched() -> bool:
 
 def _collective(method):
     """A lost peer shows up as an error inside a collective: one line, naming the cause."""
+
     @functools.wraps(method)
     def wrapped(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except RuntimeError as e:  # gloo and NCCL raise RuntimeError or its subclass DistError
             raise RankFailed(f"another rank of this job stopped ({_cause(e)}); see its own error") from None
+
     return wrapped
 
 
@@ -178,6 +183,7 @@ class Ranks(Group):
     def __init__(self, device):
         import torch
         import torch.distributed as dist
+
         self.dist, self.torch = dist, torch
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -246,6 +252,7 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
     the leader renames it once all are done. One process without `keep` renames its own store's
     file instead. `keep` leaves the store open (a periodic resume point)."""
     from newllm_cli.store.rowstore import RowStore
+
     path = Path(path)
     if group.size == 1 and not keep:
         return store.save(path)
@@ -276,6 +283,7 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
 @dataclass
 class Part:
     """A rank's rows of a corpus-sized table, saved collectively (a resume point's contexts)."""
+
     store: Any
     shard: Shard
     group: Group

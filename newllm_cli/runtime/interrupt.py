@@ -6,6 +6,7 @@ saves a resume checkpoint and raises Interrupted. Anywhere else, and at a second
 The same loops also save every --save-every minutes (`SavePoints`), so a killed process, or a
 distributed job that lost a rank, resumes from its last save.
 """
+
 from __future__ import annotations
 
 import signal
@@ -48,6 +49,7 @@ def graceful() -> Iterator[None]:
         if _requested or not _armed:
             raise KeyboardInterrupt
         _requested = True
+
     # SIGTERM too: what torchrun forwards, and a batch system's notice before it kills
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -6,6 +6,7 @@ left by a killed process is simply free. The holder writes its PID and command l
 so a refused command can say who holds it. Temporary files and directories carry their creator's
 PID (`.NAME.PID.xxxx`); `sweep_stale` removes those whose process is gone.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -66,8 +67,9 @@ def hold(lock: Path, what: str, exclusive: bool = True, wait: float = 0.0) -> It
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-                    raise RefusedError(f"{what} is in use by PID {holder}; wait for it to finish "
-                                       "(or use another --run)") from None
+                    raise RefusedError(
+                        f"{what} is in use by PID {holder}; wait for it to finish (or use another --run)"
+                    ) from None
                 time.sleep(0.1)
         if exclusive:
             os.ftruncate(fd, 0)

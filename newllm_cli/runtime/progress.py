@@ -1,4 +1,5 @@
 """People's output: rich on stderr (results for scripts go to stdout, from cli.py only)."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,7 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.table import Column
-from rich.progress import (BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 
@@ -142,10 +142,18 @@ class _Eta(TimeRemainingColumn):
 def make_bar(con: Console, disable: bool = False) -> Progress:
     """The progress line: the description gives way (cut with an ellipsis) so that the bar, rate
     and ETA fit the terminal's width, 80 columns included."""
-    return Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=26)),
-                    BarColumn(bar_width=10), TaskProgressColumn(), _Rate(), _Eta(),
-                    TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=10)),
-                    console=con, transient=True, disable=disable, expand=False)
+    return Progress(
+        TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=26)),
+        BarColumn(bar_width=10),
+        TaskProgressColumn(),
+        _Rate(),
+        _Eta(),
+        TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=10)),
+        console=con,
+        transient=True,
+        disable=disable,
+        expand=False,
+    )
 
 
 @contextmanager
@@ -159,4 +167,5 @@ def progress(description: str, total: int | None, unit: str = "rows") -> Iterato
 
         def advance(n: int = 1, status: str | None = None) -> None:
             bar.update(task, advance=n, **({"status": status} if status is not None else {}))
+
         yield advance

@@ -9,6 +9,7 @@ it with what they expect, so artifacts from different settings are never silentl
 In a distributed job only the leader publishes run artifacts (write_json, write_array,
 write_checkpoint, and metrics and figures through `publishes`); `atomic_path` itself always writes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -152,8 +153,10 @@ def check_same(expected: dict, found: dict, what: str) -> None:
     diff = {k: (expected.get(k), found.get(k)) for k in expected if expected.get(k) != found.get(k)}
     if diff:
         parts = ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise RefusedError(f"{what} does not match the current settings ({parts}); "
-                           "rerun the stage that produces it, or add --rebuild to rerun the stages before")
+        raise RefusedError(
+            f"{what} does not match the current settings ({parts}); "
+            "rerun the stage that produces it, or add --rebuild to rerun the stages before"
+        )
 
 
 class Workspace:
@@ -171,8 +174,10 @@ class Workspace:
         """The refusal for a run that does not exist, naming those that do (most likely a typo)."""
         others = self.runs()
         there = f" (runs there: {', '.join(others)})" if others else ""
-        return RefusedError(f"no run named {self.run_dir.name!r} in {self.root}{there}; "
-                            "check --run, or start it with `newllm prepare-data --run NAME`")
+        return RefusedError(
+            f"no run named {self.run_dir.name!r} in {self.root}{there}; "
+            "check --run, or start it with `newllm prepare-data --run NAME`"
+        )
 
     def staged(self, directory: Path) -> "Workspace":
         """The same layout with the dataset files in `directory` (built there, then renamed)."""
@@ -190,26 +195,60 @@ class Workspace:
             raise UsageError(f"workspace {self.root} is not writable: {e.strerror or e}") from None
 
     # dataset
-    def tokens(self, split: str) -> Path: return self.data_dir / f"{split}.tokens.npy"
-    def offsets(self, split: str) -> Path: return self.data_dir / f"{split}.offsets.npy"
-    def tokenizer(self) -> Path: return self.data_dir / "tokenizer.json"
-    def dataset_meta(self) -> Path: return self.data_dir / "dataset.json"
+    def tokens(self, split: str) -> Path:
+        return self.data_dir / f"{split}.tokens.npy"
+
+    def offsets(self, split: str) -> Path:
+        return self.data_dir / f"{split}.offsets.npy"
+
+    def tokenizer(self) -> Path:
+        return self.data_dir / "tokenizer.json"
+
+    def dataset_meta(self) -> Path:
+        return self.data_dir / "dataset.json"
 
     # run
-    def settings(self) -> Path: return self.run_dir / "settings.json"
-    def phase1_checkpoint(self) -> Path: return self.run_dir / "phase1.pt"
-    def contexts(self, split: str) -> Path: return self.run_dir / f"contexts_{split}.npy"
-    def control_contexts(self, split: str) -> Path: return self.run_dir / f"control_contexts_{split}.npy"
-    def control_report(self, split: str) -> Path: return self.run_dir / f"control_{split}.json"
-    def phase1_report(self, split: str) -> Path: return self.run_dir / f"phase1_{split}.json"
-    def analysis(self) -> Path: return self.run_dir / "analysis.json"
-    def phase2_checkpoint(self) -> Path: return self.run_dir / "phase2.pt"
-    def phase2_report(self) -> Path: return self.run_dir / "phase2.json"
-    def resume(self, stage: str) -> Path: return self.run_dir / f"{stage}.resume.pt"
-    def log(self) -> Path: return self.run_dir / "log.txt"
-    def stages(self) -> Path: return self.run_dir / "stages.json"
-    def metrics(self) -> Path: return self.run_dir / "metrics.csv"
-    def tensorboard(self) -> Path: return self.run_dir / "tensorboard"
+    def settings(self) -> Path:
+        return self.run_dir / "settings.json"
+
+    def phase1_checkpoint(self) -> Path:
+        return self.run_dir / "phase1.pt"
+
+    def contexts(self, split: str) -> Path:
+        return self.run_dir / f"contexts_{split}.npy"
+
+    def control_contexts(self, split: str) -> Path:
+        return self.run_dir / f"control_contexts_{split}.npy"
+
+    def control_report(self, split: str) -> Path:
+        return self.run_dir / f"control_{split}.json"
+
+    def phase1_report(self, split: str) -> Path:
+        return self.run_dir / f"phase1_{split}.json"
+
+    def analysis(self) -> Path:
+        return self.run_dir / "analysis.json"
+
+    def phase2_checkpoint(self) -> Path:
+        return self.run_dir / "phase2.pt"
+
+    def phase2_report(self) -> Path:
+        return self.run_dir / "phase2.json"
+
+    def resume(self, stage: str) -> Path:
+        return self.run_dir / f"{stage}.resume.pt"
+
+    def log(self) -> Path:
+        return self.run_dir / "log.txt"
+
+    def stages(self) -> Path:
+        return self.run_dir / "stages.json"
+
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def tensorboard(self) -> Path:
+        return self.run_dir / "tensorboard"
 
 
 class Resumable:

@@ -3,6 +3,7 @@
 A rerun of a stage replaces its own rows (the file holds the run's current figures, like the JSON
 reports); log.txt keeps the history of what was printed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,20 @@ from pathlib import Path
 from newllm_cli.store.artifacts import atomic_path, publishes
 from newllm_cli.runtime.errors import UsageError
 
-FIELDS = ["stage", "split", "step", "lr", "loss", "cvfp_loss", "dist_loss", "converged_ratio", "residual",
-          "l2", "objective", "seconds"]
+FIELDS = [
+    "stage",
+    "split",
+    "step",
+    "lr",
+    "loss",
+    "cvfp_loss",
+    "dist_loss",
+    "converged_ratio",
+    "residual",
+    "l2",
+    "objective",
+    "seconds",
+]
 
 
 def record(path: Path, stage: str, split: str, rows: list[dict], board: Path | None = None) -> None:

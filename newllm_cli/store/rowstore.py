@@ -5,6 +5,7 @@ of pairs. When they fit the memory budget they are plain arrays; otherwise they 
 directory, read and written with pread/pwrite, never memory-mapped: mapped pages count towards the
 process's resident memory, and the point of a file is that only the chunk in hand does.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,7 @@ class RowStore:
         """A store holding a copy of `source` (possibly memory-mapped), copied chunk by chunk."""
         store = cls(*source.shape, directory)
         for s in range(0, len(source), chunk):
-            store.write(s, np.asarray(source[s:s + chunk], dtype=np.float32))
+            store.write(s, np.asarray(source[s : s + chunk], dtype=np.float32))
         return store
 
     def __len__(self) -> int:
@@ -83,7 +84,7 @@ class RowStore:
 
     def write(self, start: int, rows: np.ndarray) -> None:
         if self.array is not None:
-            self.array[start:start + len(rows)] = rows
+            self.array[start : start + len(rows)] = rows
             return
         view = memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B")
         pos = self.data_offset + start * self.row_bytes
@@ -95,8 +96,11 @@ class RowStore:
         """Scattered rows (one per document, say), without reading what lies between them."""
         if self.array is not None:
             return self.array[rows]
-        return np.stack([self.read(int(r), int(r) + 1)[0] for r in rows]) if len(rows) else \
-            np.zeros((0, self.shape[1]), np.float32)
+        return (
+            np.stack([self.read(int(r), int(r) + 1)[0] for r in rows])
+            if len(rows)
+            else np.zeros((0, self.shape[1]), np.float32)
+        )
 
     def chunks(self, chunk: int):
         for s in range(0, len(self), chunk):

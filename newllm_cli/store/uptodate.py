@@ -7,6 +7,7 @@ the files it wrote returns that result at once; anything else (another setting, 
 by an upstream stage, an output deleted or damaged) runs the stage again. Inputs are files written
 atomically by this tool, so a changed file is a new inode or a new modification time.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,17 @@ def _records(ws: Workspace) -> dict:
         return {}
 
 
-def run_once(ws: Workspace, name: str, given: dict, inputs: list[Path], outputs: list[Path],
-             compute: Callable[[], dict], force: bool = False, group=None,
-             finish: Callable[[], None] = lambda: None) -> dict:
+def run_once(
+    ws: Workspace,
+    name: str,
+    given: dict,
+    inputs: list[Path],
+    outputs: list[Path],
+    compute: Callable[[], dict],
+    force: bool = False,
+    group=None,
+    finish: Callable[[], None] = lambda: None,
+) -> dict:
     """compute() unless the last success of stage `name` had the same `given` settings and input
     files, and its outputs are untouched; either way the result carries `wall_seconds`, and
     `skipped` when it was not recomputed (then `finish()` runs, as the stage itself ends: the run
@@ -47,8 +56,9 @@ def run_once(ws: Workspace, name: str, given: dict, inputs: list[Path], outputs:
     t0 = time.perf_counter()
     key = fingerprint({"given": given, "inputs": [file_state(p) for p in inputs]})
     record = None if force else _records(ws).get(name)
-    fresh = (record is not None and record.get("key") == key
-             and record.get("outputs") == [file_state(p) for p in outputs])
+    fresh = (
+        record is not None and record.get("key") == key and record.get("outputs") == [file_state(p) for p in outputs]
+    )
     if group is not None:
         fresh = group.broadcast(fresh)
     if fresh:

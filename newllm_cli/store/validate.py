@@ -6,6 +6,7 @@ JSON reports are checked against small pydantic models of the fields readers use
 free); arrays by dtype, dimensions, shape, id range and finiteness; checkpoints by keys, shapes
 (loading into the model they are for) and finiteness; tokenizers by loading them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -107,8 +108,17 @@ def json_fields(data, schema: type[BaseModel], path: Path, fix: str) -> dict:
     return data
 
 
-def array(a: np.ndarray, path: Path, fix: str, *, kind: str, rows: int | None = None, cols: int | None = None,
-          below: int | None = None, finite: bool = False) -> np.ndarray:
+def array(
+    a: np.ndarray,
+    path: Path,
+    fix: str,
+    *,
+    kind: str,
+    rows: int | None = None,
+    cols: int | None = None,
+    below: int | None = None,
+    finite: bool = False,
+) -> np.ndarray:
     """`a` when it is a `kind` ("int" or "float") array of `rows` x `cols` (1-D without cols) whose
     ids lie in [0, below) and whose values are finite, as asked."""
     ok_kind = a.dtype.kind in ("iu" if kind == "int" else "f")
@@ -121,7 +131,7 @@ def array(a: np.ndarray, path: Path, fix: str, *, kind: str, rows: int | None = 
     if cols is not None and a.shape[1] != cols:
         raise Damaged(path, f"{a.shape[1]} columns, expected {cols}", fix)
     for s in range(0, len(a), CHUNK):
-        block = np.asarray(a[s:s + CHUNK])
+        block = np.asarray(a[s : s + CHUNK])
         if below is not None and len(block) and (block.min() < 0 or block.max() >= below):
             raise Damaged(path, f"ids outside 0..{below - 1}", fix)
         if finite and not np.isfinite(block).all():
@@ -140,6 +150,7 @@ def offsets(o: np.ndarray, path: Path, fix: str, documents: int, tokens: int) ->
 def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = ("state", "provenance")) -> None:
     """Load a checkpoint's weights into `module`: every key there, every shape right, all finite."""
     import torch
+
     missing = [k for k in keys if k not in payload]
     if missing:
         raise Damaged(path, f"no {', '.join(missing)}", fix)
@@ -158,12 +169,15 @@ def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = (
 def tokenizer(path: Path, vocab_size: int, fix: str):
     """The tokenizer, loaded, with the vocabulary size its dataset records."""
     from newllm_cli.data import tokenizer as tokenizers
+
     if not path.exists():
         raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
     try:
         tok = tokenizers.load(path)
     except Exception as e:  # the tokenizers library raises its own exception types
-        raise Damaged(path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix) from None
+        raise Damaged(
+            path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix
+        ) from None
     if tok.get_vocab_size() != vocab_size:
         raise Damaged(path, f"vocabulary {tok.get_vocab_size()}, the dataset says {vocab_size}", fix)
     return tok

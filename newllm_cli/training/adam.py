@@ -4,6 +4,7 @@ weight decay), bit for bit on CPU (tests/test_phase1.py checks it).
 Why not torch.optim.Adam itself: since torch 2.x its first use imports torch._dynamo, 1.2 s of
 every `newllm phase1` command (about 10% of a 1M-token run) for a compiler we never use.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,13 +33,16 @@ class Adam:
             t = float(self.steps[i])
             self.exp_avg[i].lerp_(p.grad, 1 - beta1)
             self.exp_avg_sq[i].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            step_size = self.lr / (1 - beta1 ** t)
-            denom = (self.exp_avg_sq[i].sqrt() / (1 - beta2 ** t) ** 0.5).add_(self.eps)
+            step_size = self.lr / (1 - beta1**t)
+            denom = (self.exp_avg_sq[i].sqrt() / (1 - beta2**t) ** 0.5).add_(self.eps)
             p.addcdiv_(self.exp_avg[i], denom, value=-step_size)
 
     def state_dict(self) -> dict:
-        return {"steps": list(self.steps), "exp_avg": [t.clone() for t in self.exp_avg],
-                "exp_avg_sq": [t.clone() for t in self.exp_avg_sq]}
+        return {
+            "steps": list(self.steps),
+            "exp_avg": [t.clone() for t in self.exp_avg],
+            "exp_avg_sq": [t.clone() for t in self.exp_avg_sq],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = list(state["steps"])

@@ -22,6 +22,7 @@ Phase 2's head, the untrained-network control and every decodability probe of `a
   gradient are sums over rows, so each rank adds its own and the sums are combined; moments, target
   counts and metrics likewise. Every rank then runs the same L-BFGS on the same numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ class Split:
     """Features, targets and the group (document) of each row, rows in corpus order (groups never
     decrease). Features are a tensor on the training device, or a RowStore file when the pairs do
     not fit the memory budget (phase2.make_split): then every pass reads them chunk by chunk."""
+
     inputs: torch.Tensor | RowStore
     targets: torch.Tensor
     groups: torch.Tensor | None = None
@@ -63,7 +65,7 @@ def raw_chunks(inputs: torch.Tensor | RowStore, device: torch.device):
     """The feature rows, chunk by chunk, as float32 tensors on the device."""
     for s in range(0, len(inputs), CHUNK):
         if isinstance(inputs, torch.Tensor):
-            yield inputs[s:s + CHUNK]
+            yield inputs[s : s + CHUNK]
         else:
             yield torch.from_numpy(inputs.read(s, min(s + CHUNK, len(inputs)))).to(device)
 
@@ -78,7 +80,8 @@ class VocabClasses:
     tokens and a small corpus most rows are tied. Classes are ordered by their smallest token, so
     argmax ties resolve to the same token as over the full vocabulary.
     """
-    token_class: torch.Tensor   # [V] class of each token
+
+    token_class: torch.Tensor  # [V] class of each token
     representative: torch.Tensor  # [K] smallest token of each class, ascending
     multiplicity: torch.Tensor  # [K] float: tokens per class
 
@@ -100,13 +103,17 @@ class VocabClasses:
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
-        return VocabClasses(as_t(rank[token_class.reshape(-1)], torch.int64), as_t(first[order], torch.int64),
-                            as_t(counts[order], torch.float32))
+        return VocabClasses(
+            as_t(rank[token_class.reshape(-1)], torch.int64),
+            as_t(first[order], torch.int64),
+            as_t(counts[order], torch.float32),
+        )
 
 
 @dataclass
 class Whitening:
     """x -> (x - mean) @ transform: unit covariance on the training rows, null directions dropped."""
+
     mean: torch.Tensor
     transform: torch.Tensor  # [d, r]
 
@@ -183,7 +190,7 @@ class _Scores:
         """
         c = self.classes
         yc = c.token_class[y]
-        scores = torch.mm(xa, cols, out=self.buffer[:len(y)])
+        scores = torch.mm(xa, cols, out=self.buffer[: len(y)])
         top = scores.amax(1)
         target = scores.gather(1, yc[:, None])[:, 0]
         maybe = ((target == top) & (c.representative[yc] == y)).nonzero()[:, 0]
@@ -203,13 +210,15 @@ def metrics(losses: np.ndarray, correct: int, group: Group = SOLO) -> dict:
 class Objective:
     """The penalised mean cross-entropy over class rows, its gradient, and per-row evaluation."""
 
-    def __init__(self, classes: VocabClasses, prior: torch.Tensor, l2: float, device: torch.device,
-                 group: Group = SOLO):
+    def __init__(
+        self, classes: VocabClasses, prior: torch.Tensor, l2: float, device: torch.device, group: Group = SOLO
+    ):
         self.classes, self.prior, self.l2, self.group = classes, prior, l2, group
         self.scores = _Scores(classes, device)
 
-    def __call__(self, cols: torch.Tensor, xa: Design, y: torch.Tensor, n: int | None = None,
-                 block: int | None = None) -> tuple[float, torch.Tensor]:
+    def __call__(
+        self, cols: torch.Tensor, xa: Design, y: torch.Tensor, n: int | None = None, block: int | None = None
+    ) -> tuple[float, torch.Tensor]:
         """The objective as a mean over `n` rows (every rank's; these rows when None). Rows go in
         blocks of `block_size(n)`: float32 sums inside a block, float64 across blocks and ranks. Ranks
         are cut at block boundaries (phase2.make_split), so every world size adds the same float32
@@ -244,7 +253,9 @@ class Objective:
         losses, correct = [], 0
         with torch.no_grad():
             for s in range(0, len(y), self.scores.rows):
-                loss, hits, *_ = self.scores.softmax(cols, xa.rows(s, s + self.scores.rows), y[s:s + self.scores.rows])
+                loss, hits, *_ = self.scores.softmax(
+                    cols, xa.rows(s, s + self.scores.rows), y[s : s + self.scores.rows]
+                )
                 losses.append(loss.double().cpu().numpy())
                 correct += hits
         return (np.concatenate(losses) if losses else np.zeros(0)), correct
@@ -262,14 +273,14 @@ def holdout_start(split: Split, group: Group = SOLO) -> int:
     if len(ids) >= 2:
         cut = torch.as_tensor(ids[len(ids) - max(1, len(ids) // 10)], dtype=groups.dtype, device=groups.device)
         return int(torch.searchsorted(groups.contiguous(), cut))
-    before = sum(group.gather(n)[:group.rank])
+    before = sum(group.gather(n)[: group.rank])
     return int(np.clip(int(group.sum(n) * 0.9) - before, 0, n))
 
 
 @dataclass
 class ProbeResult:
     weight: torch.Tensor  # [V, d] on the raw features
-    bias: torch.Tensor    # [V]
+    bias: torch.Tensor  # [V]
     l2: float
     selection: list[dict] = field(default_factory=list)  # held-out loss per l2 tried
     train: dict = field(default_factory=dict)
@@ -280,11 +291,22 @@ class ProbeResult:
     capped: bool = False  # some solve hit max_iterations before its tolerance
 
 
-def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | None = None,
-        max_iterations: int = 200, device: torch.device = torch.device("cpu"),
-        on_block: Callable[[dict], None] | None = None, resume: dict | None = None,
-        save_resume: Callable[[dict], None] | None = None, label: str = "probe",
-        group: Group = SOLO, save_every: float = 0.0) -> ProbeResult:
+def fit(
+    train: Split,
+    val: Split,
+    vocab: int,
+    prior: np.ndarray,
+    *,
+    l2: float | None = None,
+    max_iterations: int = 200,
+    device: torch.device = torch.device("cpu"),
+    on_block: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    save_resume: Callable[[dict], None] | None = None,
+    label: str = "probe",
+    group: Group = SOLO,
+    save_every: float = 0.0,
+) -> ProbeResult:
     """The protocol of the module docstring; `l2` given skips the selection. `label` names its
     progress bars. With a `group`, `train` and `val` are this rank's rows (consecutive blocks of
     both splits, in rank order) and the result is that of all rows, on every rank.
@@ -295,8 +317,9 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     n_train, n_val = group.sum(len(train.targets)), group.sum(len(val.targets))
     if n_train == 0 or n_val == 0:
         raise ValueError("a probe needs at least one training and one validation row")
-    finite = all(bool(torch.isfinite(x).all()) for inputs in (train.inputs, val.inputs)
-                 for x in raw_chunks(inputs, device))
+    finite = all(
+        bool(torch.isfinite(x).all()) for inputs in (train.inputs, val.inputs) for x in raw_chunks(inputs, device)
+    )
     if group.any(not finite)[0]:
         raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
     white = Whitening.fit(train.inputs, device, group)
@@ -326,8 +349,18 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
             save_resume(state())
         if stop:
             raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
-    st = resume or {"stage": 0, "cols": None, "lbfgs": None, "block": 0, "last": None,
-                    "selection": [], "best": None, "iterations": 0, "capped": False}
+
+    st = resume or {
+        "stage": 0,
+        "cols": None,
+        "lbfgs": None,
+        "block": 0,
+        "last": None,
+        "selection": [],
+        "best": None,
+        "iterations": 0,
+        "capped": False,
+    }
     cols = st["cols"]
     if cols is None:
         cols = torch.zeros(white.transform.shape[1] + 1, len(classes.representative), device=device)
@@ -339,8 +372,16 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
         objective = Objective(classes, prior_c, lam, device, group)
         scale = 1.0 / torch.sqrt(frequency + lam * classes.multiplicity)  # per-class curvature
         phi = torch.nn.Parameter(st.pop("phi") if st.get("phi") is not None else cols / scale)
-        opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=BLOCK, max_eval=4 * BLOCK, history_size=20, line_search_fn="strong_wolfe",
-                                tolerance_grad=1e-10, tolerance_change=1e-12)
+        opt = torch.optim.LBFGS(
+            [phi],
+            lr=1.0,
+            max_iter=BLOCK,
+            max_eval=4 * BLOCK,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=1e-10,
+            tolerance_change=1e-12,
+        )
         if st["lbfgs"] is not None:
             opt.load_state_dict(st["lbfgs"])
 
@@ -350,6 +391,7 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                 raise NumericalError("non-finite probe loss; the features may be too large")
             phi.grad = grad * scale
             return torch.tensor(value)
+
         what = "selection" if selecting else "refit"
         with progress(f"{label} l2={lam:g} ({what})", max_iterations, "it") as advance:
             advance(st["block"] * BLOCK)  # resumed mid-solve
@@ -371,11 +413,20 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
                 capped = st["block"] * BLOCK >= max_iterations
                 st["last"] = value
                 if group.size > 1 and len(set(group.gather(value))) > 1:
-                    raise RankFailed("the ranks' L-BFGS runs disagree: every rank must run the same arithmetic "
-                                     "(the same hardware and --threads)")
+                    raise RankFailed(
+                        "the ranks' L-BFGS runs disagree: every rank must run the same arithmetic "
+                        "(the same hardware and --threads)"
+                    )
                 if on_block:
-                    on_block({"l2": lam, "stage": "select" if selecting else "refit", "objective": value,
-                              "iterations": st["block"] * BLOCK, "seconds": time.perf_counter() - t0})
+                    on_block(
+                        {
+                            "l2": lam,
+                            "stage": "select" if selecting else "refit",
+                            "objective": value,
+                            "iterations": st["block"] * BLOCK,
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
                 if converged or capped:
                     st["capped"] = st["capped"] or (capped and not converged)
                     break
@@ -401,23 +452,37 @@ def fit(train: Split, val: Split, vocab: int, prior: np.ndarray, *, l2: float | 
     full = cols[:, classes.token_class]  # every token gets its class's column: [r + 1, V]
     weight = white.transform @ full[:-1]  # back to raw features: [d, V]
     bias = full[-1] - white.mean @ weight
-    return ProbeResult(weight=weight.t().contiguous(), bias=bias, l2=lam, selection=st["selection"],
-                       train=metrics(train_losses, train_hits, group), val=metrics(val_losses, val_hits, group),
-                       val_losses=group.cat(val_losses), head_rows=len(classes.representative),
-                       iterations=st["iterations"], capped=st["capped"])
+    return ProbeResult(
+        weight=weight.t().contiguous(),
+        bias=bias,
+        l2=lam,
+        selection=st["selection"],
+        train=metrics(train_losses, train_hits, group),
+        val=metrics(val_losses, val_hits, group),
+        val_losses=group.cat(val_losses),
+        head_rows=len(classes.representative),
+        iterations=st["iterations"],
+        capped=st["capped"],
+    )
 
 
 def advice(res: ProbeResult, label: str, max_iterations: int) -> list[str]:
     """What a fit's ending means and what to do about it, in words."""
     out = []
     if res.capped:
-        out.append(f"{label}: a fit stopped at --phase2-max-iterations {max_iterations} while its objective "
-                   "was still falling; raise it for the optimum")
+        out.append(
+            f"{label}: a fit stopped at --phase2-max-iterations {max_iterations} while its objective "
+            "was still falling; raise it for the optimum"
+        )
     tried = [r["l2"] for r in res.selection]
     if len(tried) == len(L2_GRID) and res.l2 == L2_GRID[-1]:
-        out.append(f"{label}: the held-out loss still fell at the weakest penalty tried (l2 {res.l2:g}); "
-                   f"try --phase2-l2 {res.l2 / 10:g}")
+        out.append(
+            f"{label}: the held-out loss still fell at the weakest penalty tried (l2 {res.l2:g}); "
+            f"try --phase2-l2 {res.l2 / 10:g}"
+        )
     if len(tried) > 1 and res.l2 == L2_GRID[0]:
-        out.append(f"{label}: the held-out loss was lowest at the strongest penalty tried (l2 {res.l2:g}): "
-                   "the head stays close to its unigram start, so the features add little it can use")
+        out.append(
+            f"{label}: the held-out loss was lowest at the strongest penalty tried (l2 {res.l2:g}): "
+            "the head stays close to its unigram start, so the features add little it can use"
+        )
     return out

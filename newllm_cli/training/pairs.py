@@ -4,6 +4,7 @@ Pairs are (c_t, x_{t+1}) inside each document, grouped by document so that the p
 on held-out training documents and the verdicts' uncertainty resamples whole documents. The head is
 stored as a plain Linear(in, V) on the raw features, so `generate` needs nothing else.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,14 +60,21 @@ def pair_block(offsets: np.ndarray, group: Group) -> tuple[np.ndarray, np.ndarra
     first = int(np.searchsorted(before, a, side="right")) - 1
     last = int(np.searchsorted(before, b, side="left"))
     start = int(offsets[first])
-    pos, docs = pair_documents(offsets[first:last + 1] - start)
+    pos, docs = pair_documents(offsets[first : last + 1] - start)
     skip = a - int(before[first])
-    return pos[skip:skip + b - a] + start, docs[skip:skip + b - a] + first
+    return pos[skip : skip + b - a] + start, docs[skip : skip + b - a] + first
 
 
-def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, device: torch.device,
-               token_features: Callable[[np.ndarray], torch.Tensor] | None = None,
-               memory_budget: int | None = None, scratch: Path | None = None, group: Group = SOLO) -> Split:
+def make_split(
+    contexts: np.ndarray,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    device: torch.device,
+    token_features: Callable[[np.ndarray], torch.Tensor] | None = None,
+    memory_budget: int | None = None,
+    scratch: Path | None = None,
+    group: Group = SOLO,
+) -> Split:
     """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document; with a `group`, this rank's
     consecutive block of the pairs, cut between gradient blocks (distributed.block_size). Groups are the
     corpus's document indices.
@@ -95,8 +103,8 @@ def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, de
             reader = None
     store = RowStore(len(pos), width, scratch, "pairs")
     for s in range(0, len(pos), probe.CHUNK):
-        p = pos[s:s + probe.CHUNK]
-        block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0]:p[-1] + 1])
+        p = pos[s : s + probe.CHUNK]
+        block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0] : p[-1] + 1])
         x = torch.from_numpy(np.ascontiguousarray(block[p - p[0]], dtype=np.float32))
         _check_finite(x)
         if token_features is not None:
@@ -109,8 +117,9 @@ def make_split(contexts: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, de
 
 def _check_finite(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
-        raise NumericalError("the saved contexts contain NaN or Inf; rerun phase1 (a lower learning rate "
-                             "may be needed)")
+        raise NumericalError(
+            "the saved contexts contain NaN or Inf; rerun phase1 (a lower learning rate may be needed)"
+        )
 
 
 def evaluate(head: Head, split: Split) -> dict:

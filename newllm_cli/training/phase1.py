@@ -12,6 +12,7 @@ The saved contexts are always those of the saved weights: no step follows the fi
 In a distributed job each rank runs its shard of the documents; the statistics are merged across
 ranks and the gradients summed, so every rank takes the same step as one process would.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -36,11 +37,12 @@ from newllm_cli.settings import Phase1Settings
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
 
+
 def dist_loss(q: torch.Tensor) -> torch.Tensor:
     """mean_d(mean_t q)^2 + mean_d(var_t q - 1)^2, population variance."""
     mean = q.mean(dim=0)
     var = q.var(dim=0, unbiased=False)
-    return (mean ** 2).mean() + ((var - 1.0) ** 2).mean()
+    return (mean**2).mean() + ((var - 1.0) ** 2).mean()
 
 
 def phase1_losses(q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> dict[str, torch.Tensor]:
@@ -64,9 +66,10 @@ WORKING_SPACE = 1 << 28  # bytes for one statistics / gradient chunk's autograd 
 @dataclass(frozen=True)
 class MemoryPlan:
     """How Phase 1 fits its budget: contexts in memory or in files, and the rows handled at once."""
+
     in_memory: bool
     window: int  # rows per sweep window
-    chunk: int   # rows per statistics / gradient / Jacobi chunk: from the model alone
+    chunk: int  # rows per statistics / gradient / Jacobi chunk: from the model alone
 
 
 def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
@@ -81,8 +84,11 @@ def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
     free = max(budget - (stores if in_memory else 0) - model.embed.num_embeddings * E * 4, budget // 4)
     per_row_grad = 4 * (E + 6 * C + (3 * depth + 6 * len(model.blocks)) * (C + E))
     per_row_sweep = 24 + 12 * C
-    return MemoryPlan(in_memory, window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
-                      chunk=int(np.clip(WORKING_SPACE // per_row_grad, 256, CHUNK)))
+    return MemoryPlan(
+        in_memory,
+        window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
+        chunk=int(np.clip(WORKING_SPACE // per_row_grad, 256, CHUNK)),
+    )
 
 
 def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0: np.ndarray) -> np.ndarray:
@@ -99,6 +105,7 @@ def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0
 class Comparison:
     """Q against P, accumulated chunk by chunk in float64: losses, per-dimension mean and variance
     (merge_moments), and the converged share."""
+
     rows: int = 0
     sq: float = 0.0
     converged: int = 0
@@ -146,7 +153,7 @@ class Comparison:
 
     def losses(self, cfg: Phase1Settings) -> dict[str, float]:
         cvfp = self.sq / (self.rows * len(self.mean))
-        dist = float((self.mean ** 2).mean() + ((self.var - 1.0) ** 2).mean())
+        dist = float((self.mean**2).mean() + ((self.var - 1.0) ** 2).mean())
         w = dist_weight(cfg)
         return {"cvfp_loss": cvfp, "dist_loss": dist, "loss": (1.0 - w) * cvfp + w * dist}
 
@@ -176,11 +183,21 @@ def block_chunks(bounds, chunk: int):
             yield s, min(s + chunk, int(b))
 
 
-def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
-                        traj: RowStore | None, c0: np.ndarray, q: RowStore, p: RowStore,
-                        stats: Comparison, cfg: Phase1Settings, chunk: int,
-                        advance: Callable[[int], None] = lambda n: None,
-                        blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def accumulate_gradient(
+    model: NewLLM,
+    table: torch.Tensor,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    traj: RowStore | None,
+    c0: np.ndarray,
+    q: RowStore,
+    p: RowStore,
+    stats: Comparison,
+    cfg: Phase1Settings,
+    chunk: int,
+    advance: Callable[[int], None] = lambda n: None,
+    blocks: np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:
     """d loss(Q, P) / d weights over these rows, per parameter name, in float64: Q = f(x, incoming.detach())
     recomputed chunk by chunk, each chunk back-propagating its rows of the closed-form dL/dQ. Rows
     go in `blocks` (row bounds; one block when None): float32 sums inside a block, float64 across
@@ -192,8 +209,9 @@ def accumulate_gradient(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, 
         for s, e in block_chunks(block, chunk):
             ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
             inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
-            grad = loss_gradient(torch.from_numpy(q.read(s, e)).to(device),
-                                 torch.from_numpy(p.read(s, e)).to(device), stats, cfg)
+            grad = loss_gradient(
+                torch.from_numpy(q.read(s, e)).to(device), torch.from_numpy(p.read(s, e)).to(device), stats, cfg
+            )
             # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
             # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
             (model.step(table[ids], inc) * grad).sum().backward()
@@ -213,16 +231,31 @@ def set_gradients(model: NewLLM, sums: dict[str, torch.Tensor], group: Group = S
     used = [name for name, u in zip(params, group.any(*(name in sums for name in params))) if u]
     if not used:
         return
-    flat = group.sum(torch.cat([sums[n].reshape(-1) if n in sums else
-                                torch.zeros(params[n].numel(), dtype=torch.float64, device=params[n].device)
-                                for n in used]))
+    flat = group.sum(
+        torch.cat(
+            [
+                sums[n].reshape(-1)
+                if n in sums
+                else torch.zeros(params[n].numel(), dtype=torch.float64, device=params[n].device)
+                for n in used
+            ]
+        )
+    )
     for name, g in zip(used, flat.split([params[n].numel() for n in used])):
         params[name].grad = g.view_as(params[name]).to(params[name].dtype)
 
 
-def jacobi(model: NewLLM, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray,
-           prev: RowStore | None, c0: np.ndarray, out: RowStore, chunk: int,
-           advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+def jacobi(
+    model: NewLLM,
+    table: torch.Tensor,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    prev: RowStore | None,
+    c0: np.ndarray,
+    out: RowStore,
+    chunk: int,
+    advance: Callable[[int], None] = lambda n: None,
+) -> np.ndarray:
     """Q = f(x, shift(P)) with wrap-around, chunk by chunk; returns each document's last context."""
     device = table.device
     with torch.no_grad():
@@ -265,12 +298,23 @@ class CVFPResult:
 DEFAULT_BUDGET = 1 << 30
 
 
-def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1Settings, *,
-             train: bool, device: torch.device, memory_budget: int = DEFAULT_BUDGET,
-             scratch: Path | None = None,
-             on_iteration: Callable[[dict], None] | None = None, resume: dict | None = None,
-             save_resume: Callable[[dict, str], None] | None = None, label: str = "phase1",
-             group: Group = SOLO, save_every: float = 0.0) -> CVFPResult:
+def run_cvfp(
+    model: NewLLM,
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    cfg: Phase1Settings,
+    *,
+    train: bool,
+    device: torch.device,
+    memory_budget: int = DEFAULT_BUDGET,
+    scratch: Path | None = None,
+    on_iteration: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    save_resume: Callable[[dict, str], None] | None = None,
+    label: str = "phase1",
+    group: Group = SOLO,
+    save_every: float = 0.0,
+) -> CVFPResult:
     """Iterate to the fixed point; train=True also updates the context blocks (only them).
 
     Contexts live in two RowStores (this iteration's and the previous one's), in memory or, beyond
@@ -304,7 +348,11 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
         if train:
             optimizer.load_state_dict(resume["optimizer"])
         prev_last = prev.gather(offsets[1:] - 1)
-        result.history, result.optimizer_steps, first = list(resume["history"]), resume["optimizer_steps"], resume["next"]
+        result.history, result.optimizer_steps, first = (
+            list(resume["history"]),
+            resume["optimizer_steps"],
+            resume["next"],
+        )
     table = embedding_table(model, device)
     q = RowStore(n, C, directory, "contexts")
     points = interrupt.SavePoints(save_every, group)
@@ -327,16 +375,25 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                 stats = stats.combined(group)
                 if not stats.finite:
                     raise NumericalError(f"non-finite contexts at iteration {k + 1}")
-                record = {"iteration": k + 1, "lr": None, "cvfp_loss": None, "dist_loss": None, "loss": None,
-                          "converged_ratio": None, "residual": None}
+                record = {
+                    "iteration": k + 1,
+                    "lr": None,
+                    "cvfp_loss": None,
+                    "dist_loss": None,
+                    "loss": None,
+                    "converged_ratio": None,
+                    "residual": None,
+                }
                 reason = None
                 if prev is not None:
                     losses = stats.losses(cfg)
                     ratio = stats.converged / total
                     record.update(losses, converged_ratio=ratio, residual=stats.sq / (total * C))
                     if not all(np.isfinite(v) for v in losses.values()):
-                        raise NumericalError(f"non-finite Phase 1 loss at iteration {k + 1} "
-                                             f"(learning rate {learning_rate(k, cfg)} may be too high)")
+                        raise NumericalError(
+                            f"non-finite Phase 1 loss at iteration {k + 1} "
+                            f"(learning rate {learning_rate(k, cfg)} may be too high)"
+                        )
                     reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
                 if k == cfg.max_iterations - 1 and reason != "converged":
                     reason = "max_iterations"
@@ -344,8 +401,25 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
                     lr = learning_rate(k, cfg)
                     optimizer.lr = lr
                     optimizer.zero_grad()
-                    set_gradients(model, accumulate_gradient(model, table, tokens, offsets, traj, c0, q, prev, stats,
-                                                             cfg, plan.chunk, advance, shard.blocks), group)
+                    set_gradients(
+                        model,
+                        accumulate_gradient(
+                            model,
+                            table,
+                            tokens,
+                            offsets,
+                            traj,
+                            c0,
+                            q,
+                            prev,
+                            stats,
+                            cfg,
+                            plan.chunk,
+                            advance,
+                            shard.blocks,
+                        ),
+                        group,
+                    )
                     optimizer.step()
                     result.optimizer_steps += 1
                     record["lr"] = lr
@@ -361,9 +435,14 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
             if save_resume is not None:
                 stop, save = points.poll()
                 if save:
-                    state = {"next": k + 1, "prev": Part(prev, shard, group, keep=not stop), "history": result.history,
-                             "optimizer_steps": result.optimizer_steps, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict() if train else {}}
+                    state = {
+                        "next": k + 1,
+                        "prev": Part(prev, shard, group, keep=not stop),
+                        "history": result.history,
+                        "optimizer_steps": result.optimizer_steps,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict() if train else {},
+                    }
                     if stop:
                         prev = None  # the state owns it now
                     save_resume(state, str(k + 1))
@@ -378,24 +457,38 @@ def run_cvfp(model: NewLLM, tokens: np.ndarray, offsets: np.ndarray, cfg: Phase1
     result.contexts = prev
     if result.stopped_by == "max_iterations":
         share = result.history[-1]["converged_ratio"] or 0.0
-        result.warnings.append(f"{'training' if train else 'the fixed-point solve'} stopped at "
-                               f"--phase1-max-iterations {cfg.max_iterations} with {share:.1%} of tokens "
-                               f"converged (target {cfg.min_converged_ratio:.0%}); raise "
-                               "--phase1-max-iterations to let it settle")
+        result.warnings.append(
+            f"{'training' if train else 'the fixed-point solve'} stopped at "
+            f"--phase1-max-iterations {cfg.max_iterations} with {share:.1%} of tokens "
+            f"converged (target {cfg.min_converged_ratio:.0%}); raise "
+            "--phase1-max-iterations to let it settle"
+        )
     if train and result.stopped_by != "converged":
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.
-        settled = run_cvfp(model, *corpus, cfg, train=False, device=device, memory_budget=memory_budget,
-                           scratch=scratch, label=f"{label} solve", group=group,
-                           resume={"next": 0, "prev": prev, "history": [], "optimizer_steps": 0,
-                                   "model": model.state_dict()})
+        settled = run_cvfp(
+            model,
+            *corpus,
+            cfg,
+            train=False,
+            device=device,
+            memory_budget=memory_budget,
+            scratch=scratch,
+            label=f"{label} solve",
+            group=group,
+            resume={"next": 0, "prev": prev, "history": [], "optimizer_steps": 0, "model": model.state_dict()},
+        )
         result.contexts, result.solve = settled.contexts, settled.history
         if settled.stopped_by != "converged":
-            result.warnings.append(f"the final weights' fixed point was not reached in {cfg.max_iterations} "
-                                   f"no-update iterations (converged {settled.converged_ratio:.1%})")
+            result.warnings.append(
+                f"the final weights' fixed point was not reached in {cfg.max_iterations} "
+                f"no-update iterations (converged {settled.converged_ratio:.1%})"
+            )
     if train and result.optimizer_steps == 0:
-        result.warnings.append("Phase 1 stopped before any optimizer step: the contexts are those of "
-                               "the untrained network (raise --phase1-min-iterations)")
+        result.warnings.append(
+            "Phase 1 stopped before any optimizer step: the contexts are those of "
+            "the untrained network (raise --phase1-min-iterations)"
+        )
     return result
 
 
@@ -413,8 +506,10 @@ def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk:
         return None
     try:
         if saved.shape != (shard.total, width):
-            warn(f"ignoring the resume point: its contexts hold {saved.shape}, not ({shard.total}, {width}); "
-                 "starting afresh")
+            warn(
+                f"ignoring the resume point: its contexts hold {saved.shape}, not ({shard.total}, {width}); "
+                "starting afresh"
+            )
             return None
         store = RowStore(shard.stop - shard.start, width, directory, "contexts")
         for s, e in store.chunks(chunk):
