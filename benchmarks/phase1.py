@@ -66,9 +66,10 @@ def train(tokens, offsets, C, L, iterations, kernel="auto", budget=1 << 30, trai
     re-forward and the backward (2x) in iterations that take a step. training_only: the training
     iterations alone (their own timings), without set-up and solve."""
     import torch
+
     from newllm_cli.model.network import NewLLM
-    from newllm_cli.training.phase1 import run_cvfp
     from newllm_cli.settings import Phase1Settings
+    from newllm_cli.training.phase1 import run_cvfp
 
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
@@ -98,9 +99,10 @@ def original_rate(tokens, C, L, n=300) -> float:
     """The original program's shape: a Python loop over tokens, autograd through each step, one
     backward per iteration. Token-iterations per second on n tokens (its rate does not depend on N)."""
     import torch
+
     from newllm_cli.model.network import NewLLM
-    from newllm_cli.training.phase1 import phase1_losses
     from newllm_cli.settings import Phase1Settings
+    from newllm_cli.training.phase1 import phase1_losses
 
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
@@ -129,7 +131,8 @@ def section_tokens(a) -> None:
         print(json.dumps({"seconds": seconds, "rate": tok_iters / seconds, "peak_mb": peak}))
         return
     print(
-        f"C=16 L=2, {a.iterations} iterations (the first and last without a step) + no-update solve, budget {a.budget} GiB; fresh process each"
+        f"C=16 L=2, {a.iterations} iterations (the first and last without a step) + no-update solve, "
+        f"budget {a.budget} GiB; fresh process each"
     )
     print(f"{'tokens':>11} {'seconds':>8} {'tok-iter/s':>11} {'us/tok-iter':>12} {'peak RSS MB':>12}")
     for n in a.sizes:
@@ -167,8 +170,9 @@ def section_width(a) -> None:
         f"{'C':>4} {'L':>2} {'kernel':>6} {'tokens':>9} {'GFLOP/s':>8} {'matmul':>7} {'share':>6} "
         f"{'range':>10} {'tok-iter/s':>11} {'original':>9} {'x orig':>7}   (medians of --repeats)"
     )
-    from newllm_cli.model.recurrence import choose_kernel
     import torch
+
+    from newllm_cli.model.recurrence import choose_kernel
 
     for C in a.widths:
         for L in a.layers:
@@ -209,7 +213,9 @@ def baseline_package(checkout: Path, name: str = "newllm_baseline"):
 def section_kernel(a) -> None:
     """This checkout's sequential sweep against --baseline's (its own code, imported here), one stream."""
     import importlib
+
     import torch
+
     from newllm_cli.model.network import NewLLM
     from newllm_cli.model.recurrence import embedding_table, sweep_numba
 
@@ -250,6 +256,7 @@ def section_kernel(a) -> None:
 def section_crossover(a) -> None:
     """Sweep rate (tokens/s) of each kernel by C and the number of documents side by side."""
     import torch
+
     from newllm_cli.model.network import NewLLM
     from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def targets(kind: str, n: int, vocab: int, rng: np.random.Generator, text: np.nd
 def text_tokens(path: str, vocab: int, name: str) -> np.ndarray:
     from newllm_cli.data.tokenizer import build
 
-    body = open(path, encoding="utf-8").read()
+    body = Path(path).read_text(encoding="utf-8")
     tok = build(name, vocab, [body])
     if tok.get_vocab_size() > vocab:
         raise SystemExit(f"the {name} tokenizer has {tok.get_vocab_size():,} tokens, more than V = {vocab:,}")

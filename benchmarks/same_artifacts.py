@@ -6,8 +6,8 @@
 Both sides run in turn in the same workspace path (absolute paths inside artifacts then agree), each
 as `python -m newllm_cli` with its own checkout first on PYTHONPATH. Every file must be byte-identical
 except wall times: `seconds`, `wall_seconds` and `token_iterations_per_second` in JSON, the `seconds`
-column of metrics.csv, the mtimes and inodes that stages.json records (and its keys, which hash them), and log.txt (a transcript with
-times). Prints one line per file and exits 1 on any difference.
+column of metrics.csv, the mtimes and inodes that stages.json records (and its keys, which hash
+them), and log.txt (a transcript with times). Prints one line per file and exits 1 on any difference.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -56,12 +56,12 @@ VAL_SOURCES = ("auto_split", "manual") + TRAIN_SOURCES
 
 class DataSettings(Section):
     source: Literal[TRAIN_SOURCES] = opt("sample", "Training text: " + ", ".join(TRAIN_SOURCES) + ".")
-    path: Optional[str] = opt(None, "File or directory for text_file / text_dir / a local ultrachat export.")
+    path: str | None = opt(None, "File or directory for text_file / text_dir / a local ultrachat export.")
     pattern: str = opt("*.txt", "Glob for text_dir (recursive).")
-    num_samples: Optional[int] = opt(None, "Use at most this many training documents (all if unset).", gt=0)
+    num_samples: int | None = opt(None, "Use at most this many training documents (all if unset).", gt=0)
     val_source: Literal[VAL_SOURCES] = opt("auto_split", "Validation text: " + ", ".join(VAL_SOURCES) + ".")
-    val_path: Optional[str] = opt(None, "File or directory for the validation source.")
-    val_num_samples: Optional[int] = opt(None, "Use at most this many validation documents.", gt=0)
+    val_path: str | None = opt(None, "File or directory for the validation source.")
+    val_num_samples: int | None = opt(None, "Use at most this many validation documents.", gt=0)
     val_ratio: float = opt(0.2, "Share of training documents held out by auto_split.", gt=0.0, lt=1.0)
     split_seed: int = opt(
         42,
@@ -135,7 +135,7 @@ class Phase1Settings(Section):
 class Phase2Settings(Section):
     # The head is fitted to the optimum of a convex problem (probe.py), so there is no learning
     # rate, batch size or epoch count to tune: only the penalty, chosen on held-out documents.
-    l2: Optional[float] = opt(
+    l2: float | None = opt(
         None, "L2 penalty of the head (unset: chosen on held-out training documents).", cli="phase2-l2", gt=0
     )
     max_iterations: int = opt(200, "Most L-BFGS iterations per fit.", cli="phase2-max-iterations", gt=0)
@@ -144,7 +144,7 @@ class Phase2Settings(Section):
     control: bool = opt(True, "Also fit the head on an untrained network's contexts (the control).")
 
 
-def _expand(path: Optional[str]) -> Optional[str]:
+def _expand(path: str | None) -> str | None:
     return os.path.expanduser(path) if path else path
 
 
@@ -190,7 +190,7 @@ class Settings(Section):
     runtime: RuntimeSettings = RuntimeSettings()
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Settings":
+    def _cross_checks(self) -> Settings:
         d = self.data
         if d.source in ("text_file", "text_dir") and not d.path:
             raise ValueError(f"--source {d.source} needs --path (the file or directory to read)")

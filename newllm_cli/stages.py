@@ -9,29 +9,25 @@ rank runs the same stage: Phase 1 and the heads on its share of the documents, t
 from __future__ import annotations
 
 import hashlib
-import math
 import importlib.util
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from newllm_cli.evaluation import analysis
-from newllm_cli.evaluation import baselines
-from newllm_cli.runtime import distributed
-from newllm_cli.store import uptodate
-from newllm_cli.runtime import interrupt
-from newllm_cli.store import metrics
-from newllm_cli.data import dataset
-from newllm_cli.evaluation import decodability
-from newllm_cli.model import generate as gen
-from newllm_cli.training import pairs as p2
 from newllm_cli.cli import plots
-from newllm_cli.training import head_fit as probe
+from newllm_cli.data import dataset
 from newllm_cli.data import tokenizer as tokenizers
-from newllm_cli.store import validate
-from newllm_cli.evaluation import verdict
+from newllm_cli.evaluation import analysis, baselines, decodability, verdict
+from newllm_cli.model import generate as gen
+from newllm_cli.model.network import NewLLM
+from newllm_cli.runtime import distributed, interrupt
+from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
+from newllm_cli.runtime.progress import info, log_to, warn
+from newllm_cli.settings import PROBE_ROWS, Settings
+from newllm_cli.store import metrics, uptodate, validate
 from newllm_cli.store.artifacts import (
     Resumable,
     Workspace,
@@ -42,12 +38,10 @@ from newllm_cli.store.artifacts import (
     write_checkpoint,
     write_json,
 )
-from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
-from newllm_cli.model.network import NewLLM
-from newllm_cli.training.phase1 import run_cvfp
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.runtime.progress import info, log_to, warn
-from newllm_cli.settings import PROBE_ROWS, Settings
+from newllm_cli.training import head_fit as probe
+from newllm_cli.training import pairs as p2
+from newllm_cli.training.phase1 import run_cvfp
 
 SPLITS = ("train", "val")
 

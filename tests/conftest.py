@@ -13,11 +13,44 @@ from newllm_cli.cli.app import main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
-WORDS = (
-    "the a river stone light quickly moves under over bright quiet garden code runs "
-    "model context learns token fixed point small large green window cat reads writes "
-    "memory table slowly north winter bread coffee test value"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "river",
+    "stone",
+    "light",
+    "quickly",
+    "moves",
+    "under",
+    "over",
+    "bright",
+    "quiet",
+    "garden",
+    "code",
+    "runs",
+    "model",
+    "context",
+    "learns",
+    "token",
+    "fixed",
+    "point",
+    "small",
+    "large",
+    "green",
+    "window",
+    "cat",
+    "reads",
+    "writes",
+    "memory",
+    "table",
+    "slowly",
+    "north",
+    "winter",
+    "bread",
+    "coffee",
+    "test",
+    "value",
+]
 
 
 def make_corpus(path: Path, docs: int = 24, seed: int = 0) -> Path:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from newllm_cli.model.network import NewLLM
-from newllm_cli.training.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
 from newllm_cli.model.recurrence import embedding_table, sweep, sweep_numba, sweep_torch
-from newllm_cli.store.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
 
 CPU = torch.device("cpu")
 
@@ -153,8 +153,8 @@ def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkey
     """Ctrl-C with file stores: the previous contexts move beside the resume checkpoint (renamed,
     not copied), and the resumed run ends where an uninterrupted one does."""
     from newllm_cli.runtime import interrupt
-    from newllm_cli.store.artifacts import Resumable
     from newllm_cli.runtime.errors import Interrupted
+    from newllm_cli.store.artifacts import Resumable
 
     tokens, offsets = _corpus([400, 300, 500], 30, seed=5)
     cfg = Phase1Settings(max_iterations=5, min_converged_ratio=1.0)

@@ -220,7 +220,7 @@ def test_artifacts_honour_the_umask(cli, base_args):
     finally:
         os.umask(old)
     root = Path(base_args[1])
-    paths = [p for p in root.rglob("*")]
+    paths = list(root.rglob("*"))
     assert any(p.name == "contexts_train.npy" for p in paths)
     for p in paths:
         mode = p.stat().st_mode & 0o777
@@ -250,8 +250,8 @@ def test_help_imports_no_torch(args):
     import sys
 
     code = (
-        "import sys; from newllm_cli.cli.app import main; code = main(%r); "
-        "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)" % (args,)
+        f"import sys; from newllm_cli.cli.app import main; code = main({args!r}); "
+        "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "heavy: [] 0"

@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_corpus
 
 from newllm_cli.runtime import distributed
 from newllm_cli.training.pairs import pair_block, pair_documents
-
-from conftest import make_corpus
 
 
 class FakeRanks(distributed.Group):

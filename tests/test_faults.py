@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import make_corpus
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from newllm_cli.cli.app import main
 
 EXITS = {0, 2, 3, 4}
@@ -192,7 +193,7 @@ def run_damaged(built, name: str, data) -> None:
 
 SEEN: dict[str, list[int]] = {}
 QUICK = [n for n in READER if n != "analysis.json"]
-CASES = {n: 45 for n in QUICK}  # 11 kinds x 45 = 495, with analysis.json below: over 500
+CASES = dict.fromkeys(QUICK, 45)  # 11 kinds x 45 = 495, with analysis.json below: over 500
 CASES["analysis.json"] = 12
 
 

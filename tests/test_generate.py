@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from newllm_cli.model import generate as gen
-from newllm_cli.training.phase1 import run_cvfp
 from newllm_cli.model.network import NewLLM
-from newllm_cli.training.pairs import Head
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.training.pairs import Head
+from newllm_cli.training.phase1 import run_cvfp
 
 
 def test_generate_through_the_cli(cli, base_args):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from conftest import make_corpus
 
 
@@ -26,7 +25,9 @@ def one_error(r, code: int, *needles: str) -> None:
     lines = r.err.strip().splitlines()
     assert r.code == code, r.err
     assert (
-        "Traceback" not in r.err and lines[-1].startswith("Error:") and sum(l.startswith("Error:") for l in lines) == 1
+        "Traceback" not in r.err
+        and lines[-1].startswith("Error:")
+        and sum(line.startswith("Error:") for line in lines) == 1
     )
     assert all(n in lines[-1] for n in needles), lines[-1]
 
@@ -279,6 +280,7 @@ def test_prepare_data_rebuilds_its_own_damaged_output(cli, base_args):
 
 def test_parallel_commands_do_not_trip_over_the_writability_probe(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
+
     from newllm_cli.store.artifacts import Workspace
 
     ws = Workspace(tmp_path, "r")

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from newllm_cli.model.network import NewLLM
+from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
+from newllm_cli.settings import Phase1Settings
+from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training.phase1 import (
     Comparison,
     accumulate_gradient,
@@ -18,9 +21,6 @@ from newllm_cli.training.phase1 import (
     run_cvfp,
     set_gradients,
 )
-from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
-from newllm_cli.store.rowstore import RowStore
-from newllm_cli.settings import Phase1Settings
 
 CPU = torch.device("cpu")
 

@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from newllm_cli.evaluation import baselines
-from newllm_cli.training import pairs as p2
-from newllm_cli.training import head_fit as probe
+from newllm_cli.evaluation import baselines, verdict
 from newllm_cli.model import recurrence
-from newllm_cli.evaluation import verdict
-from newllm_cli.store.rowstore import RowStore
 from newllm_cli.model.network import NewLLM
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training import head_fit as probe
+from newllm_cli.training import pairs as p2
 
 CPU = torch.device("cpu")
 
@@ -108,7 +107,10 @@ def _reference_optimum(train, val, vocab, prior, l2):
     values, vectors = np.linalg.eigh(np.cov(x, rowvar=False))
     keep = values > values.max() * 1e-7
     t = torch.as_tensor(vectors[:, keep] / np.sqrt(values[keep]))
-    white = lambda z: (z.double() - torch.as_tensor(mean)) @ t
+
+    def white(z):
+        return (z.double() - torch.as_tensor(mean)) @ t
+
     prior = torch.as_tensor(prior, dtype=torch.float64)
     w = torch.zeros(vocab, t.shape[1], dtype=torch.float64, requires_grad=True)
     b = prior.clone().requires_grad_(True)

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
+from newllm_cli.model.network import NewLLM
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.errors import Interrupted
-from newllm_cli.model.network import NewLLM
-from newllm_cli.training.phase1 import run_cvfp
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.training.phase1 import run_cvfp
 
 
 def prepared(cli, base_args) -> None:
@@ -92,6 +94,7 @@ def test_periodic_resume_points_continue_exactly():
     """--save-every: a save after every Phase 1 iteration and every L-BFGS block (the run goes on);
     any of them, passed back, ends where the uninterrupted run ends."""
     import copy
+
     from newllm_cli.training import head_fit as probe
 
     tokens, offsets, cfg, fresh = small_training()
@@ -270,7 +273,7 @@ def assert_clean(r) -> None:
     assert "Traceback" not in r.err
     if r.code != 0:
         lines = r.err.strip().splitlines()
-        assert lines and lines[-1].startswith("Error:") and len([l for l in lines if l.startswith("Error:")]) == 1
+        assert lines and lines[-1].startswith("Error:") and len([x for x in lines if x.startswith("Error:")]) == 1
 
 
 @hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_corpus
 from rich.console import Console
 
-from conftest import make_corpus
 from newllm_cli.data import dedup
-from newllm_cli.runtime import locks
 from newllm_cli.evaluation import verdict
 from newllm_cli.evaluation.analysis import analyze_contexts
+from newllm_cli.runtime import locks
 from newllm_cli.runtime.progress import make_bar
 
 

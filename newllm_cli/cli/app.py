@@ -6,16 +6,14 @@ import functools
 import os
 import signal
 import sys
-from typing import Optional
 
 import typer
 
 from newllm_cli import __version__
-from newllm_cli.cli import commands
-from newllm_cli.cli import report
+from newllm_cli.cli import commands, report
+from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 from newllm_cli.runtime.errors import NewLLMError
 from newllm_cli.runtime.progress import begin, error_prefix, log_to, record
-from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
@@ -64,7 +62,7 @@ register("runs", "experiments.compare.runs", report.runs, CSV, ("runtime",), sav
 register("compare", "experiments.compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
     argv = sys.argv[1:] if argv is None else list(argv)
     commands.ARGV[:] = argv

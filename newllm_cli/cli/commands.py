@@ -14,19 +14,17 @@ import re
 import shlex
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 
-from newllm_cli.runtime import distributed
-from newllm_cli.runtime import interrupt
-from newllm_cli.runtime import locks
 from newllm_cli.cli import report
-from newllm_cli.store.artifacts import Workspace
-from newllm_cli.runtime.errors import NewLLMError, UsageError
 from newllm_cli.cli.options import COMMON, DOCS, settings_parameters, split_kwargs
+from newllm_cli.runtime import distributed, interrupt, locks
+from newllm_cli.runtime.errors import NewLLMError, UsageError
 from newllm_cli.runtime.progress import set_quiet
 from newllm_cli.settings import SECTIONS, RuntimeSettings, resolve
+from newllm_cli.store.artifacts import Workspace
 
 ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
 

@@ -10,11 +10,11 @@ import ast
 import inspect
 import re
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from newllm_cli.settings import PROBE_ROWS as DEFAULT_PROBE_ROWS, SECTIONS, cli_aliases, cli_name
+from newllm_cli.settings import PROBE_ROWS as DEFAULT_PROBE_ROWS
+from newllm_cli.settings import SECTIONS, cli_aliases, cli_name
 
 SEP = "__"
 
@@ -47,23 +47,23 @@ def settings_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
 
 
 def _option(f, flag: str, section: str, hidden: bool) -> dict:
-    common = dict(rich_help_panel=f"{section.title()} settings", show_default=False, hidden=hidden)
+    common = {"rich_help_panel": f"{section.title()} settings", "show_default": False, "hidden": hidden}
     if f.annotation is bool:
-        return dict(
-            annotation=Optional[bool],
-            default=typer.Option(
+        return {
+            "annotation": bool | None,
+            "default": typer.Option(
                 None,
                 f"--{flag}/--no-{flag}",
                 help=f"{f.description} (default: {'on' if f.default else 'off'})",
                 **common,
             ),
-        )
-    return dict(
-        annotation=Optional[str],
-        default=typer.Option(
+        }
+    return {
+        "annotation": str | None,
+        "default": typer.Option(
             None, f"--{flag}", help=f"{f.description} (default: {f.default})", metavar=_metavar(f.annotation), **common
         ),
-    )
+    }
 
 
 def extra(name: str, annotation, default, flag: str, help: str, *short: str) -> inspect.Parameter:
@@ -77,7 +77,7 @@ def extra(name: str, annotation, default, flag: str, help: str, *short: str) -> 
 
 
 COMMON = [
-    extra("config", Optional[Path], None, "--config", "Settings file (JSON or TOML), by section."),
+    extra("config", Path | None, None, "--config", "Settings file (JSON or TOML), by section."),
     extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
     extra(
         "quiet",
@@ -100,7 +100,7 @@ GENERATE = [
     extra("top_k", int, 0, "--top-k", "Sample among the k most likely tokens (0 = all)."),
 ]
 PLOT = extra(
-    "plot", Optional[Path], None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra)."
+    "plot", Path | None, None, "--plot", "Write PNG figures into this directory (needs matplotlib: the plot extra)."
 )
 PROBE_ROWS = extra(
     "probe_rows",
@@ -122,9 +122,9 @@ FULL = [
     PLOT,
 ]
 ANALYZE = [
-    extra("contexts", Optional[Path], None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
-    extra("tokens", Optional[Path], None, "--tokens", "Token ids .npy aligned with --contexts rows."),
-    extra("tokenizer_file", Optional[Path], None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
+    extra("contexts", Path | None, None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
+    extra("tokens", Path | None, None, "--tokens", "Token ids .npy aligned with --contexts rows."),
+    extra("tokenizer_file", Path | None, None, "--tokenizer-file", "tokenizer.json to decode --tokens."),
     PLOT,
     PROBE_ROWS,
     REBUILD,
@@ -174,10 +174,10 @@ SWEEP = [
         "NAME=v1,v2,... (any setting by its option name), or NAME=LOW:HIGH[:log] for a search; repeat for more axes.",
     ),
     extra("sampler", str, "grid", "--sampler", "grid (every point), random or tpe (a search of --trials points)."),
-    extra("trials", Optional[int], None, "--trials", "Points of a search."),
+    extra("trials", int | None, None, "--trials", "Points of a search."),
     extra(
         "storage",
-        Optional[str],
+        str | None,
         None,
         "--storage",
         "Optuna storage URL shared by workers, e.g. "
@@ -211,11 +211,11 @@ COMPARE = [
     inspect.Parameter(
         "names",
         inspect.Parameter.KEYWORD_ONLY,
-        annotation=Optional[list[str]],
+        annotation=list[str] | None,
         default=typer.Argument(None, help="Runs to compare.", show_default=False),
     ),
-    extra("sweep", Optional[str], None, "--sweep", "Compare the finished trials of this sweep."),
-    extra("storage", Optional[str], None, "--storage", "The sweep's Optuna storage URL (default: the workspace's)."),
+    extra("sweep", str | None, None, "--sweep", "Compare the finished trials of this sweep."),
+    extra("storage", str | None, None, "--storage", "The sweep's Optuna storage URL (default: the workspace's)."),
     PLOT,
     *CSV,
 ]

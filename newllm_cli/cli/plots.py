@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from newllm_cli.store.artifacts import atomic_path, publishes
 from newllm_cli.runtime.errors import UsageError
+from newllm_cli.store.artifacts import atomic_path, publishes
 
 
 def _pyplot():

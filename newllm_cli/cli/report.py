@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from newllm_cli.runtime.progress import console
 from newllm_cli.evaluation.verdict import NAMES  # numpy only: help stays fast
+from newllm_cli.runtime.progress import console
 
 
 def primary_path(command: str, result: dict) -> str:
@@ -211,13 +211,15 @@ def _setup(settings: dict) -> str:
     """A run's key settings in a few characters: C16 L2 sample/12 w0.2 byte."""
     g = settings.get
     size = f"/{g('data.num_samples')}" if g("data.num_samples") else ""
-    return f"C{g('model.context_dim')} L{g('model.num_layers')} {g('data.source')}{size} w{g('phase1.dist_reg_weight')} {g('data.tokenizer')}"
+    model = f"C{g('model.context_dim')} L{g('model.num_layers')}"
+    return f"{model} {g('data.source')}{size} w{g('phase1.dist_reg_weight')} {g('data.tokenizer')}"
 
 
 def runs(r: dict, title: str = "runs") -> None:
     """One row per run: its settings (the varied ones, or a short summary), Phase 1 converged share
     (train/val), val effective rank, Phase 2 perplexities, time."""
     from rich import box
+
     from newllm_cli.experiments.compare import flag
 
     t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)

@@ -13,21 +13,20 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from newllm_cli.data import dedup
-from newllm_cli.runtime import locks
-from newllm_cli.data import sources
+from newllm_cli.data import dedup, sources
 from newllm_cli.data import tokenizer as tokenizers
-from newllm_cli.store import validate
-from newllm_cli.store.artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
+from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, progress, warn
 from newllm_cli.settings import Settings
+from newllm_cli.store import validate
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
 
 ENCODE_BATCH = 512
 

@@ -10,8 +10,8 @@ hash partition at a time, so memory stays within PART hashes whatever the corpus
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

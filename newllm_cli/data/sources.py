@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from urllib.parse import urlparse
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from urllib.parse import urlparse
 
 from newllm_cli.runtime.errors import UsageError, first_line
 from newllm_cli.runtime.progress import warn

@@ -7,8 +7,8 @@ gpt2: GPT-2's tokenizer from the hub (the original program's); a local tokenizer
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

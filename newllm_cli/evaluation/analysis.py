@@ -149,7 +149,7 @@ def step_statistics(contexts: np.ndarray, mean: np.ndarray, offsets: np.ndarray 
                 cos_sum += float(((block[j - 1] * block[j]).sum(1)[ok] / (na[ok] * nb[ok])).sum())
                 cos_n += int(ok.sum())
         tail, tail_doc = block[-keep:], block_doc[-keep:]
-    auto = {f"lag_{k}": (float(c / np.sqrt(l * r)) if l > 0 and r > 0 else None) for k, (c, l, r) in acc.items()}
+    auto = {f"lag_{k}": (float(c / np.sqrt(a * b)) if a > 0 and b > 0 else None) for k, (c, a, b) in acc.items()}
     return {"consecutive_cosine": cos_sum / cos_n if cos_n else None, "autocorrelation": auto}
 
 
@@ -170,7 +170,7 @@ def _norm_moments(sums: np.ndarray, n: int) -> tuple[float, float]:
 def steps(contexts: np.ndarray, offsets: np.ndarray | None = None) -> dict:
     """The "steps" figures of `analyze_contexts` alone: one pass for the norms and mean, one for the steps."""
     sums, total = np.zeros(2), np.zeros(contexts.shape[1])
-    for s, x in chunks(contexts, ROWS, "analysis: norms"):
+    for _, x in chunks(contexts, ROWS, "analysis: norms"):
         r = np.sqrt((x**2).sum(1))
         sums += [r.sum(), (r * r).sum()]
         total += x.sum(0)
@@ -277,8 +277,9 @@ def attainable_rank(context_dim: int, centred_eigenvalues: np.ndarray) -> int:
 
 def gate(train: dict | None, val: dict | None) -> list[str]:
     """Reasons to refuse Phase 2: a centred effective rank below 20% (train) or 8% (val) of the
-    attainable rank (C - 1 for layer-normed contexts), or a degenerate flag. Empty = pass. The centred rank measures the spread of
-    the contexts; the uncentred one is dominated by their mean (see docs/ARCHITECTURE.md)."""
+    attainable rank (C - 1 for layer-normed contexts), or a degenerate flag. Empty = pass. The centred
+    rank measures the spread of the contexts; the uncentred one is dominated by their mean (see
+    docs/ARCHITECTURE.md)."""
     problems = []
     for name, rep, share in (("train", train, 0.20), ("val", val, 0.08)):
         if rep is None:

@@ -11,14 +11,14 @@ reference. Only the sampled rows are read, so memory is bounded at any corpus si
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from newllm_cli.training import head_fit as probe
 from newllm_cli.evaluation.analysis import sample_rows
 from newllm_cli.evaluation.baselines import unigram_log_probs
+from newllm_cli.training import head_fit as probe
 
 PROBES = {
     "token_from_context": "x_t from c_t",

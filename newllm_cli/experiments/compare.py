@@ -265,6 +265,7 @@ def sweep_runs(workspace: str, name: str, storage: str | None) -> list[str]:
     """The runs of a sweep's finished trials, in trial order."""
     import optuna
     from optuna.trial import TrialState
+
     from newllm_cli.experiments.sweep import open_storage, storage_url
 
     url = storage_url(workspace, storage)

@@ -119,6 +119,7 @@ def open_storage(url: str, heartbeat: float):
     """Optuna's RDB storage with heartbeats, so that a killed worker's trial can be told from a
     running one; SQLite waits for its lock instead of failing at once."""
     import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials: our own one-line warning
@@ -214,6 +215,7 @@ def work(
     """Take trials until the queue is empty (a grid) or the study holds `search_trials` (a search)."""
     import optuna
     from optuna.trial import TrialState
+
     from newllm_cli import stages
 
     def objective(trial) -> float:

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from newllm_cli.model.network import NewLLM
-from newllm_cli.training.phase1 import run_cvfp
-from newllm_cli.training.pairs import Head
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.training.pairs import Head
+from newllm_cli.training.phase1 import run_cvfp
 
 
 def prompt_context(model: NewLLM, ids: np.ndarray, cfg: Phase1Settings, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ corpus never has to be in memory at once. Also the shift that builds each token'
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

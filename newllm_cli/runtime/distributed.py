@@ -19,16 +19,16 @@ import functools
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from newllm_cli.store import artifacts
-from newllm_cli.runtime import locks
-from newllm_cli.runtime import progress
+from newllm_cli.runtime import locks, progress
 from newllm_cli.runtime.errors import NewLLMError, RankFailed, first_line
+from newllm_cli.store import artifacts
 
 
 @dataclass(frozen=True)

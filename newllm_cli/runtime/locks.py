@@ -15,9 +15,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from newllm_cli.runtime.errors import RefusedError
 

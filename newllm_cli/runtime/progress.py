@@ -5,15 +5,14 @@ from __future__ import annotations
 import re
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from rich.console import Console
-from rich.table import Column
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Column
 from rich.text import Text
-
 
 _log: Path | None = None
 _pending: list[str] | None = None  # said before the command's run directory was known

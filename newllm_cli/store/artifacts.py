@@ -18,9 +18,10 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -102,9 +103,8 @@ def read_json(path: Path, what: str, fix: str = "the stage that writes it", sche
 def write_array(path: Path, array: np.ndarray) -> Path:
     if not _publishing:
         return path
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
     return path
 
 
@@ -123,6 +123,7 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
     first, then written with plain file I/O, so a full disk is an OSError (ENOSPC), not torch's
     "unexpected pos"."""
     import io
+
     import torch  # here, not at the top: `newllm --help` must not wait for torch
 
     if not _publishing:
@@ -179,7 +180,7 @@ class Workspace:
             "check --run, or start it with `newllm prepare-data --run NAME`"
         )
 
-    def staged(self, directory: Path) -> "Workspace":
+    def staged(self, directory: Path) -> Workspace:
         """The same layout with the dataset files in `directory` (built there, then renamed)."""
         other = copy.copy(self)
         other.data_dir = Path(directory)

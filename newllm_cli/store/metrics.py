@@ -10,8 +10,8 @@ import csv
 import shutil
 from pathlib import Path
 
-from newllm_cli.store.artifacts import atomic_path, publishes
 from newllm_cli.runtime.errors import UsageError
+from newllm_cli.store.artifacts import atomic_path, publishes
 
 FIELDS = [
     "stage",

@@ -41,7 +41,7 @@ class RowStore:
         self._cleanup = weakref.finalize(self, _remove, self.fd, self.path)  # if never saved nor closed
 
     @classmethod
-    def open(cls, path: Path, writable: bool = False) -> "RowStore":
+    def open(cls, path: Path, writable: bool = False) -> RowStore:
         """An existing float32 .npy file of rows, read (and written) through pread like any file
         store; closing it never deletes it."""
         probe = np.load(path, mmap_mode="r")
@@ -56,7 +56,7 @@ class RowStore:
         return store
 
     @classmethod
-    def from_array(cls, source: np.ndarray, directory: Path | None, chunk: int) -> "RowStore":
+    def from_array(cls, source: np.ndarray, directory: Path | None, chunk: int) -> RowStore:
         """A store holding a copy of `source` (possibly memory-mapped), copied chunk by chunk."""
         store = cls(*source.shape, directory)
         for s in range(0, len(source), chunk):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_json
 from newllm_cli.runtime.errors import RefusedError
 from newllm_cli.runtime.progress import info
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_json
 
 
 def file_state(path: Path) -> list | None:

@@ -10,7 +10,7 @@ free); arrays by dtype, dimensions, shape, id range and finiteness; checkpoints 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,7 +50,7 @@ class Provenance(_Free):
 
 
 class Phase1Provenance(Provenance):
-    model_id: Optional[str]
+    model_id: str | None
     model: dict
 
 
@@ -58,7 +58,7 @@ class Phase1Report(_Free):
     split: Literal["train", "val"]
     tokens: int = Field(ge=0)
     history: list[dict]
-    converged_ratio: Optional[float]
+    converged_ratio: float | None
     provenance: Phase1Provenance
 
 
@@ -84,13 +84,13 @@ class SplitAnalysis(_Free):
 
 
 class AnalysisProvenance(_Free):
-    model_id: Optional[str]
+    model_id: str | None
 
 
 class AnalysisReport(_Free):
     provenance: AnalysisProvenance
-    train: Optional[SplitAnalysis] = None
-    val: Optional[SplitAnalysis] = None
+    train: SplitAnalysis | None = None
+    val: SplitAnalysis | None = None
 
 
 class ControlReport(_Free):

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from newllm_cli.runtime import interrupt
 from newllm_cli.evaluation.analysis import merge_moments
+from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import Interrupted, NumericalError, RankFailed
-from newllm_cli.store.rowstore import RowStore
 from newllm_cli.runtime.progress import progress
+from newllm_cli.store.rowstore import RowStore
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound
 L2_GRID = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # tried from strong to weak
@@ -86,13 +86,13 @@ class VocabClasses:
     multiplicity: torch.Tensor  # [K] float: tokens per class
 
     @staticmethod
-    def build(train_targets: np.ndarray, prior: np.ndarray, device: torch.device) -> "VocabClasses":
+    def build(train_targets: np.ndarray, prior: np.ndarray, device: torch.device) -> VocabClasses:
         is_target = np.zeros(len(prior), dtype=bool)
         is_target[np.asarray(train_targets, dtype=np.int64)] = True
         return VocabClasses.of_targets(is_target, prior, device)
 
     @staticmethod
-    def of_targets(is_target: np.ndarray, prior: np.ndarray, device: torch.device) -> "VocabClasses":
+    def of_targets(is_target: np.ndarray, prior: np.ndarray, device: torch.device) -> VocabClasses:
         """From the mask of tokens that are training targets (on any rank)."""
         vocab = len(prior)
         key, tied = np.arange(vocab), ~is_target  # a target is its own class
@@ -118,7 +118,7 @@ class Whitening:
     transform: torch.Tensor  # [d, r]
 
     @staticmethod
-    def fit(inputs: torch.Tensor | RowStore, device: torch.device, group: Group = SOLO) -> "Whitening":
+    def fit(inputs: torch.Tensor | RowStore, device: torch.device, group: Group = SOLO) -> Whitening:
         """Mean and covariance accumulated in float64 chunk by chunk, then rank by rank (merge_moments)."""
         part = None
         for x in raw_chunks(inputs, device):
@@ -156,7 +156,7 @@ class Design:
         self.source, self.white, self.start, self.stop, self.device = source, white, start, stop, device
 
     @classmethod
-    def of(cls, inputs: torch.Tensor | RowStore, white: Whitening, device: torch.device) -> "Design":
+    def of(cls, inputs: torch.Tensor | RowStore, white: Whitening, device: torch.device) -> Design:
         if isinstance(inputs, torch.Tensor):
             return cls(_with_ones(white(inputs)), None, 0, len(inputs), device)
         return cls(inputs, white, 0, len(inputs), device)
@@ -164,7 +164,7 @@ class Design:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def part(self, a: int, b: int) -> "Design":
+    def part(self, a: int, b: int) -> Design:
         return Design(self.source, self.white, self.start + a, self.start + b, self.device)
 
     def rows(self, a: int, b: int) -> torch.Tensor:

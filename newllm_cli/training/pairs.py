@@ -7,19 +7,20 @@ stored as a plain Linear(in, V) on the raw features, so `generate` needs nothing
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from newllm_cli.training import head_fit as probe
 from newllm_cli.evaluation.baselines import pair_positions
 from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import NumericalError
-from newllm_cli.training.head_fit import ProbeResult, Split
 from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training import head_fit as probe
+from newllm_cli.training.head_fit import ProbeResult, Split
 
 
 class Head(nn.Module):
@@ -35,7 +36,7 @@ class Head(nn.Module):
         return self.proj(x)
 
     @staticmethod
-    def from_probe(result: ProbeResult) -> "Head":
+    def from_probe(result: ProbeResult) -> Head:
         head = Head(result.weight.shape[1], result.weight.shape[0])
         with torch.no_grad():
             head.proj.weight.copy_(result.weight)
@@ -94,10 +95,8 @@ def make_split(
         return Split(x, y, groups)
     reader = None
     if isinstance(contexts, np.memmap):
-        try:
+        with contextlib.suppress(ValueError):  # not float32 rows: read it mapped
             reader = RowStore.open(Path(contexts.filename))
-        except ValueError:  # not float32 rows: read it mapped
-            pass
         if reader is not None and reader.shape != contexts.shape:  # a slice of a file: read it mapped
             reader.close()
             reader = None

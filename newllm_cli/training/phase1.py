@@ -17,23 +17,23 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from newllm_cli.runtime import interrupt
-from newllm_cli.training.adam import Adam
 from newllm_cli.evaluation.analysis import merge_moments
+from newllm_cli.model.network import NewLLM
+from newllm_cli.model.recurrence import choose_kernel, embedding_table, shifted, sweep
+from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, Part, Shard, save_rows
 from newllm_cli.runtime.errors import Interrupted, NumericalError
-from newllm_cli.model.network import NewLLM
 from newllm_cli.runtime.progress import progress, warn
-from newllm_cli.model.recurrence import choose_kernel, embedding_table, shifted, sweep
-from newllm_cli.store.rowstore import RowStore
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training.adam import Adam
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
 
@@ -128,7 +128,7 @@ class Comparison:
         chunk.finite = bool(np.isfinite(chunk.m2).all())  # a NaN or inf anywhere in q makes its sums so
         self.merge(chunk)
 
-    def merge(self, other: "Comparison") -> None:
+    def merge(self, other: Comparison) -> None:
         """Add another set of rows (a chunk, or another rank's rows)."""
         self.sq += other.sq
         self.converged += other.converged
@@ -137,7 +137,7 @@ class Comparison:
             seen = None if self.mean is None else (self.rows, self.mean, self.m2)
             self.rows, self.mean, self.m2 = merge_moments(seen, other.rows, other.mean, other.m2)
 
-    def combined(self, group: Group) -> "Comparison":
+    def combined(self, group: Group) -> Comparison:
         """Over every rank's rows: each rank merges all parts in rank order, so all hold the same."""
         parts = group.gather(self)
         if len(parts) == 1:
