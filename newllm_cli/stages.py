@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from newllm_cli.cli import plots
 from newllm_cli.data import dataset
 from newllm_cli.data import tokenizer as tokenizers
-from newllm_cli.evaluation import analysis, baselines, decodability, verdict
+from newllm_cli.evaluation import analysis, baselines, decodability, plots, verdict
 from newllm_cli.model import generate as gen
+from newllm_cli.model.head import Head
 from newllm_cli.model.network import NewLLM
 from newllm_cli.runtime import distributed, interrupt
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
@@ -41,7 +41,7 @@ from newllm_cli.store.artifacts import (
 from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training import head_fit as probe
 from newllm_cli.training import pairs as p2
-from newllm_cli.training.phase1 import run_cvfp
+from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
 SPLITS = ("train", "val")
 
@@ -372,7 +372,7 @@ def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS
 
 
 def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
-    tok = validate.tokenizer(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
+    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     reports, ids, data, ctxs = {}, {}, {}, {}
     for split in SPLITS:
         if not ws.phase1_report(split).exists():
@@ -588,7 +588,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     curves = {"head": curves}
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
-    targets = np.asarray(val_tokens)[baselines.pair_positions(val_offsets) + 1]
+    targets = np.asarray(val_tokens)[p2.pair_positions(val_offsets) + 1]
     bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
     unigram = baselines.unigram_log_probs(train_tokens, vocab)
     losses = {"unigram_add_one": -unigram[targets], "bigram_add_k": -bigram["log_probs"]}
@@ -627,7 +627,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         "vocab_size": vocab,
         "world_size": distributed.current().size,
     }
-    head = p2.Head.from_probe(res)
+    head = Head.from_probe(res)
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
     out = {
         "val": res.val,
@@ -770,19 +770,20 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     if head_input not in ("context", "context+token"):
         raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")
     in_dim = s.model.context_dim + (s.model.embed_dim if head_input == "context+token" else 0)
-    head = p2.Head(in_dim, meta["vocab_size"])
+    head = Head(in_dim, meta["vocab_size"])
     validate.state(head, head_ckpt, head_path, "newllm phase2")
     head = head.to(device)
-    tok = validate.tokenizer(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
+    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) == 0:
         raise UsageError("--prompt has no tokens")
-    new, _ = gen.sample(
+    start = prompt_context(model, ids, s.phase1, device)
+    new = gen.sample(
         model,
         head,
         head_input,
-        ids,
-        s.phase1,
+        start,
+        int(ids[-1]),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

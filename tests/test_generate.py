@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from newllm_cli.model import generate as gen
+from newllm_cli.model.head import Head
 from newllm_cli.model.network import NewLLM
 from newllm_cli.settings import Phase1Settings
-from newllm_cli.training.pairs import Head
-from newllm_cli.training.phase1 import run_cvfp
+from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
 
 def test_generate_through_the_cli(cli, base_args):
@@ -31,8 +31,9 @@ def test_generation_starts_from_the_prompts_fixed_context():
     model, head = NewLLM(30, 6, 5, 2), Head(6, 30)
     ids = np.array([3, 7, 7, 1, 9])
     cfg = Phase1Settings()
-    new, start = gen.sample(
-        model, head, "context", ids, cfg, max_new_tokens=4, temperature=0, top_k=0, seed=0, device=torch.device("cpu")
+    start = prompt_context(model, ids, cfg, torch.device("cpu"))
+    new = gen.sample(
+        model, head, "context", start, 9, max_new_tokens=4, temperature=0, top_k=0, seed=0, device=torch.device("cpu")
     )
     fixed = run_cvfp(model, ids, np.array([0, 5]), cfg, train=False, device=torch.device("cpu")).contexts
     assert torch.equal(start, torch.from_numpy(fixed.read(4, 5)[0]))

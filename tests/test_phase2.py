@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from newllm_cli.evaluation import baselines, verdict
 from newllm_cli.model import recurrence
+from newllm_cli.model.head import Head
 from newllm_cli.model.network import NewLLM
 from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training import head_fit as probe
@@ -20,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def test_pair_positions_stay_inside_documents():
-    assert baselines.pair_positions(np.array([0, 3, 4, 7])).tolist() == [0, 1, 4, 5]
+    assert p2.pair_positions(np.array([0, 3, 4, 7])).tolist() == [0, 1, 4, 5]
 
 
 def test_unigram_baseline_equals_hand_computation():
@@ -51,7 +52,7 @@ def test_head_learns_a_deterministic_sequence():
     split = probe.Split(x, y, torch.arange(300) // 30)
     res = probe.fit(split, split, 6, np.zeros(6))
     assert res.val["accuracy"] == 1.0 and res.val["loss"] < 0.1
-    assert p2.evaluate(p2.Head.from_probe(res), split)["loss"] == pytest.approx(res.val["loss"], abs=1e-6)
+    assert p2.evaluate(Head.from_probe(res), split)["loss"] == pytest.approx(res.val["loss"], abs=1e-6)
 
 
 def test_a_huge_penalty_gives_exactly_the_unigram_baseline():
@@ -177,7 +178,7 @@ def test_accuracy_over_tied_classes_is_the_full_vocabulary_argmax():
     train = probe.Split(torch.randn(20, 2), torch.arange(20) % 5)
     val = probe.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
     res = probe.fit(train, val, 10, prior, l2=1e6)
-    head = p2.Head.from_probe(res)
+    head = Head.from_probe(res)
     with torch.no_grad():
         expected = (head(val.inputs).argmax(1) == val.targets).float().mean().item()
     assert expected == 0.5 and res.val["accuracy"] == pytest.approx(expected)

@@ -1,8 +1,7 @@
-"""The `newllm` command: parses options, calls a stage, prints. All logic lives in stages.py."""
+"""The `newllm` command: the commands of cli/table.py, one error boundary and the exit codes."""
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
@@ -10,10 +9,11 @@ import sys
 import typer
 
 from newllm_cli import __version__
-from newllm_cli.cli import commands, report
-from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
+from newllm_cli.cli import commands
+from newllm_cli.cli.table import COMMANDS
 from newllm_cli.runtime.errors import NewLLMError
-from newllm_cli.runtime.progress import begin, error_prefix, log_to, record
+from newllm_cli.runtime.progress import error_prefix, record
+from newllm_cli.runtime.session import Session, use
 
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
@@ -39,34 +39,19 @@ def _root(
     (Phase 2), stage by stage on disk."""
 
 
-RECURRENCE = ("model", "data", "phase1", "runtime")
-register = functools.partial(commands.register, app)
-stage = functools.partial(register, lock="write", parallel=True)  # the run's writer; also a torchrun job
-
-stage("prepare-data", "stages.prepare_data", report.prepare, sections=("data", "runtime"))
-stage("phase1", "stages.phase1", report.phase1, [SPLIT, REBUILD], RECURRENCE)
-stage(
-    "analyze",
-    "stages.analyze",
-    report.analysis,
-    ANALYZE,
-    RECURRENCE,
-    lock=lambda options: None if options.get("contexts") else "write",
-)  # an outside file: no run
-stage("phase2", "stages.phase2", report.phase2, [FORCE, REBUILD, PLOT])
-stage("full", "stages.full", report.full, FULL)
-register("generate", "stages.generate", report.generate, GENERATE, lock="read")
-register("config", "settings.effective", lambda result: None)
-register("sweep", "experiments.sweep.sweep", report.sweep, SWEEP, saved=False)
-register("runs", "experiments.compare.runs", report.runs, CSV, ("runtime",), saved=False)
-register("compare", "experiments.compare.compare", report.compare, COMPARE, ("runtime",), saved=False)
+for command in COMMANDS:
+    commands.register(app, command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes."""
+    """Entry point: one error boundary, one line per error (in the run's log too), meaningful exit codes.
+    Each call is one command with a session of its own (its log, --quiet, rank, Ctrl-C)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands.ARGV[:] = argv
-    begin(argv)
+    with use(Session(argv=argv, pending=[])):  # said before the run is known waits for its log
+        return _command(argv)
+
+
+def _command(argv: list[str]) -> int:
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="newllm", standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt into a silent exit 130
@@ -87,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("NEWLLM_DEBUG"):
             raise
         return _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", 1)
-    finally:
-        log_to(None)
 
 
 def _fail(message: str, code: int) -> int:

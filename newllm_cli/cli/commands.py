@@ -1,7 +1,8 @@
 """How a command runs: options to settings, the run's lock, the stage, its tables and its stdout.
 
-Commands are registered from `<module>.<function>(settings, **extra)` names, so the module (stages,
-and torch with it) is imported only when the command runs: help and argument errors answer at once.
+Commands are declared once, in cli/app.py's table, by `<module>.<function>` names, so the module
+(stages, and torch with it) is imported only when the command runs: help and argument errors answer
+at once.
 """
 
 from __future__ import annotations
@@ -15,67 +16,84 @@ import shlex
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import typer
 
-from newllm_cli.cli import report
-from newllm_cli.cli.options import COMMON, DOCS, settings_parameters, split_kwargs
+from newllm_cli.cli.options import COMMON, docstring, settings_parameters, split_kwargs
 from newllm_cli.runtime import distributed, interrupt, locks
 from newllm_cli.runtime.errors import NewLLMError, UsageError
 from newllm_cli.runtime.progress import set_quiet
 from newllm_cli.settings import SECTIONS, RuntimeSettings, resolve
 from newllm_cli.store.artifacts import Workspace
 
-ARGV: list[str] = []  # the command line, for stages that start copies of themselves (sweep workers)
+
+@dataclass(frozen=True)
+class Command:
+    """One command: `target` is `<module>.<function>(settings, **options)` under newllm_cli, run with
+    the settings `sections` as options (and a run's saved settings, when `saved`) beside its own
+    `options`, the run's `lock` held ("write", "read", or a function of its options giving either or
+    None); then `report` prints its tables on stderr and `prints` gives its stdout (without --json).
+    `parallel` commands also run as torchrun jobs: every rank runs the stage, the leader holds the
+    lock and prints."""
+
+    name: str
+    target: str
+    report: Callable[[dict], None]
+    prints: Callable[[dict], str]
+    options: tuple[inspect.Parameter, ...] | list[inspect.Parameter] = ()
+    sections: tuple[str, ...] = tuple(SECTIONS)
+    saved: bool = True
+    lock: str | Callable[[dict], str | None] | None = None
+    parallel: bool = False
+
+    @property
+    def module(self) -> str:
+        return "newllm_cli." + self.target.rsplit(".", 1)[0]
+
+    def function(self) -> Callable[..., dict]:
+        """The stage function (imports its module: torch, for most)."""
+        return getattr(importlib.import_module(self.module), self.target.rsplit(".", 1)[1])
+
+    def stdout(self, result: dict) -> str:
+        if "stdout" in result:  # --csv, --markdown
+            return result["stdout"].rstrip("\n")
+        return str(self.prints(result))
 
 
-def register(
-    app: typer.Typer,
-    name: str,
-    stage: str,
-    render: Callable,
-    extra: list[inspect.Parameter] = (),
-    sections: tuple[str, ...] = tuple(SECTIONS),
-    saved: bool = True,
-    lock: str | Callable[[dict], str | None] | None = None,
-    parallel: bool = False,
-) -> None:
-    """Register `<module>.<function>(settings, **extra)` as the command `name`: options from the
-    settings model (a run's saved settings too, unless `saved` is False), the run's lock held
-    (`lock`: "write", "read", or a function of the command's own options giving either or None)
-    while the stage runs. `parallel` commands also run as torchrun
-    jobs: every rank runs the stage, the leader holds the lock and prints."""
-    module, function = stage.rsplit(".", 1)
+def register(app: typer.Typer, command: Command) -> None:
+    """Add `command` to `app`."""
 
     def run(**kwargs):
-        core = importlib.import_module(f"newllm_cli.{module}")
+        stage = command.function()
         if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
             signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
         options, rest = split_kwargs(kwargs)
         config, as_json = rest.pop("config"), rest.pop("json_output")
         set_quiet(rest.pop("quiet"))
+        saved = command.saved
         settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
         rt = settings.runtime
-        group = join(name, rt.device, parallel)
+        group = join(command.name, rt.device, command.parallel)
         try:
-            if module in ("stages", "experiments.sweep"):  # the commands that compute
+            if command.module in ("newllm_cli.stages", "newllm_cli.experiments.sweep"):  # the commands that compute
                 importlib.import_module("newllm_cli.stages").apply_threads(rt.threads or group.threads())
-            kind = lock(rest) if callable(lock) else lock
+            kind = command.lock(rest) if callable(command.lock) else command.lock
             guard = locks.run(rt.workspace, rt.run, exclusive=kind == "write") if kind else contextlib.nullcontext()
             with group.leading(guard), interrupt.graceful():
-                result = getattr(core, function)(settings, **rest)
+                result = stage(settings, **rest)
         except NewLLMError as e:  # its rebuild hints act on this command's run
             e.args = (on_this_run(str(e), rt.workspace, rt.run),)
             raise
         finally:
             group.close()
         if group.leader:
-            render(result)  # the tables go to the run's log too
-            print(json.dumps(result, default=str) if as_json else report.primary_path(name, result))
+            command.report(result)  # the tables go to the run's log too
+            print(json.dumps(result, default=str) if as_json else command.stdout(result))
 
-    run.__signature__ = inspect.Signature([*extra, *COMMON, *settings_parameters(sections)])
-    run.__doc__ = DOCS[stage]
-    app.command(name)(run)
+    run.__signature__ = inspect.Signature([*command.options, *COMMON, *settings_parameters(command.sections)])
+    run.__doc__ = docstring(command.target)
+    app.command(command.name)(run)
 
 
 def on_this_run(message: str, workspace: str, run: str) -> str:

@@ -131,23 +131,13 @@ ANALYZE = [
 ]
 
 
-def _stage_docs() -> dict[str, str]:
-    """Each command's help: its function's docstring, read from source so that help never imports
-    torch (seconds)."""
-    docs = {}
-    for module in ("stages", "settings", "experiments.sweep", "experiments.compare"):
-        tree = ast.parse((Path(__file__).parents[1] / f"{module.replace('.', '/')}.py").read_text())
-        docs.update(
-            {
-                f"{module}.{f.name}": re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(f) or "")
-                for f in tree.body
-                if isinstance(f, ast.FunctionDef)
-            }
-        )  # rich keeps single line breaks
-    return docs
-
-
-DOCS = _stage_docs()
+def docstring(target: str) -> str:
+    """The help of `<module>.<function>` under newllm_cli: its docstring, read from source so that
+    help never imports torch (seconds)."""
+    module, function = target.rsplit(".", 1)
+    tree = ast.parse((Path(__file__).parents[1] / f"{module.replace('.', '/')}.py").read_text())
+    found = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == function)
+    return re.sub(r"(?<!\n)\n(?!\n)", " ", ast.get_docstring(found) or "")  # rich keeps single line breaks
 
 
 def split_kwargs(kwargs: dict) -> tuple[dict, dict]:

@@ -8,27 +8,9 @@ from newllm_cli.evaluation.verdict import NAMES  # numpy only: help stays fast
 from newllm_cli.runtime.progress import console
 
 
-def primary_path(command: str, result: dict) -> str:
-    """What a script gets on stdout without --json: the main artifact's path."""
-    if command == "prepare-data":
-        return result["dataset_dir"]
-    if command == "phase1":
-        return result["contexts"]
-    if command == "phase2":
-        return result["checkpoint"]
-    if command == "full":
-        return result["run_dir"]
-    if command == "generate":
-        return result["text"]
-    if command == "config":
-        return result["toml"]
-    if "stdout" in result:  # --csv, --markdown
-        return result["stdout"].rstrip("\n")
-    if command in ("runs", "compare"):
-        return "\n".join(r["run"] for r in result["runs"])
-    if command == "sweep":
-        return result["storage"]
-    return str(result.get("path", ""))
+def run_names(result: dict) -> str:
+    """`runs` and `compare` without --csv or --markdown: one run name a line."""
+    return "\n".join(r["run"] for r in result["runs"])
 
 
 def prepare(r: dict) -> None:

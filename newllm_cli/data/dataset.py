@@ -380,7 +380,7 @@ def check_dataset(ws: Workspace) -> dict:
     meta = read_meta(ws)
     for split in ("train", "val"):
         load_split(ws, split, meta)
-    validate.tokenizer(ws.tokenizer(), meta["vocab_size"], FIX)
+    tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], FIX)
     return meta
 
 

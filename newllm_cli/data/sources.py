@@ -6,14 +6,12 @@ one file (text_dir). Nothing here invents data: a missing or unreadable input is
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlparse
 
+from newllm_cli.data.hub import hub_reachable, quiet_hub_logs
 from newllm_cli.runtime.errors import UsageError, first_line
 from newllm_cli.runtime.progress import warn
 
@@ -31,25 +29,6 @@ def _existing(path: str | None, what: str) -> Path:
     if not p.exists():
         raise UsageError(f"{what}: no such file or directory: {p}")
     return p
-
-
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """Whether the Hugging Face hub answers, decided in seconds (the hub clients retry for minutes)."""
-    if any(
-        os.environ.get(v, "").upper() in ("1", "TRUE", "ON", "YES") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    ):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def quiet_hub_logs() -> None:
-    for name in ("datasets", "huggingface_hub", "fsspec"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def conversation_text(record: dict, where: str) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from newllm_cli.runtime.errors import UsageError, first_line
+from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
+from newllm_cli.store.validate import Damaged
 
 
 def _byte_level(model: models.Model) -> Tokenizer:
@@ -62,7 +63,7 @@ def pretrained(name: str) -> Tokenizer:
             raise UsageError(f"{path} is not a tokenizer.json ({first_line(e)})") from None
     if name != "gpt2":
         raise UsageError(f"unknown tokenizer {name!r}: use bpe, byte, gpt2 or a tokenizer.json path")
-    from newllm_cli.data.sources import hub_reachable, quiet_hub_logs
+    from newllm_cli.data.hub import hub_reachable, quiet_hub_logs
 
     quiet_hub_logs()
     if not hub_reachable():
@@ -93,3 +94,18 @@ def build(name: str, vocab_size: int, documents: Iterable[str] | None = None) ->
 
 def load(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
+
+
+def load_checked(path: Path, vocab_size: int, fix: str):
+    """The tokenizer, loaded, with the vocabulary size its dataset records."""
+    if not path.exists():
+        raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
+    try:
+        tok = load(path)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise Damaged(
+            path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix
+        ) from None
+    if tok.get_vocab_size() != vocab_size:
+        raise Damaged(path, f"vocabulary {tok.get_vocab_size()}, the dataset says {vocab_size}", fix)
+    return tok

@@ -11,16 +11,9 @@ import math
 
 import numpy as np
 
+from newllm_cli.training.pairs import pair_positions
+
 K_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)
-
-
-def pair_positions(offsets: np.ndarray) -> np.ndarray:
-    """Positions t whose next token x_{t+1} is in the same document."""
-    n = int(offsets[-1])
-    last = np.zeros(n, dtype=bool)
-    ends = np.asarray(offsets[1:], dtype=np.int64) - 1
-    last[ends[ends >= 0]] = True
-    return np.nonzero(~last)[0]
 
 
 def unigram_log_probs(tokens: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -255,7 +255,7 @@ def compare(
     rows = [run_row(root / n) for n in names]
     out = {"runs": rows, "settings": varied(rows), "sweep": sweep, **fits(rows)}
     if plot is not None:
-        from newllm_cli.cli import plots
+        from newllm_cli.evaluation import plots
 
         out["plots"] = [str(p) for p in plots.comparison(out, plot)]
     return _formats(out, csv_output, markdown)

@@ -30,6 +30,7 @@ from pathlib import Path
 from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import NewLLMError, UsageError, first_line
 from newllm_cli.runtime.progress import info, warn
+from newllm_cli.runtime.session import current
 from newllm_cli.settings import PROBE_ROWS, SECTIONS, Settings, flag_index, merge, validate
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -339,9 +340,7 @@ def sweep(
         if sampler == "grid":
             info(f"sweep {name}: {len(todo)} points, {fill_queue(store, study, todo)} queued now; study in {url}")
         if jobs > 1:
-            from newllm_cli.cli.commands import ARGV  # this command's own line, for its worker copies
-
-            spawn_workers(list(ARGV), jobs, s.runtime.threads)
+            spawn_workers(list(current().argv), jobs, s.runtime.threads)  # copies of this very command
             return {**summary(study), "storage": url}
     work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows)
     return {**summary(study), "storage": url}

@@ -7,7 +7,7 @@ it writes in place (`save_rows`). Ranks are cut between fixed blocks of whole do
 which float32 sums are taken, so every world size adds the same float32 partial sums in float64.
 Whatever a decision depends on is combined so that every rank holds the same bits: sums by
 all_reduce, statistics gathered and merged in rank order. Rank 0, the leader, holds the run's lock
-and writes the run's other files (`artifacts.publishing`); the other ranks compute the same and
+and writes the run's other files (the session's `publishing`); the other ranks compute the same and
 print only their errors. One process is SOLO, where combining is the identity, so the stages have
 one code path.
 """
@@ -18,17 +18,14 @@ import contextlib
 import functools
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from newllm_cli.runtime import locks, progress
 from newllm_cli.runtime.errors import NewLLMError, RankFailed, first_line
-from newllm_cli.store import artifacts
+from newllm_cli.runtime.session import current as current_session
 
 
 @dataclass(frozen=True)
@@ -144,12 +141,11 @@ class Group:
 
 
 SOLO = Group()
-_current: Group = SOLO
 
 
 def current() -> Group:
-    """The job's group: SOLO unless `start` joined one."""
-    return _current
+    """The command's group: SOLO unless `start` joined one."""
+    return current_session().group or SOLO
 
 
 def launched() -> bool:
@@ -228,8 +224,9 @@ class Ranks(Group):
         self.dist.barrier()
 
     def close(self) -> None:
-        global _current
-        _current = SOLO
+        session = current_session()
+        if session.group is self:
+            session.group = None
         with contextlib.suppress(Exception):  # a peer may be gone already
             self.dist.destroy_process_group()
 
@@ -237,57 +234,10 @@ class Ranks(Group):
 def start(device) -> Group:
     """Join the job torchrun started (gloo on CPU, NCCL on CUDA, one GPU per local rank). Ranks
     other than the leader stay silent and write none of the run's files."""
-    global _current
     group = Ranks(device)
-    _current = group
+    session = current_session()
+    session.group = group
     if not group.leader:
-        artifacts.publishing(False)
-        progress.mute(f"rank {group.rank}")
+        session.publishing = False
+        session.muted = f"rank {group.rank}"
     return group
-
-
-def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False, chunk: int = 1 << 16) -> Path:
-    """Write each rank's rows (a RowStore holding rows shard.start..stop-1) into one .npy of
-    shard.total rows, atomically: the leader makes a temporary file, every rank writes its block,
-    the leader renames it once all are done. One process without `keep` renames its own store's
-    file instead. `keep` leaves the store open (a periodic resume point)."""
-    from newllm_cli.store.rowstore import RowStore
-
-    path = Path(path)
-    if group.size == 1 and not keep:
-        return store.save(path)
-    name = None
-    if group.leader:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{locks.tag()}", suffix=".npy", dir=path.parent)
-        os.close(fd)
-        # created at full size (sparse) and closed at once: the ranks fill it with pwrite
-        np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(shard.total, store.shape[1]))
-    name = group.broadcast(name)
-    target = RowStore.open(Path(name), writable=True)
-    try:
-        for s, e in store.chunks(chunk):
-            target.write(shard.start + s, store.read(s, e))
-        os.fsync(target.fd)
-    finally:
-        target.close()
-    group.barrier()  # every block is on disk
-    if group.leader:
-        artifacts.share(Path(name))
-        os.replace(name, path)
-    group.barrier()  # renamed: any rank may read it now
-    if not keep:
-        store.close()
-    return path
-
-
-@dataclass
-class Part:
-    """A rank's rows of a corpus-sized table, saved collectively (a resume point's contexts)."""
-
-    store: Any
-    shard: Shard
-    group: Group
-    keep: bool = False
-
-    def save(self, path: Path) -> Path:
-        return save_rows(self.store, path, self.shard, self.group, keep=self.keep)

@@ -16,39 +16,36 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from newllm_cli.runtime.distributed import SOLO, Group
-
-_requested = False
-_armed = 0
+from newllm_cli.runtime.session import current
 
 
 def requested() -> bool:
-    return _requested
+    return current().interrupt_requested
 
 
 @contextmanager
 def safe_points() -> Iterator[None]:
     """A loop that checks `requested()` runs: the first Ctrl-C waits for it."""
-    global _armed
-    _armed += 1
+    session = current()
+    session.safe_loops += 1
     try:
         yield
     finally:
-        _armed -= 1
+        session.safe_loops -= 1
 
 
 @contextmanager
 def graceful() -> Iterator[None]:
-    global _requested
-    _requested = False
+    session = current()
+    session.interrupt_requested = False
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        global _requested
-        if _requested or not _armed:
+        if session.interrupt_requested or not session.safe_loops:
             raise KeyboardInterrupt
-        _requested = True
+        session.interrupt_requested = True
 
     # SIGTERM too: what torchrun forwards, and a batch system's notice before it kills
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -57,7 +54,7 @@ def graceful() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        _requested = False
+        session.interrupt_requested = False
 
 
 class SavePoints:

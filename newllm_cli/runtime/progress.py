@@ -14,57 +14,49 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColum
 from rich.table import Column
 from rich.text import Text
 
-_log: Path | None = None
-_pending: list[str] | None = None  # said before the command's run directory was known
-_command = ""
-_quiet = False
-_muted: str | None = None  # a distributed job's non-leader rank: only its errors are shown
+from newllm_cli.runtime.session import current
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def set_quiet(quiet: bool) -> None:
     """--quiet: no progress bars, info lines or summaries on stderr (the log still gets them)."""
-    global _quiet
-    _quiet = quiet
+    current().quiet = quiet
 
 
 def mute(who: str) -> None:
     """Say nothing (no bars, lines or log: the leader says it all) but errors, prefixed by `who`."""
-    global _muted
-    _muted = who
+    current().muted = who
 
 
 def error_prefix() -> str:
-    return f"{_muted}: " if _muted else ""
-
-
-def begin(argv: list[str]) -> None:
-    """A command starts: what it says is kept until `log_to` names its run's log."""
-    global _pending, _command, _log
-    _pending, _command, _log = [], " ".join(argv), None
+    muted = current().muted
+    return f"{muted}: " if muted else ""
 
 
 def log_to(path: Path | None) -> None:
     """From now on (until None), what people see on stderr is also appended, as plain text, to
     `path`: the run's log.txt, starting with what the command said before. Progress bars are not
     logged."""
-    global _log, _pending
-    if path == _log:  # the same run again within one command (`full`): one header
+    session = current()
+    if path == session.log:  # the same run again within one command (`full`): one header
         return
-    _log = path
-    if path is not None and not _muted:
-        _append(path, f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} newllm {_command}\n" + "".join(_pending or []))
-    _pending = None if path is None else []
+    session.log = path
+    if path is not None and session.pending is not None and not session.muted:
+        header = f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} newllm {session.command}\n"
+        _append(path, header + "".join(session.pending))
+    session.pending = None if path is None else []
 
 
 def record(text: str) -> None:
     """Into the run's log, or kept for it until the run is known."""
-    if _muted:
+    session = current()
+    if session.muted:
         return
-    if _log is not None:
-        _append(_log, text)
-    elif _pending is not None:
-        _pending.append(text)
+    if session.log is not None:
+        _append(session.log, text)
+    elif session.pending is not None:
+        session.pending.append(text)
 
 
 def _append(path: Path, text: str) -> None:
@@ -109,7 +101,8 @@ class _Null:
 def console(log: bool = True, quiet: bool = False) -> Console:
     """A console bound to the current sys.stderr (tests swap it), plain when not a terminal, and
     copied to the run's log when one is open; `quiet` output is silenced by --quiet (not logged)."""
-    screen = _Null() if (quiet and _quiet) or _muted else sys.stderr
+    session = current()
+    screen = _Null() if (quiet and session.quiet) or session.muted else sys.stderr
     stream = _Tee(screen) if log else screen
     return Console(file=stream, highlight=False, soft_wrap=True)
 
@@ -160,7 +153,7 @@ def progress(description: str, total: int | None, unit: str = "rows") -> Iterato
     """A bar with rate and ETA on stderr when it is a terminal and --quiet is off; `advance(n)`
     either way. Nothing of it reaches the log."""
     con = console(log=False)
-    bar = make_bar(con, disable=_quiet or not con.is_terminal)
+    bar = make_bar(con, disable=current().quiet or not con.is_terminal)
     with bar:
         task = bar.add_task(description, total=total, status="", unit=unit)
 

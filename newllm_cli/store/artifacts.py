@@ -28,6 +28,7 @@ import numpy as np
 from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import RefusedError, UsageError
 from newllm_cli.runtime.progress import info, warn
+from newllm_cli.runtime.session import current
 from newllm_cli.store.validate import Damaged, json_fields
 
 
@@ -37,18 +38,10 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_publishing = True
-
-
-def publishing(on: bool) -> None:
-    """Off on the non-leader ranks of a distributed job: they compute the same artifacts as the
-    leader, which alone writes them (distributed.py)."""
-    global _publishing
-    _publishing = on
-
-
 def publishes() -> bool:
-    return _publishing
+    """False on the non-leader ranks of a torchrun job: they compute the same artifacts as the
+    leader, which alone writes them (runtime/distributed.py)."""
+    return current().publishing
 
 
 def umask() -> int:
@@ -80,7 +73,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: Any, private: bool = False) -> Path:
     """`private`: a file in the caller's own temporary directory, written whatever its rank."""
-    if not (_publishing or private):
+    if not (publishes() or private):
         return path
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -101,7 +94,7 @@ def read_json(path: Path, what: str, fix: str = "the stage that writes it", sche
 
 
 def write_array(path: Path, array: np.ndarray) -> Path:
-    if not _publishing:
+    if not publishes():
         return path
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array))
@@ -126,7 +119,7 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
 
     import torch  # here, not at the top: `newllm --help` must not wait for torch
 
-    if not _publishing:
+    if not publishes():
         return path
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -292,7 +285,7 @@ class Resumable:
                 value.save(self._rows(key, tag))
                 state[key] = {"rows": self._rows(key, tag).name}
         write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
-        if _publishing:
+        if publishes():
             kept = {v["rows"] for v in state.values() if isinstance(v, dict) and set(v) == {"rows"}}
             for old in self.path.parent.glob(f"{self.path.name}.*.npy"):
                 if old.name not in kept:
@@ -302,7 +295,7 @@ class Resumable:
         return self.path.with_name(f"{self.path.name}.{key}{'.' + tag if tag else ''}.npy")
 
     def clear(self) -> None:
-        if not _publishing:
+        if not publishes():
             return
         for extra in self.path.parent.glob(f"{self.path.name}.*.npy"):
             extra.unlink(missing_ok=True)

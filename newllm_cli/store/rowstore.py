@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from newllm_cli.runtime import locks
+from newllm_cli.runtime.distributed import Group, Shard
 from newllm_cli.store.artifacts import share, write_array
 
 
@@ -137,3 +139,48 @@ def _remove(fd: int, path: Path) -> None:
     os.close(fd)
     if path.name.startswith(".") and path.exists():
         path.unlink()
+
+
+def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False, chunk: int = 1 << 16) -> Path:
+    """Write each rank's rows (a RowStore holding rows shard.start..stop-1) into one .npy of
+    shard.total rows, atomically: the leader makes a temporary file, every rank writes its block,
+    the leader renames it once all are done. One process without `keep` renames its own store's
+    file instead. `keep` leaves the store open (a periodic resume point)."""
+    path = Path(path)
+    if group.size == 1 and not keep:
+        return store.save(path)
+    name = None
+    if group.leader:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{locks.tag()}", suffix=".npy", dir=path.parent)
+        os.close(fd)
+        # created at full size (sparse) and closed at once: the ranks fill it with pwrite
+        np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(shard.total, store.shape[1]))
+    name = group.broadcast(name)
+    target = RowStore.open(Path(name), writable=True)
+    try:
+        for s, e in store.chunks(chunk):
+            target.write(shard.start + s, store.read(s, e))
+        os.fsync(target.fd)
+    finally:
+        target.close()
+    group.barrier()  # every block is on disk
+    if group.leader:
+        share(Path(name))
+        os.replace(name, path)
+    group.barrier()  # renamed: any rank may read it now
+    if not keep:
+        store.close()
+    return path
+
+
+@dataclass
+class Part:
+    """A rank's rows of a corpus-sized table, saved collectively (a resume point's contexts)."""
+
+    store: RowStore
+    shard: Shard
+    group: Group
+    keep: bool = False
+
+    def save(self, path: Path) -> Path:
+        return save_rows(self.store, path, self.shard, self.group, keep=self.keep)

@@ -164,20 +164,3 @@ def state(module, payload: dict, path: Path, fix: str, keys: tuple[str, ...] = (
         raise Damaged(path, (lines[1] if len(lines) > 1 else lines[0]).rstrip(".").lower(), fix) from None
     if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
         raise Damaged(path, "NaN or Inf weights", fix)
-
-
-def tokenizer(path: Path, vocab_size: int, fix: str):
-    """The tokenizer, loaded, with the vocabulary size its dataset records."""
-    from newllm_cli.data import tokenizer as tokenizers
-
-    if not path.exists():
-        raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
-    try:
-        tok = tokenizers.load(path)
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise Damaged(
-            path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix
-        ) from None
-    if tok.get_vocab_size() != vocab_size:
-        raise Damaged(path, f"vocabulary {tok.get_vocab_size()}, the dataset says {vocab_size}", fix)
-    return tok

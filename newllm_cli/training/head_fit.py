@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from newllm_cli.evaluation.analysis import merge_moments
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import Interrupted, NumericalError, RankFailed
+from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.runtime.progress import progress
 from newllm_cli.store.rowstore import RowStore
 

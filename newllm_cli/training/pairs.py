@@ -1,4 +1,4 @@
-"""Phase 2: a next-token head on saved fixed contexts, trained to its optimum (see probe.py).
+"""Phase 2 pairs: (c_t, x_{t+1}) from saved fixed contexts, for the head fit of head_fit.py.
 
 Pairs are (c_t, x_{t+1}) inside each document, grouped by document so that the penalty is chosen
 on held-out training documents and the verdicts' uncertainty resamples whole documents. The head is
@@ -13,35 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from newllm_cli.evaluation.baselines import pair_positions
+from newllm_cli.model.head import Head
 from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import NumericalError
 from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training import head_fit as probe
-from newllm_cli.training.head_fit import ProbeResult, Split
+from newllm_cli.training.head_fit import Split
 
 
-class Head(nn.Module):
-    """token_output: Linear(C, V), or Linear(C + E, V) reading the current token's embedding too."""
-
-    def __init__(self, in_dim: int, vocab_size: int):
-        super().__init__()
-        self.proj = nn.Linear(in_dim, vocab_size)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-    @staticmethod
-    def from_probe(result: ProbeResult) -> Head:
-        head = Head(result.weight.shape[1], result.weight.shape[0])
-        with torch.no_grad():
-            head.proj.weight.copy_(result.weight)
-            head.proj.bias.copy_(result.bias)
-        return head
+def pair_positions(offsets: np.ndarray) -> np.ndarray:
+    """Positions t whose next token x_{t+1} is in the same document."""
+    n = int(offsets[-1])
+    last = np.zeros(n, dtype=bool)
+    ends = np.asarray(offsets[1:], dtype=np.int64) - 1
+    last[ends[ends >= 0]] = True
+    return np.nonzero(~last)[0]
 
 
 def pair_documents(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from newllm_cli.evaluation.analysis import merge_moments
 from newllm_cli.model.network import NewLLM
 from newllm_cli.model.recurrence import choose_kernel, embedding_table, shifted, sweep
 from newllm_cli.runtime import interrupt
-from newllm_cli.runtime.distributed import SOLO, Group, Part, Shard, save_rows
+from newllm_cli.runtime.distributed import SOLO, Group, Shard
 from newllm_cli.runtime.errors import Interrupted, NumericalError
+from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
-from newllm_cli.store.rowstore import RowStore
+from newllm_cli.store.rowstore import Part, RowStore, save_rows
 from newllm_cli.training.adam import Adam
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
@@ -530,3 +530,11 @@ def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: 
         if len(ratios) > drops and all(ratios[-i] < ratios[-i - 1] - 0.01 for i in range(1, drops + 1)):
             return "diverging"
     return None
+
+
+def prompt_context(model: NewLLM, ids: np.ndarray, cfg: Phase1Settings, device: torch.device) -> torch.Tensor:
+    """c_N of the prompt's fixed-point trajectory."""
+    res = run_cvfp(
+        model, ids, np.array([0, len(ids)]), cfg.model_copy(update={"concat": False}), train=False, device=device
+    )
+    return torch.from_numpy(res.contexts.read(len(ids) - 1, len(ids))[0]).to(device)

@@ -1,0 +1,78 @@
+"""The package's shape: layers import only downwards, no module cycles, every command resolves."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+from newllm_cli.cli.table import COMMANDS
+
+PACKAGE = Path(__file__).resolve().parents[1] / "newllm_cli"
+CONFIG = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter's layers contract from pyproject.toml, on the package found under `root`."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--config", str(CONFIG), "--no-cache"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+    )
+
+
+def test_layers_hold_and_a_planted_upward_import_breaks_them(tmp_path):
+    ok = lint_imports(PACKAGE.parent)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    shutil.copytree(PACKAGE, tmp_path / "newllm_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    metrics = tmp_path / "newllm_cli" / "store" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\n\ndef _late():\n    from newllm_cli.cli import report  # noqa\n")
+    bad = lint_imports(tmp_path)
+    assert bad.returncode != 0
+    assert "newllm_cli.store is not allowed to import newllm_cli.cli" in bad.stdout, bad.stdout
+
+
+def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """Every module that can reach itself, with one such path (lazy imports count)."""
+    found, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for nxt in sorted(graph.find_modules_directly_imported_by(module)):
+            if nxt in path:
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(module)
+
+    for module in sorted(graph.modules):
+        if module not in done:
+            visit(module, [module])
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    graph = grimp.build_graph("newllm_cli")
+    assert cycles(graph) == []
+    graph.add_import(importer="newllm_cli.store.rowstore", imported="newllm_cli.store.metrics")
+    graph.add_import(importer="newllm_cli.store.metrics", imported="newllm_cli.store.rowstore")
+    assert {tuple(sorted(set(c))) for c in cycles(graph)} == {("newllm_cli.store.metrics", "newllm_cli.store.rowstore")}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_every_command_resolves_to_a_stage_taking_its_options(command):
+    """Each table entry names a function that exists and whose keyword parameters are exactly the
+    command's own options (a mistake here would otherwise show only when the command runs)."""
+    function = command.function()
+    params = list(inspect.signature(function).parameters)
+    assert params[0] == "s", f"{command.target} takes the settings first"
+    assert set(params[1:]) == {p.name for p in command.options}, command.target
+    assert callable(command.report) and callable(command.prints)
