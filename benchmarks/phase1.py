@@ -102,7 +102,7 @@ def original_rate(tokens, C, L, n=300) -> float:
 
     from newllm_cli.model.network import NewLLM
     from newllm_cli.settings import Phase1Settings
-    from newllm_cli.training.phase1 import phase1_losses
+    from newllm_cli.training.objectives import reference_losses
 
     torch.manual_seed(0)
     model = NewLLM(256, C, C, L)
@@ -117,7 +117,7 @@ def original_rate(tokens, C, L, n=300) -> float:
         q = torch.stack(outs)
         if prev is not None:
             opt.zero_grad()
-            phase1_losses(q, prev, Phase1Settings())["loss"].backward()
+            reference_losses(q, prev, Phase1Settings())["loss"].backward()
             opt.step()
         prev = q.detach()
     return 2 * n / (time.perf_counter() - start)
@@ -217,10 +217,13 @@ def section_kernel(a) -> None:
     import torch
 
     from newllm_cli.model.network import NewLLM
-    from newllm_cli.model.recurrence import embedding_table, sweep_numba
+    from newllm_cli.model.recurrence import embedding_table, recur_numba
 
     baseline_package(a.baseline)
-    old = importlib.import_module("newllm_baseline.recurrence")
+    try:  # the layout since the subpackages, then the flat one before
+        old = importlib.import_module("newllm_baseline.model.recurrence")
+    except ImportError:
+        old = importlib.import_module("newllm_baseline.recurrence")
     torch.manual_seed(0)
     model = NewLLM(256, 16, 16, 2)
     tokens, _ = corpus(a.text, a.tokens)
@@ -230,8 +233,8 @@ def section_kernel(a) -> None:
     emb = table[ids]
     outs = {}
     runs = {
-        "baseline": lambda: old.sweep_numba(model, emb, offsets, c0),
-        "current": lambda: sweep_numba(model, table, ids, offsets, c0),
+        "baseline": lambda: getattr(old, "recur_numba", getattr(old, "sweep_numba", None))(model, emb, offsets, c0),
+        "current": lambda: recur_numba(model, table, ids, offsets, c0),
     }
     times = {k: [] for k in runs}
     for k in runs:  # compile or load the cache
@@ -258,7 +261,7 @@ def section_crossover(a) -> None:
     import torch
 
     from newllm_cli.model.network import NewLLM
-    from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
+    from newllm_cli.model.recurrence import embedding_table, recur_numba, recur_torch
 
     print(f"{'C':>4} {'docs':>5} {'numba tok/s':>12} {'torch tok/s':>12} {'torch/numba':>12}")
     for C in (16, 64, 128, 256, 768):
@@ -269,13 +272,13 @@ def section_crossover(a) -> None:
             n = max(docs * 64, int(2e9 / (2 * macs_per_token(C, 2) * 50)))
             tokens, offsets = corpus(a.text, n, docs=docs)
             ids, c0 = torch.as_tensor(tokens.astype(np.int64)), torch.zeros(docs, C)
-            sweep_numba(model, table, ids[:64], np.array([0, 64]), c0[:1])
+            recur_numba(model, table, ids[:64], np.array([0, 64]), c0[:1])
             rates = {}
             for name, fn in (
-                ("numba", sweep_numba),
-                ("torch", sweep_torch),
-                ("numba2", sweep_numba),
-                ("torch2", sweep_torch),
+                ("numba", recur_numba),
+                ("torch", recur_torch),
+                ("numba2", recur_numba),
+                ("torch2", recur_torch),
             ):
                 start = time.perf_counter()
                 fn(model, table, ids, offsets, c0)

@@ -6,8 +6,9 @@
 Both sides run in turn in the same workspace path (absolute paths inside artifacts then agree), each
 as `python -m newllm_cli` with its own checkout first on PYTHONPATH. Every file must be byte-identical
 except wall times: `seconds`, `wall_seconds` and `token_iterations_per_second` in JSON, the `seconds`
-column of metrics.csv, the mtimes and inodes that stages.json records (and its keys, which hash
-them), and log.txt (a transcript with times). Prints one line per file and exits 1 on any difference.
+column of metrics.csv, and what stages.json records of its files (sizes, which those times change;
+mtimes and inodes; keys, which hash them), and log.txt (a transcript with times). Prints one line
+per file and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def without_times(obj):
     """A JSON value with wall times (and stages.json's mtime/inode of each output) blanked."""
     if isinstance(obj, dict):
         out = {k: (None if k in TIMES else without_times(v)) for k, v in obj.items()}
-        if isinstance(obj.get("outputs"), list):  # stages.json: [path, size, mtime_ns, inode] and a
-            out["outputs"] = [o[:2] for o in obj["outputs"]]  # key that hashes the inputs' mtimes
+        if isinstance(obj.get("outputs"), list):  # stages.json: [path, size, mtime_ns, inode]
+            out["outputs"] = [o[:1] for o in obj["outputs"]]  # and a key hashing them
             out["key"] = None
         return out
     if isinstance(obj, list):
@@ -47,6 +48,25 @@ def comparable(path: Path) -> bytes:
         rows = list(csv.DictReader(io.StringIO(data.decode())))
         return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows]).encode()
     return data
+
+
+def where(a: Path, b: Path) -> str:
+    """For JSON, the first key path whose values differ."""
+    if a.suffix != ".json":
+        return ""
+
+    def first(x, y, path: str) -> str | None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                found = first(x.get(k), y.get(k), f"{path}.{k}")
+                if found:
+                    return found
+            return None
+        if isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            return next((f for i, (u, v) in enumerate(zip(x, y)) if (f := first(u, v, f"{path}[{i}]"))), None)
+        return None if x == y else f"{path}: {str(x)[:60]} vs {str(y)[:60]}"
+
+    return f"  ({first(without_times(json.loads(a.read_text())), without_times(json.loads(b.read_text())), '')})"
 
 
 def run_full(checkout: Path, workspace: Path, args: list[str]) -> None:
@@ -87,7 +107,7 @@ def main() -> int:
             print(f"MISSING  {rel} (only in {'baseline' if a_.exists() else 'current'})")
             bad += 1
         elif comparable(a_) != comparable(b_):
-            print(f"DIFFERS  {rel}")
+            print(f"DIFFERS  {rel}{where(a_, b_)}")
             bad += 1
         else:
             print(f"same     {rel}")

@@ -20,6 +20,8 @@ import torch
 from newllm_cli.data import dataset
 from newllm_cli.data import tokenizer as tokenizers
 from newllm_cli.evaluation import analysis, baselines, decodability, plots, verdict
+from newllm_cli.evaluation.controls import CONTROLS, Bench, label
+from newllm_cli.model import architectures
 from newllm_cli.model import generate as gen
 from newllm_cli.model.head import Head
 from newllm_cli.model.network import NewLLM
@@ -41,6 +43,7 @@ from newllm_cli.store.artifacts import (
 from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training import head_fit as probe
 from newllm_cli.training import pairs as p2
+from newllm_cli.training import predictors
 from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
 SPLITS = ("train", "val")
@@ -106,8 +109,7 @@ def board(ws: Workspace, s: Settings) -> Path | None:
 
 
 def build_model(s: Settings, vocab_size: int) -> NewLLM:
-    m = s.model
-    return NewLLM(vocab_size, m.context_dim, m.embed_dim, m.num_layers, m.layers_per_block)
+    return architectures.build(architectures.DEFAULT, vocab_size, s.model)
 
 
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[NewLLM, dict]:
@@ -589,26 +591,29 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
     targets = np.asarray(val_tokens)[p2.pair_positions(val_offsets) + 1]
-    bigram = baselines.bigram_perplexity(train_tokens, train_offsets, val_tokens, val_offsets, vocab)
-    unigram = baselines.unigram_log_probs(train_tokens, vocab)
-    losses = {"unigram_add_one": -unigram[targets], "bigram_add_k": -bigram["log_probs"]}
-    table = {
-        "unigram_add_one": {"accuracy": float(np.mean(targets == np.argmax(unigram)))},
-        "bigram_add_k": {"k": bigram["k"], "accuracy": bigram["accuracy"]},
-    }
-    warnings = probe.advice(res, "head", cfg.max_iterations)
-    if cfg.control:
+
+    def fit_untrained():
         untrained = untrained_network(s, vocab, device)
         control = {
             split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
             for split, (_, tok, off) in splits.items()
         }
-        ctrl, _, curves["control"] = fit_head_on(
+        fit, _, blocks = fit_head_on(
             untrained, control, s, vocab, device, label="untrained contexts", ws=ws, network=model_id(untrained)
         )
-        losses["untrained_network"] = ctrl.val_losses
-        table["untrained_network"] = {"accuracy": ctrl.val["accuracy"], "l2": ctrl.l2, "selection": ctrl.selection}
-        warnings += probe.advice(ctrl, "control", cfg.max_iterations)
+        return fit, blocks
+
+    bench = Bench(train_tokens, train_offsets, val_tokens, val_offsets, targets, vocab, s, fit_untrained)
+    warnings = probe.advice(res, "head", cfg.max_iterations)
+    losses, table = {}, {}
+    for control in CONTROLS:
+        outcome = control.run(bench)
+        if outcome is None:
+            continue
+        losses[control.key], table[control.key] = outcome.losses, outcome.entry
+        if control.curve is not None and outcome.curves is not None:
+            curves[control.curve] = outcome.curves
+        warnings += outcome.warnings
     for key, entry in table.items():
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
@@ -627,7 +632,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         "vocab_size": vocab,
         "world_size": distributed.current().size,
     }
-    head = Head.from_probe(res)
+    head = predictors.PREDICTORS[predictors.DEFAULT].head(res)
     write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
     out = {
         "val": res.val,
@@ -663,8 +668,7 @@ def sanity_warnings(head_perplexity: float, table: dict, vocab: int, train_token
     out = []
     worse = [
         name
-        for name, ppl in [("the head", head_perplexity)]
-        + [(verdict.NAMES.get(k, k), b["val_perplexity"]) for k, b in table.items()]
+        for name, ppl in [("the head", head_perplexity)] + [(label(k), b["val_perplexity"]) for k, b in table.items()]
         if ppl > vocab
     ]
     if worse:
@@ -686,10 +690,19 @@ def sanity_warnings(head_perplexity: float, table: dict, vocab: int, train_token
 
 
 def fit_head_on(
-    model: NewLLM, splits: dict, s: Settings, vocab: int, device: torch.device, label: str, ws: Workspace, network: str
+    model: NewLLM,
+    splits: dict,
+    s: Settings,
+    vocab: int,
+    device: torch.device,
+    label: str,
+    ws: Workspace,
+    network: str,
+    predictor: str = predictors.DEFAULT,
 ):
-    """The head of s.phase2 fitted on given (contexts, tokens, offsets) per split; resumable.
-    Returns the probe result and the val pairs' document ids (for the verdicts' bootstrap)."""
+    """The predictor (training/predictors.py) of s.phase2 fitted on given (contexts, tokens, offsets)
+    per split; resumable. Returns its result, the val pairs' document ids (for the verdicts'
+    bootstrap) and its fitting curve."""
     cfg, group = s.phase2, distributed.current()
 
     def embed(ids: np.ndarray) -> torch.Tensor:
@@ -726,7 +739,7 @@ def fit_head_on(
     )
     try:
         with interrupt.safe_points():
-            res = probe.fit(
+            res = predictors.PREDICTORS[predictor].fit(
                 data["train"],
                 data["val"],
                 vocab,

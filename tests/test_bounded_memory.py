@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from newllm_cli.model.network import NewLLM
-from newllm_cli.model.recurrence import embedding_table, sweep, sweep_numba, sweep_torch
+from newllm_cli.model.recurrence import embedding_table, recur, recur_numba, recur_torch
 from newllm_cli.settings import Phase1Settings
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training.phase1 import Comparison, loss_gradient, phase1_losses, plan_memory, run_cvfp
+from newllm_cli.training.objectives import Comparison, loss_gradient, reference_losses
+from newllm_cli.training.phase1 import plan_memory, run_cvfp
 
 CPU = torch.device("cpu")
 
@@ -27,7 +28,7 @@ def test_chunked_statistics_equal_whole_array_ones(chunk):
     for s in range(0, len(q), chunk):
         stats.add(q[s : s + chunk], p[s : s + chunk], cfg.convergence_threshold)
     q64, p64 = torch.from_numpy(q).double(), torch.from_numpy(p).double()
-    whole = {k: float(v) for k, v in phase1_losses(q64, p64, cfg).items()}
+    whole = {k: float(v) for k, v in reference_losses(q64, p64, cfg).items()}
     got = stats.losses(cfg)
     for key in whole:  # element-wise work is float32, sums float64: float32 precision, at any chunk size
         assert got[key] == pytest.approx(whole[key], rel=1e-6), key
@@ -44,7 +45,7 @@ def test_closed_form_gradient_equals_autograd(use_reg):
     p = q + torch.from_numpy(rng.normal(0, 0.1, (300, 5)))
     cfg = Phase1Settings(dist_reg_weight=0.4, use_distribution_reg=use_reg)
     leaf = q.clone().requires_grad_(True)
-    phase1_losses(leaf, p, cfg)["loss"].backward()
+    reference_losses(leaf, p, cfg)["loss"].backward()
     stats = Comparison()
     for s in range(0, 300, 37):
         stats.add(q[s : s + 37].numpy(), p[s : s + 37].numpy(), 0.02)
@@ -83,10 +84,10 @@ def test_windowed_sweep_equals_one_call(kernel, window, tmp_path):
     tokens, offsets = _corpus([50, 1, 17, 120, 9, 33], 30)
     c0 = np.random.default_rng(1).normal(size=(6, 6)).astype(np.float32)
     table = embedding_table(model, CPU)
-    fn = {"numba": sweep_numba, "torch": sweep_torch}[kernel]
+    fn = {"numba": recur_numba, "torch": recur_torch}[kernel]
     whole = fn(model, table, torch.as_tensor(tokens), offsets, torch.from_numpy(c0)).numpy()
     out = RowStore(len(tokens), 6, tmp_path)
-    last = sweep(model, kernel, table, tokens, offsets, c0, out, window)
+    last = recur(model, kernel, table, tokens, offsets, c0, out, window)
     got = out.read(0, len(tokens))
     if kernel == "numba":  # float64 state carried between windows: the same bits
         assert np.array_equal(got, whole) and np.array_equal(last, whole[offsets[1:] - 1])

@@ -9,18 +9,11 @@ import pytest
 import torch
 
 from newllm_cli.model.network import NewLLM
-from newllm_cli.model.recurrence import embedding_table, sweep_numba, sweep_torch
+from newllm_cli.model.recurrence import embedding_table, recur_numba, recur_torch
 from newllm_cli.settings import Phase1Settings
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training.phase1 import (
-    Comparison,
-    accumulate_gradient,
-    dist_loss,
-    learning_rate,
-    phase1_losses,
-    run_cvfp,
-    set_gradients,
-)
+from newllm_cli.training.objectives import Comparison, dist_loss, reference_losses
+from newllm_cli.training.phase1 import accumulate_gradient, learning_rate, run_cvfp, set_gradients
 
 CPU = torch.device("cpu")
 
@@ -98,22 +91,22 @@ def test_dist_loss_matches_hand_computation():
 def test_loss_weights_and_schedule():
     q, p = torch.ones(4, 3), torch.zeros(4, 3)
     cfg = Phase1Settings(dist_reg_weight=0.25)
-    losses = phase1_losses(q, p, cfg)
+    losses = reference_losses(q, p, cfg)
     assert losses["cvfp_loss"].item() == pytest.approx(1.0)
     assert losses["loss"].item() == pytest.approx(0.75 * 1.0 + 0.25 * losses["dist_loss"].item())
-    off = phase1_losses(q, p, Phase1Settings(use_distribution_reg=False))
+    off = reference_losses(q, p, Phase1Settings(use_distribution_reg=False))
     assert off["loss"].item() == pytest.approx(1.0)
     assert [learning_rate(k, cfg) for k in (0, 3, 4, 8, 9, 20)] == [0.002, 0.002, 0.0005, 0.0005, 0.0001, 0.0001]
 
 
-@pytest.mark.parametrize("sweep", [sweep_torch, sweep_numba])
+@pytest.mark.parametrize("sweep", [recur_torch, recur_numba])
 def test_sweeps_match_naive_reference(sweep):
     model = tiny().double()
     tokens, offsets = corpus()
     c0 = torch.randn(len(offsets) - 1, model.context_dim, dtype=torch.float64)
     got = kernel_sweep(sweep, model, tokens, offsets, c0)
     ref = naive_sweep(model, tokens, offsets, c0)
-    if sweep is sweep_numba:  # float32 out
+    if sweep is recur_numba:  # float32 out
         no_worse_than_float32(got, naive_sweep(tiny().float(), tokens, offsets, c0.float()), ref)
     else:  # float64 throughout, the same operations in another order: float64 rounding only
         assert torch.allclose(got, ref, atol=1e-12, rtol=0)
@@ -126,7 +119,7 @@ def test_numba_matches_torch_in_float32_with_deep_blocks():
     exact = naive_sweep(model.double(), tokens, offsets, c0.double())
     model.float()
     naive32 = naive_sweep(model, tokens, offsets, c0)
-    for sweep in (sweep_numba, sweep_torch):
+    for sweep in (recur_numba, recur_torch):
         no_worse_than_float32(kernel_sweep(sweep, model, tokens, offsets, c0), naive32, exact)
 
 
@@ -165,7 +158,7 @@ def test_training_gradient_equals_token_by_token_reference():
     c0 = torch.randn(2, 4)
     # ours: recurrence without autograd, then the closed-form dL/dQ back-propagated in chunks of 7
     # inside blocks of rows (float64 sums across blocks)
-    q = kernel_sweep(sweep_torch, model, tokens, offsets, c0)
+    q = kernel_sweep(recur_torch, model, tokens, offsets, c0)
     qs, ps = RowStore(40, 4), RowStore(40, 4)
     qs.write(0, q.numpy())
     ps.write(0, p.numpy())
@@ -200,7 +193,7 @@ def test_training_gradient_equals_token_by_token_reference():
             outs.append(c)
     ref_model.zero_grad()
     checked = 0
-    phase1_losses(torch.stack(outs), p, cfg)["loss"].backward()
+    reference_losses(torch.stack(outs), p, cfg)["loss"].backward()
     for (name, a), (_, b) in zip(model.named_parameters(), ref_model.named_parameters()):
         if name.startswith("blocks"):
             ga = torch.zeros_like(a) if a.grad is None else a.grad  # the last block's token norm
@@ -308,7 +301,7 @@ def test_unconverged_training_ends_with_a_no_update_solve_to_the_fixed_point():
     assert res.solve[-1]["lr"] is None and res.converged_ratio == res.solve[-1]["converged_ratio"]
     q = rows(res)
     c0 = q[torch.as_tensor(offsets[1:] - 1)]  # the carry-over into a next reading
-    again = kernel_sweep(sweep_torch, model, tokens, offsets, c0)
+    again = kernel_sweep(recur_torch, model, tokens, offsets, c0)
     per_token = ((again - q) ** 2).mean(1)
     share = float((per_token < cfg.convergence_threshold).float().mean())
     assert share >= res.converged_ratio >= 0.9

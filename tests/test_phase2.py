@@ -252,7 +252,7 @@ def _synthetic(encode: bool, n_docs=60, length=80, vocab=24, seed=0):
         lin.weight[:8, 8:] = 10 * torch.eye(8)
         model.embed.weight.normal_(0, 1)
     table = recurrence.embedding_table(model, CPU)
-    ctx = recurrence.sweep_torch(model, table, torch.as_tensor(tokens), offsets, torch.zeros(n_docs, 8))
+    ctx = recurrence.recur_torch(model, table, torch.as_tensor(tokens), offsets, torch.zeros(n_docs, 8))
     return tokens, offsets, ctx.numpy()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from newllm_cli.evaluation.verdict import NAMES  # numpy only: help stays fast
+from newllm_cli.evaluation.controls import CONTROLS, label  # numpy only: help stays fast
 from newllm_cli.runtime.progress import console
 
 
@@ -151,9 +151,9 @@ def phase2(r: dict) -> None:
         extra = f" (k={b['k']:g})" if "k" in b else ""
         colour = {"beats": "green", "ties": "yellow"}.get(b["verdict"], "bold red")
         t.add_row(
-            NAMES.get(key, key) + extra,
+            label(key) + extra,
             f"{b['val_perplexity']:.2f}",
-            f"{b['accuracy']:.3f}",
+            _fmt(b.get("accuracy"), ".3f"),
             f"[{colour}]{b['size']}[/]",
         )
     t.caption = (
@@ -210,7 +210,7 @@ def runs(r: dict, title: str = "runs") -> None:
     names = [flag(k) for k in r["settings"]] if varied else ["setup"]
     for name in names:
         t.add_column(name, justify="right", overflow="fold", min_width=5)
-    for col in ("tokens", "conv%", "rank", "ppl", "uni", "bi", "ctrl", "time"):
+    for col in ("tokens", "conv%", "rank", "ppl", *(c.abbrev for c in CONTROLS), "time"):
         t.add_column(col, justify="right", no_wrap=True)
     for row in r["runs"]:
         conv = "/".join("-" if row[k] is None else f"{100 * row[k]:.0f}" for k in ("converged_train", "converged_val"))
@@ -222,12 +222,12 @@ def runs(r: dict, title: str = "runs") -> None:
             _count(row["tokens"]),
             conv,
             _fmt(row["rank_val"], ".1f"),
-            *(_fmt(row[k], ".1f") for k in ("perplexity", "unigram", "bigram", "control")),
+            *(_fmt(row.get(k), ".1f") for k in ("perplexity", *(c.column for c in CONTROLS))),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}s",
         )
     t.caption = (
         "conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
-        "val perplexity beside add-one unigram, add-k bigram and the untrained control"
+        f"val perplexity beside {', '.join(c.short for c in CONTROLS)}"
     )
     console(quiet=True).print(t, soft_wrap=False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from newllm_cli.evaluation.controls import CONTROLS
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.store.artifacts import atomic_path, publishes
 
@@ -79,13 +80,6 @@ def convergence(histories: dict[str, list[dict]], target: float, out_dir: Path) 
     return path
 
 
-BASELINES = {
-    "unigram_add_one": "add-one unigram",
-    "bigram_add_k": "add-k bigram",
-    "untrained_network": "untrained control",
-}
-
-
 def phase2(report: dict, out_dir: Path) -> Path:
     """Phase 2: each fit's training objective over L-BFGS iterations, and val perplexity against
     the penalty chosen on held-out training documents, with the baselines as horizontal lines."""
@@ -111,9 +105,10 @@ def phase2(report: dict, out_dir: Path) -> Path:
     )
     left.legend(fontsize=7)
     heads = [("head", report.get("selection", []), report["val"]["perplexity"], report["l2"])]
-    control = report["baselines"].get("untrained_network")
-    if control:
-        heads.append(("control", control.get("selection", []), control["val_perplexity"], control["l2"]))
+    for c in CONTROLS:  # the controls that fit a head have a penalty curve of their own
+        fitted = report["baselines"].get(c.key)
+        if c.curve and fitted and "l2" in fitted:
+            heads.append((c.curve, fitted.get("selection", []), fitted["val_perplexity"], fitted["l2"]))
     for name, selection, val, l2 in heads:
         if selection:
             right.semilogx(
@@ -123,11 +118,11 @@ def phase2(report: dict, out_dir: Path) -> Path:
                 label=f"{name}: held-out perplexity",
             )
         right.plot([l2], [val], marker="*", markersize=12, linestyle="none", label=f"{name}: val perplexity {val:.1f}")
-    for key, label in BASELINES.items():
-        if key in report["baselines"]:
-            v = report["baselines"][key]["val_perplexity"]
-            right.axhline(v, linestyle="--", linewidth=1, color="grey" if key != "untrained_network" else "k")
-            right.annotate(f"{label} {v:.1f}", (0.01, v), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+    for c in CONTROLS:
+        if c.key in report["baselines"]:
+            v = report["baselines"][c.key]["val_perplexity"]
+            right.axhline(v, linestyle="--", linewidth=1, color="k" if c.curve else "grey")
+            right.annotate(f"{c.short} {v:.1f}", (0.01, v), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     right.set_xscale("log")
     right.set(xlabel="l2 penalty", ylabel="perplexity", title="penalty choice and baselines (val)")
     right.legend(fontsize=7)

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from newllm_cli.evaluation.controls import label
+
 SAMPLES = 2000
 MIN_UNITS = 30  # fewer documents than this: resample contiguous blocks of pairs instead
 
@@ -61,14 +63,7 @@ def size(c: dict) -> str:
     return f"ties ({lo:+.1%} to {hi:+.1%})"
 
 
-NAMES = {
-    "unigram_add_one": "add-one unigram",
-    "bigram_add_k": "add-k bigram",
-    "untrained_network": "untrained network (control)",
-}
-
-
-def finding(baselines: dict, names: dict[str, str] = NAMES) -> str:
+def finding(baselines: dict) -> str:
     """One plain sentence: do the Phase 1 contexts carry next-token information a linear head can use
     beyond the untrained network and the bigram? With each interval, and what it covers."""
     parts = []
@@ -76,7 +71,7 @@ def finding(baselines: dict, names: dict[str, str] = NAMES) -> str:
         if key in baselines:
             b = baselines[key]
             parts.append(
-                f"against the {names[key]}, it {b['size']} (perplexity ratio {b['ratio']:.3f}, "
+                f"against the {label(key)}, it {b['size']} (perplexity ratio {b['ratio']:.3f}, "
                 f"95% interval {b['ratio_low']:.3f}-{b['ratio_high']:.3f})"
             )
     control = baselines.get("untrained_network", {}).get("verdict")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from newllm_cli.evaluation.controls import CONTROLS
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
@@ -69,9 +70,7 @@ def run_row(run_dir: Path) -> dict:
         "rank_val": _get(ana, "val", "centred", "effective_rank"),
         "attainable_rank": _get(ana, "val", "attainable_rank"),
         "perplexity": _get(p2, "val", "perplexity"),
-        "unigram": _get(base, "unigram_add_one", "val_perplexity"),
-        "bigram": _get(base, "bigram_add_k", "val_perplexity"),
-        "control": _get(base, "untrained_network", "val_perplexity"),
+        **{c.column: _get(base, c.key, "val_perplexity") for c in CONTROLS},
         "against_control": _get(base, "untrained_network", "size"),
         "seconds": sum(seconds) if seconds else None,
     }
@@ -142,18 +141,18 @@ def fits(rows: list[dict]) -> dict:
     return out
 
 
-FIGURES = (
-    "tokens",
-    "converged_train",
-    "converged_val",
-    "rank_train",
-    "rank_val",
-    "perplexity",
-    "unigram",
-    "bigram",
-    "control",
-    "seconds",
-)
+def figures() -> tuple[str, ...]:
+    """The CSV's figure columns: every control's after the head's perplexity."""
+    return (
+        "tokens",
+        "converged_train",
+        "converged_val",
+        "rank_train",
+        "rank_val",
+        "perplexity",
+        *(c.column for c in CONTROLS),
+        "seconds",
+    )
 
 
 def to_csv(rows: list[dict], settings: list[str]) -> str:
@@ -163,9 +162,9 @@ def to_csv(rows: list[dict], settings: list[str]) -> str:
 
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["run", *map(flag, settings), *FIGURES])
+    out.writerow(["run", *map(flag, settings), *figures()])
     for r in rows:
-        out.writerow([r["run"], *(r["settings"].get(k) for k in settings), *(r[f] for f in FIGURES)])
+        out.writerow([r["run"], *(r["settings"].get(k) for k in settings), *(r.get(f) for f in figures())])
     return buf.getvalue()
 
 
@@ -178,9 +177,7 @@ def to_markdown(result: dict) -> str:
         "converged train / val",
         "val rank (centred)",
         "val ppl",
-        "unigram",
-        "bigram",
-        "control",
+        *(c.column for c in CONTROLS),
         "seconds",
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
@@ -192,7 +189,7 @@ def to_markdown(result: dict) -> str:
             _num(r["tokens"], ","),
             conv,
             _num(r["rank_val"]),
-            *(_num(r[k]) for k in ("perplexity", "unigram", "bigram", "control")),
+            *(_num(r.get(k)) for k in ("perplexity", *(c.column for c in CONTROLS))),
             _num(r["seconds"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -9,7 +9,7 @@ continued in a later window goes on exactly as if it had not been cut:
 - `numba`: a compiled CPU kernel, one document per thread, float64 arithmetic with independent
   accumulators. Fast at small C, where a BLAS call costs more than the arithmetic it does.
 `--kernel auto` picks between them by the rule measured in docs/EXPERIMENTS.md (`choose_kernel`).
-`sweep` runs either over a corpus in windows of bounded size and writes into a RowStore, so the
+`recur` runs either over a corpus in windows of bounded size and writes into a RowStore, so the
 corpus never has to be in memory at once. Also the shift that builds each token's incoming context.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from newllm_cli.model.network import NewLLM
+from newllm_cli.runtime.errors import UsageError
 from newllm_cli.runtime.progress import info
 from newllm_cli.store.rowstore import RowStore
 
@@ -48,7 +49,7 @@ def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0:
     return inc
 
 
-def sweep_torch(
+def recur_torch(
     model: NewLLM,
     table: torch.Tensor,
     ids: torch.Tensor,
@@ -110,7 +111,7 @@ def _pack(model: NewLLM) -> tuple:
     return WT, B, gc, bc, gt, bt, float(blocks[0].norm_ctx.eps)
 
 
-def sweep_numba(
+def recur_numba(
     model: NewLLM,
     table: torch.Tensor,
     ids: torch.Tensor,
@@ -118,7 +119,7 @@ def sweep_numba(
     c0: torch.Tensor,
     last: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """Per-document threads with the compiled kernel (CPU); same results as sweep_torch to ~1e-6.
+    """Per-document threads with the compiled kernel (CPU); same results as recur_torch to ~1e-6.
     It computes in float64: `last` gets the float64 states, not the float32 outputs."""
     if numba is None:
         raise RuntimeError("numba is not installed; use --kernel torch")
@@ -128,7 +129,7 @@ def sweep_numba(
     start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
     out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
     state = np.empty_like(start)
-    _sweep_kernel(
+    _recur_kernel(
         tab,
         np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
         np.ascontiguousarray(offsets, dtype=np.int64),
@@ -145,32 +146,37 @@ def sweep_numba(
 def _kernel_ready() -> bool:
     """Compiled in this process or cached on disk; otherwise its first call compiles. Reads numba's
     cache index path, a private attribute: if that moves, say nothing rather than fail."""
-    if _sweep_kernel.overloads:
+    if _recur_kernel.overloads:
         return True
     try:
-        return os.path.exists(_sweep_kernel._cache._cache_file._index_path)
+        return os.path.exists(_recur_kernel._cache._cache_file._index_path)
     except AttributeError:  # pragma: no cover
         return True
 
 
-KERNELS = {"numba": sweep_numba, "torch": sweep_torch}
+KERNELS = {"numba": recur_numba, "torch": recur_torch}
 
 
-def choose_kernel(kernel: str, device: torch.device, context_dim: int, offsets: np.ndarray) -> str:
+def choose_kernel(
+    kernel: str, device: torch.device, context_dim: int, offsets: np.ndarray, compiled: bool = True
+) -> str:
     """'auto': lockstep BLAS off CPU; on CPU once C >= 64 and b x C^2 >= 2^19, where b = tokens /
     longest document is the mean number of rows per lockstep step (a few long documents leave most
     steps nearly empty). So C=768 from one stream, C=256 from b=8, C=128 from b=32, C=64 from b=128;
-    at C=16 the compiled kernel wins even at b=8192. Crossover measured, docs/EXPERIMENTS.md."""
+    at C=16 the compiled kernel wins even at b=8192. Crossover measured, docs/EXPERIMENTS.md.
+    `compiled` False: the network is one the compiled kernel does not know (model/architectures.py)."""
+    if kernel == "numba" and not compiled:
+        raise UsageError("--kernel numba runs the residual network only; use --kernel torch or auto")
     if kernel != "auto":
         return kernel
-    if device.type != "cpu" or not numba_available():
+    if device.type != "cpu" or not numba_available() or not compiled:
         return "torch"
     lengths = np.diff(offsets)
     rows_per_step = lengths.sum() / max(int(lengths.max(initial=0)), 1)
     return "torch" if context_dim >= 64 and rows_per_step * context_dim**2 >= 2**19 else "numba"
 
 
-def sweep(
+def recur(
     model: NewLLM,
     kernel: str,
     table: torch.Tensor,
@@ -240,7 +246,7 @@ if numba is not None:
             out[i] = (v[i] - mean) * inv * gamma[i] + beta[i]
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _sweep_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, out, last):
+    def _recur_kernel(table, ids, offsets, c0, WT, B, gc, bc, gt, bt, eps, out, last):
         """One thread per document; float64 arithmetic, float32 output, each final state in `last`.
 
         y = b + sum_j W[:, j] h[j], summed over j in order (the reference's order, so results are

@@ -102,7 +102,10 @@ class VocabClasses:
         order = np.argsort(first, kind="stable")  # by smallest member
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
-        as_t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+
+        def as_t(a, dt):
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+
         return VocabClasses(
             as_t(rank[token_class.reshape(-1)], torch.int64),
             as_t(first[order], torch.int64),
@@ -291,6 +294,100 @@ class ProbeResult:
     capped: bool = False  # some solve hit max_iterations before its tolerance
 
 
+CPU = torch.device("cpu")
+
+
+@dataclass
+class FitState:
+    """Where a fit stands: the l2 being tried (`stage`, an index into the grid while selecting), the
+    current class columns, L-BFGS's own state and blocks done within the current solve, the
+    selection so far and its best. `as_dict` is the resume format (the keys of earlier releases)."""
+
+    stage: int = 0
+    cols: torch.Tensor | None = None
+    lbfgs: dict | None = None
+    block: int = 0
+    last: float | None = None  # objective after the previous block of this solve
+    selection: list[dict] = field(default_factory=list)
+    best: dict | None = None
+    iterations: int = 0
+    capped: bool = False
+    phi: torch.Tensor | None = None  # scaled parameters, mid-solve
+    best_cols: torch.Tensor | None = None
+
+    def as_dict(self, **override) -> dict:
+        out = {k: v for k, v in vars(self).items() if v is not None or k not in ("phi", "best_cols")}
+        return {**out, **override}
+
+    @staticmethod
+    def of(saved: dict) -> FitState:
+        return FitState(**{k: v for k, v in saved.items() if k in FitState.__dataclass_fields__})
+
+
+def lbfgs_counters(opt: torch.optim.LBFGS, param: torch.nn.Parameter) -> tuple[int, int, float | None]:
+    """(iterations, closure evaluations, objective) that torch's L-BFGS keeps in its state for
+    `param`. The objective (prev_loss) is the one where the last iteration started, one iteration
+    behind the parameters the step leaves. torch does not document these keys: tests pin them."""
+    state = opt.state.get(param, {})
+    prev = state.get("prev_loss")
+    return state.get("n_iter", 0), state.get("func_evals", 0), None if prev is None else float(prev)
+
+
+def _solve(st, objective, rows, cols, scale, max_iterations, group, advance, safe_point, on_block, what):
+    """One convex solve by blocks of L-BFGS iterations, from `st` (resumed mid-solve when it holds
+    `phi`), until a block gains less than TOLERANCE or max_iterations. Returns (columns, objective)."""
+    phi = torch.nn.Parameter(st.phi if st.phi is not None else cols / scale)
+    st.phi = None
+    opt = torch.optim.LBFGS(
+        [phi],
+        lr=1.0,
+        max_iter=BLOCK,
+        max_eval=4 * BLOCK,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+    )
+    if st.lbfgs is not None:
+        opt.load_state_dict(st.lbfgs)
+
+    def closure():
+        value, grad = objective(phi.detach() * scale, *rows)
+        if not math.isfinite(value):
+            raise NumericalError("non-finite probe loss; the features may be too large")
+        phi.grad = grad * scale
+        return torch.tensor(value)
+
+    advance(st.block * BLOCK)  # resumed mid-solve
+    while True:
+        t0 = time.perf_counter()
+        iters, evals, _ = lbfgs_counters(opt, phi)
+        opt.step(closure)
+        now_iters, now_evals, value = lbfgs_counters(opt, phi)
+        done_iters = now_iters - iters
+        st.iterations += done_iters
+        st.block += 1
+        advance(BLOCK)
+        cols = phi.detach() * scale
+        # L-BFGS ending a block early without running out of evaluations means no change was
+        # measurable any more in float32; otherwise compare with the previous block
+        stalled = done_iters < BLOCK and now_evals - evals < 4 * BLOCK
+        converged = stalled or (st.last is not None and st.last - value < TOLERANCE)
+        capped = st.block * BLOCK >= max_iterations
+        st.last = value
+        if group.size > 1 and len(set(group.gather(value))) > 1:
+            raise RankFailed(
+                "the ranks' L-BFGS runs disagree: every rank must run the same arithmetic "
+                "(the same hardware and --threads)"
+            )
+        if on_block:
+            on_block({**what, "objective": value, "iterations": st.block * BLOCK, "seconds": time.perf_counter() - t0})
+        if converged or capped:
+            st.capped = st.capped or (capped and not converged)
+            return cols, value
+        safe_point(lambda: st.as_dict(cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict()))  # noqa: B023 (called at once)
+
+
 def fit(
     train: Split,
     val: Split,
@@ -299,7 +396,7 @@ def fit(
     *,
     l2: float | None = None,
     max_iterations: int = 200,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     on_block: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     save_resume: Callable[[dict], None] | None = None,
@@ -350,102 +447,36 @@ def fit(
         if stop:
             raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
 
-    st = resume or {
-        "stage": 0,
-        "cols": None,
-        "lbfgs": None,
-        "block": 0,
-        "last": None,
-        "selection": [],
-        "best": None,
-        "iterations": 0,
-        "capped": False,
-    }
-    cols = st["cols"]
+    st = FitState.of(resume) if resume else FitState()
+    cols = st.cols
     if cols is None:
         cols = torch.zeros(white.transform.shape[1] + 1, len(classes.representative), device=device)
         cols[-1] = prior_c
     while True:
-        selecting = l2 is None and st["best"] is None
-        lam = grid[st["stage"]] if selecting else (l2 if l2 is not None else st["best"]["l2"])
+        selecting = l2 is None and st.best is None
+        lam = grid[st.stage] if selecting else (l2 if l2 is not None else st.best["l2"])
         rows = fit_rows if selecting else (xa, train.targets, n_train, block)
         objective = Objective(classes, prior_c, lam, device, group)
         scale = 1.0 / torch.sqrt(frequency + lam * classes.multiplicity)  # per-class curvature
-        phi = torch.nn.Parameter(st.pop("phi") if st.get("phi") is not None else cols / scale)
-        opt = torch.optim.LBFGS(
-            [phi],
-            lr=1.0,
-            max_iter=BLOCK,
-            max_eval=4 * BLOCK,
-            history_size=20,
-            line_search_fn="strong_wolfe",
-            tolerance_grad=1e-10,
-            tolerance_change=1e-12,
-        )
-        if st["lbfgs"] is not None:
-            opt.load_state_dict(st["lbfgs"])
-
-        def closure():
-            value, grad = objective(phi.detach() * scale, *rows)
-            if not math.isfinite(value):
-                raise NumericalError("non-finite probe loss; the features may be too large")
-            phi.grad = grad * scale
-            return torch.tensor(value)
-
         what = "selection" if selecting else "refit"
         with progress(f"{label} l2={lam:g} ({what})", max_iterations, "it") as advance:
-            advance(st["block"] * BLOCK)  # resumed mid-solve
-            while True:
-                t0 = time.perf_counter()
-                state = opt.state[phi] if phi in opt.state else {}
-                iters, evals = state.get("n_iter", 0), state.get("func_evals", 0)
-                opt.step(closure)
-                done_iters = opt.state[phi]["n_iter"] - iters
-                st["iterations"] += done_iters
-                st["block"] += 1
-                advance(BLOCK)
-                cols = phi.detach() * scale
-                value = float(opt.state[phi]["prev_loss"])  # at the block's last point
-                # L-BFGS ending a block early without running out of evaluations means no change was
-                # measurable any more in float32; otherwise compare with the previous block
-                stalled = done_iters < BLOCK and opt.state[phi]["func_evals"] - evals < 4 * BLOCK
-                converged = stalled or (st["last"] is not None and st["last"] - value < TOLERANCE)
-                capped = st["block"] * BLOCK >= max_iterations
-                st["last"] = value
-                if group.size > 1 and len(set(group.gather(value))) > 1:
-                    raise RankFailed(
-                        "the ranks' L-BFGS runs disagree: every rank must run the same arithmetic "
-                        "(the same hardware and --threads)"
-                    )
-                if on_block:
-                    on_block(
-                        {
-                            "l2": lam,
-                            "stage": "select" if selecting else "refit",
-                            "objective": value,
-                            "iterations": st["block"] * BLOCK,
-                            "seconds": time.perf_counter() - t0,
-                        }
-                    )
-                if converged or capped:
-                    st["capped"] = st["capped"] or (capped and not converged)
-                    break
-                safe_point(lambda: dict(st, cols=cols.clone(), phi=phi.detach().clone(), lbfgs=opt.state_dict()))
-        st.update(lbfgs=None, block=0, last=None, cols=cols)
+            cols, value = _solve(st, objective, rows, cols, scale, max_iterations, group, advance, safe_point,
+                                 on_block, {"l2": lam, "stage": "select" if selecting else "refit"})  # fmt: skip
+        st.lbfgs, st.block, st.last, st.cols = None, 0, None, cols
         if not selecting:
             break
         held_losses, _ = objective.evaluate(cols, *held_rows[:2])
         record = {"l2": lam, "heldout_loss": group.sum(float(np.sum(held_losses))) / held_rows[2], "objective": value}
-        st["selection"].append(record)
-        if record["heldout_loss"] <= min(r["heldout_loss"] for r in st["selection"]):
-            st["best_cols"] = cols.clone()
-        worse = len(st["selection"]) >= 2 and record["heldout_loss"] > st["selection"][-2]["heldout_loss"]
-        if worse or st["stage"] == len(grid) - 1:  # held-out loss rose: the previous l2 was the best
-            st["best"] = min(st["selection"], key=lambda r: r["heldout_loss"])
-            cols = st.pop("best_cols")
+        st.selection.append(record)
+        if record["heldout_loss"] <= min(r["heldout_loss"] for r in st.selection):
+            st.best_cols = cols.clone()
+        worse = len(st.selection) >= 2 and record["heldout_loss"] > st.selection[-2]["heldout_loss"]
+        if worse or st.stage == len(grid) - 1:  # held-out loss rose: the previous l2 was the best
+            st.best = min(st.selection, key=lambda r: r["heldout_loss"])
+            cols, st.best_cols = st.best_cols, None
         else:
-            st["stage"] += 1
-        safe_point(lambda: dict(st, cols=cols.clone()))
+            st.stage += 1
+        safe_point(lambda: st.as_dict(cols=cols.clone()))  # noqa: B023 (called at once)
     final = Objective(classes, prior_c, lam, device)
     train_losses, train_hits = final.evaluate(cols, xa, train.targets)
     val_losses, val_hits = final.evaluate(cols, val_xa, val.targets)
@@ -456,13 +487,13 @@ def fit(
         weight=weight.t().contiguous(),
         bias=bias,
         l2=lam,
-        selection=st["selection"],
+        selection=st.selection,
         train=metrics(train_losses, train_hits, group),
         val=metrics(val_losses, val_hits, group),
         val_losses=group.cat(val_losses),
         head_rows=len(classes.representative),
-        iterations=st["iterations"],
-        capped=st["capped"],
+        iterations=st.iterations,
+        capped=st.capped,
     )
 
 

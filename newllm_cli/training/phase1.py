@@ -1,56 +1,47 @@
-"""Phase 1, CVFP (docs/ARCHITECTURE.md): one function for training and validation.
+"""Phase 1, CVFP (docs/ARCHITECTURE.md): one loop for training and validation.
 
-Each iteration k produces, for every token, its incoming context and its new context Q:
-- sequential (Gauss-Seidel): Q is the recurrence run from c_0 = P_N (carry-over), no autograd;
-- parallel (Jacobi): Q = f(x, shift(P)) with wrap-around, one batched call per chunk.
-Training then takes one Adam step on (1-w) MSE(Q, P) + w dist_loss(Q). Incoming contexts are
-detached, so that gradient is exactly the gradient of one batched f over (x_t, incoming_t). The
-losses depend on Q only through per-token differences and the per-dimension mean and variance, so
-one pass accumulates those, dL/dQ follows in closed form, and a second pass back-propagates it
-through f chunk by chunk: memory stays within a budget at any corpus size (MemoryPlan).
-The saved contexts are always those of the saved weights: no step follows the final sweep.
+A solve is a loop over a state (SolveState: the previous contexts P, each document's last context,
+the store for Q), one iteration at a time (Solver.iteration), until a stop rule (_stop_reason):
+- the scheme of schemes.py computes Q from P (sequential: the recurrence from c_0 = P_N, the
+  carry-over; parallel: Q = f(x, shift(P)));
+- Q is compared with P in one pass (objectives.Comparison): losses, residual, converged share;
+- training takes one Adam step on the objective of objectives.py. Incoming contexts are detached,
+  so that gradient is exactly the gradient of one batched f over (x_t, incoming_t); dL/dQ follows
+  in closed form from the whole-corpus statistics, and a second pass back-propagates it through f
+  chunk by chunk: memory stays within a budget at any corpus size (MemoryPlan).
+The saved contexts are always those of the saved weights: no step follows the last iteration, and
+training that ends unconverged is followed by a second solve without updates.
 In a distributed job each rank runs its shard of the documents; the statistics are merged across
 ranks and the gradients summed, so every rank takes the same step as one process would.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 
+from newllm_cli.model.architectures import compiled
 from newllm_cli.model.network import NewLLM
-from newllm_cli.model.recurrence import choose_kernel, embedding_table, shifted, sweep
+from newllm_cli.model.recurrence import choose_kernel, embedding_table
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, Shard
 from newllm_cli.runtime.errors import Interrupted, NumericalError
-from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
 from newllm_cli.store.rowstore import Part, RowStore, save_rows
 from newllm_cli.training.adam import Adam
+from newllm_cli.training.objectives import TERMS, Comparison, loss_gradient
+from newllm_cli.training.schemes import SCHEMES, Problem, incoming_rows
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
-
-
-def dist_loss(q: torch.Tensor) -> torch.Tensor:
-    """mean_d(mean_t q)^2 + mean_d(var_t q - 1)^2, population variance."""
-    mean = q.mean(dim=0)
-    var = q.var(dim=0, unbiased=False)
-    return (mean**2).mean() + ((var - 1.0) ** 2).mean()
-
-
-def phase1_losses(q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> dict[str, torch.Tensor]:
-    """The definition on whole arrays; training uses Comparison and loss_gradient, chunk by chunk."""
-    cvfp = torch.mean((q - p) ** 2)
-    dist = dist_loss(q)
-    w = dist_weight(cfg)
-    return {"cvfp_loss": cvfp, "dist_loss": dist, "loss": (1.0 - w) * cvfp + w * dist}
 
 
 def learning_rate(k: int, cfg: Phase1Settings) -> float:
@@ -78,7 +69,7 @@ def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
     budget never changes a result's bits. Per-row costs are estimates of what torch keeps alive
     (autograd's saved activations in the gradient pass; ids and outputs in a sweep)."""
     C, E = model.context_dim, model.embed_dim
-    depth = sum(isinstance(m, torch.nn.Linear) for b in model.blocks for m in b.mlp)
+    depth = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
     stores = 2 * tokens * C * 4
     in_memory = stores <= budget // 2
     free = max(budget - (stores if in_memory else 0) - model.embed.num_embeddings * E * 4, budget // 4)
@@ -89,89 +80,6 @@ def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
         window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
         chunk=int(np.clip(WORKING_SPACE // per_row_grad, 256, CHUNK)),
     )
-
-
-def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0: np.ndarray) -> np.ndarray:
-    """The context each token of rows s..e reads: traj shifted by one inside each document, c0 at
-    each start (zeros when there is no trajectory yet: the Jacobi scheme's first iteration)."""
-    if traj is None:
-        return np.zeros((e - s, c0.shape[1]), np.float32)
-    first, last = np.searchsorted(offsets[:-1], [s, e], side="left")
-    before = traj.read(s - 1, s)[0] if s > 0 else None
-    return shifted(traj.read(s, e), before, offsets[first:last] - s, c0[first:last])
-
-
-@dataclass
-class Comparison:
-    """Q against P, accumulated chunk by chunk in float64: losses, per-dimension mean and variance
-    (merge_moments), and the converged share."""
-
-    rows: int = 0
-    sq: float = 0.0
-    converged: int = 0
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
-    finite: bool = True
-
-    def add(self, q: np.ndarray, p: np.ndarray | None, threshold: float) -> None:
-        """Element-wise work in float32 (torch, all cores), every sum accumulated in float64."""
-        qt = torch.from_numpy(np.ascontiguousarray(q))
-        chunk = Comparison(rows=len(qt))
-        if p is not None:
-            per_token = (qt - torch.from_numpy(np.ascontiguousarray(p))).square_().mean(dim=1)
-            chunk.sq = float(per_token.sum(dtype=torch.float64)) * q.shape[1]
-            chunk.converged = int((per_token < threshold).sum())
-        mean = qt.sum(dim=0, dtype=torch.float64) / chunk.rows
-        m2 = (qt - mean.float()).square_().sum(dim=0, dtype=torch.float64)
-        m2 -= chunk.rows * (mean - mean.float().double()) ** 2  # the centre was rounded to float32
-        chunk.mean, chunk.m2 = mean.numpy(), m2.numpy()
-        chunk.finite = bool(np.isfinite(chunk.m2).all())  # a NaN or inf anywhere in q makes its sums so
-        self.merge(chunk)
-
-    def merge(self, other: Comparison) -> None:
-        """Add another set of rows (a chunk, or another rank's rows)."""
-        self.sq += other.sq
-        self.converged += other.converged
-        self.finite &= other.finite
-        if other.mean is not None:
-            seen = None if self.mean is None else (self.rows, self.mean, self.m2)
-            self.rows, self.mean, self.m2 = merge_moments(seen, other.rows, other.mean, other.m2)
-
-    def combined(self, group: Group) -> Comparison:
-        """Over every rank's rows: each rank merges all parts in rank order, so all hold the same."""
-        parts = group.gather(self)
-        if len(parts) == 1:
-            return self
-        total = Comparison()
-        for part in parts:
-            total.merge(part)
-        return total
-
-    @property
-    def var(self) -> np.ndarray:
-        return self.m2 / self.rows
-
-    def losses(self, cfg: Phase1Settings) -> dict[str, float]:
-        cvfp = self.sq / (self.rows * len(self.mean))
-        dist = float((self.mean**2).mean() + ((self.var - 1.0) ** 2).mean())
-        w = dist_weight(cfg)
-        return {"cvfp_loss": cvfp, "dist_loss": dist, "loss": (1.0 - w) * cvfp + w * dist}
-
-
-def dist_weight(cfg: Phase1Settings) -> float:
-    return cfg.dist_reg_weight if cfg.use_distribution_reg else 0.0
-
-
-def loss_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phase1Settings) -> torch.Tensor:
-    """d loss / dQ for rows of Q, in closed form from the whole-corpus mean and variance, so the
-    gradient can be formed chunk by chunk (tests check it against autograd on phase1_losses)."""
-    n, c = stats.rows, q.shape[1]
-    mean = torch.as_tensor(stats.mean, dtype=q.dtype, device=q.device)
-    var = torch.as_tensor(stats.var, dtype=q.dtype, device=q.device)
-    w = dist_weight(cfg)
-    cvfp = 2.0 * (q - p) / (n * c)
-    dist = (2.0 * mean + 4.0 * (var - 1.0) * (q - mean)) / (n * c)
-    return (1.0 - w) * cvfp + w * dist
 
 
 def block_chunks(bounds, chunk: int):
@@ -245,26 +153,15 @@ def set_gradients(model: NewLLM, sums: dict[str, torch.Tensor], group: Group = S
         params[name].grad = g.view_as(params[name]).to(params[name].dtype)
 
 
-def jacobi(
-    model: NewLLM,
-    table: torch.Tensor,
-    tokens: np.ndarray,
-    offsets: np.ndarray,
-    prev: RowStore | None,
-    c0: np.ndarray,
-    out: RowStore,
-    chunk: int,
-    advance: Callable[[int], None] = lambda n: None,
-) -> np.ndarray:
-    """Q = f(x, shift(P)) with wrap-around, chunk by chunk; returns each document's last context."""
-    device = table.device
-    with torch.no_grad():
-        for s, e in out.chunks(chunk):
-            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
-            inc = torch.from_numpy(incoming_rows(prev, s, e, offsets, c0)).to(device)
-            out.write(s, model.step(table[ids], inc).cpu().numpy())
-            advance(e - s)
-    return out.gather(offsets[1:] - 1)
+class SolveInfo(TypedDict):
+    """How close the saved contexts are to a fixed point, whichever scheme solved it (the
+    shape of torchdeq's solver info): over every token of the last iteration, the RMS change per
+    element ||Q - P|| / sqrt(N C), the same relative to ||Q||, iterations run, converged share."""
+
+    abs_residual: float | None
+    rel_residual: float | None
+    steps: int
+    converged_ratio: float | None
 
 
 @dataclass
@@ -277,6 +174,7 @@ class CVFPResult:
     stopped_by: str = ""
     warnings: list[str] = field(default_factory=list)
     solve: list[dict] = field(default_factory=list)  # no-update iterations after unconverged training
+    info: SolveInfo | None = None  # of the saved contexts
 
     @property
     def converged_ratio(self) -> float | None:
@@ -296,6 +194,178 @@ class CVFPResult:
 
 
 DEFAULT_BUDGET = 1 << 30
+
+
+@dataclass
+class SolveState:
+    """Where one solve stands; it owns its two row stores (this iteration's `q` and the previous
+    one's `prev`) until `hand_over` gives `prev` to the caller. Leaving its `with` block on an
+    error closes both."""
+
+    prev: RowStore | None  # P: the previous iteration's contexts (None before the first)
+    last: np.ndarray  # each document's final context in P: the next iteration's c_0
+    q: RowStore  # where the next iteration writes Q
+    next: int = 0  # 0-based index of the next iteration
+    history: list[dict] = field(default_factory=list)
+    optimizer_steps: int = 0
+    stopped_by: str = ""
+    info: SolveInfo | None = None
+
+    def swap(self, last: np.ndarray, spare: RowStore) -> None:
+        """Q becomes P; the old P (or a fresh store, the first time) takes the next Q."""
+        self.prev, self.last, self.q = self.q, last, spare
+
+    def hand_over(self) -> RowStore | None:
+        """The previous contexts leave the state (to the result, or to a resume point)."""
+        prev, self.prev = self.prev, None
+        return prev
+
+    def close(self) -> None:
+        for store in (self.q, self.prev):
+            if store is not None:
+                store.close()
+
+    def __enter__(self) -> SolveState:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.close()
+
+
+@dataclass
+class Solver:
+    """One solve's fixed parts: the documents and network (`problem`), this rank's shard, memory,
+    how to report, and for training the optimizer."""
+
+    problem: Problem
+    cfg: Phase1Settings
+    shard: Shard
+    group: Group
+    directory: Path | None  # where corpus-sized stores go (None: in memory)
+    optimizer: Adam | None = None  # None: no updates (validation, the final solve)
+    label: str = "phase1"
+    on_iteration: Callable[[dict], None] | None = None
+    save_resume: Callable[[dict, str], None] | None = None
+    save_every: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return len(self.problem.tokens)
+
+    def store(self) -> RowStore:
+        return RowStore(self.rows, self.problem.model.context_dim, self.directory, "contexts")
+
+    def run(self, state: SolveState) -> None:
+        """Iterate from `state` until the stop rule says so (or Ctrl-C: a resume point, then
+        Interrupted). Afterwards `state.prev` holds the last iteration's contexts."""
+        points = interrupt.SavePoints(self.save_every, self.group)
+        for k in range(state.next, self.cfg.max_iterations):
+            start = time.perf_counter()
+            record, reason = self.iteration(k, state)
+            record["seconds"] = time.perf_counter() - start
+            state.history.append(record)
+            if self.on_iteration:
+                self.on_iteration(record)
+            state.next = k + 1
+            if reason is not None:
+                state.stopped_by = reason
+                return
+            if self.save_resume is not None:
+                stop, save = points.poll()
+                if save:
+                    self.save_resume(self.resume_point(state, keep=not stop), str(k + 1))
+                if stop:
+                    raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
+
+    def iteration(self, k: int, state: SolveState) -> tuple[dict, str | None]:
+        """Iteration k: Q from P by the scheme, Q against P, the stop rule, and (training, not
+        stopping) one optimizer step. Returns its record and the stop reason (None: go on)."""
+        cfg, p, prev, c0 = self.cfg, self.problem, state.prev, state.last
+        train = self.optimizer is not None
+        q = state.q
+        passes = 3 if train and prev is not None else 2  # recurrence, comparison, gradient
+        with progress(f"{self.label} iteration {k + 1}", passes * self.rows, "tok") as advance:
+            last, traj = SCHEMES[cfg.scheme](p, prev, c0, q, advance)
+            stats = Comparison()
+            for s, e in block_chunks(self.shard.blocks, p.chunk):
+                stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
+                advance(e - s)
+            stats = stats.combined(self.group)
+            if not stats.finite:
+                raise NumericalError(f"non-finite contexts at iteration {k + 1}")
+            record = {"iteration": k + 1, "lr": None, **dict.fromkeys(f"{name}_loss" for name in TERMS)}
+            record.update(loss=None, converged_ratio=None, residual=None)
+            reason = None
+            if prev is not None:
+                total, width = self.shard.total, p.model.context_dim
+                losses = stats.losses(cfg)
+                ratio = stats.converged / total
+                record.update(losses, converged_ratio=ratio, residual=stats.sq / (total * width))
+                if not all(np.isfinite(v) for v in losses.values()):
+                    raise NumericalError(
+                        f"non-finite Phase 1 loss at iteration {k + 1} "
+                        f"(learning rate {learning_rate(k, cfg)} may be too high)"
+                    )
+                reason = _stop_reason(state.history, ratio, cfg, train, state.optimizer_steps)
+                state.info = _info(stats, total, width, k + 1, ratio)
+            if k == cfg.max_iterations - 1 and reason != "converged":
+                reason = "max_iterations"
+            if prev is not None and self.optimizer is not None and reason is None:
+                record["lr"] = self.step(k, traj, c0, q, prev, stats, advance)
+                state.optimizer_steps += 1
+        state.swap(last, prev if prev is not None else self.store())
+        return record, reason
+
+    def step(self, k, traj, c0, q, prev, stats, advance) -> float:
+        """One Adam step on the objective's gradient, summed over every rank's rows."""
+        p, optimizer = self.problem, self.optimizer
+        assert optimizer is not None
+        lr = learning_rate(k, self.cfg)
+        optimizer.lr = lr
+        optimizer.zero_grad()
+        sums = accumulate_gradient(
+            p.model,
+            p.table,
+            p.tokens,
+            p.offsets,
+            traj,
+            c0,
+            q,
+            prev,
+            stats,
+            self.cfg,
+            p.chunk,
+            advance,
+            self.shard.blocks,
+        )
+        set_gradients(p.model, sums, self.group)
+        optimizer.step()
+        return lr
+
+    def resume_point(self, state: SolveState, keep: bool) -> dict:
+        """What `resume` takes back. Without `keep` (Ctrl-C: the solve stops) the contexts go with it."""
+        assert state.prev is not None
+        rows = state.prev if keep else state.hand_over()
+        return {
+            "next": state.next,
+            "prev": Part(rows, self.shard, self.group, keep=keep),
+            "history": state.history,
+            "optimizer_steps": state.optimizer_steps,
+            "model": self.problem.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+        }
+
+
+def _info(stats: Comparison, total: int, width: int, steps: int, ratio: float) -> SolveInfo:
+    assert stats.mean is not None and stats.m2 is not None
+    norm_sq = float((stats.m2 + stats.rows * stats.mean**2).sum())  # ||Q||^2 from its moments
+    return SolveInfo(
+        abs_residual=math.sqrt(stats.sq / (total * width)),
+        rel_residual=math.sqrt(stats.sq / norm_sq) if norm_sq > 0 else None,
+        steps=steps,
+        converged_ratio=ratio,
+    )
 
 
 def run_cvfp(
@@ -324,137 +394,47 @@ def run_cvfp(
     where it stopped. Its "prev" is a RowStore or Part taken over, or the path of a saved .npy of
     every rank's rows, from which each rank reads its shard (so a job may resume on other ranks).
     With a `group` of several ranks, each runs its shard of the documents (distributed.py).
+    Training that ends unconverged is followed by a second solve of the same loop without updates,
+    so that the saved contexts are the final weights' fixed point (`solve` in the result).
     """
-    corpus = (tokens, offsets)
     offsets = np.array([0, len(tokens)], dtype=np.int64) if cfg.concat else np.asarray(offsets, np.int64)
     C = model.context_dim
-    kernel = choose_kernel(cfg.kernel, device, C, offsets)  # from the whole corpus: the same on every rank
+    kernel = choose_kernel(cfg.kernel, device, C, offsets, compiled(model))  # from the whole corpus: alike on all ranks
     shard = group.shard(offsets)
     tokens, offsets = shard.local(tokens, offsets)
-    n_docs, n, total = len(offsets) - 1, len(tokens), shard.total
-    plan = plan_memory(n, model, memory_budget)
+    plan = plan_memory(len(tokens), model, memory_budget)
     directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
     optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None
     result = CVFPResult(contexts=RowStore(0, C), shard=shard, group=group)
     if cfg.concat and group.size > 1:
         result.warnings.append("--concat reads the corpus as one document, which one rank runs alone")
-    prev: RowStore | None = None
-    prev_last = np.zeros((n_docs, C), np.float32)
-    first = 0
-    if resume is not None:
-        prev = _resumed_rows(resume["prev"], shard, C, directory, plan.chunk)
+    prev = _resumed_rows(resume["prev"], shard, C, directory, plan.chunk) if resume is not None else None
+    state = SolveState(
+        None, np.zeros((len(offsets) - 1, C), np.float32), RowStore(len(tokens), C, directory, "contexts")
+    )
     if prev is not None:
+        assert resume is not None
         model.load_state_dict(resume["model"])
-        if train:
+        if optimizer is not None:
             optimizer.load_state_dict(resume["optimizer"])
-        prev_last = prev.gather(offsets[1:] - 1)
-        result.history, result.optimizer_steps, first = (
+        state.prev, state.last = prev, prev.gather(offsets[1:] - 1)
+        state.history, state.optimizer_steps, state.next = (
             list(resume["history"]),
             resume["optimizer_steps"],
             resume["next"],
         )
-    table = embedding_table(model, device)
-    q = RowStore(n, C, directory, "contexts")
-    points = interrupt.SavePoints(save_every, group)
-    try:
-        for k in range(first, cfg.max_iterations):
-            start = time.perf_counter()
-            c0 = prev_last
-            passes = 3 if train and prev is not None else 2  # sweep, comparison, gradient
-            with progress(f"{label} iteration {k + 1}", passes * n, "tok") as advance:
-                if cfg.scheme == "sequential":
-                    last = sweep(model, kernel, table, tokens, offsets, c0, q, plan.window, advance)
-                    traj = q
-                else:
-                    last = jacobi(model, table, tokens, offsets, prev, c0, q, plan.chunk, advance)
-                    traj = prev
-                stats = Comparison()
-                for s, e in block_chunks(shard.blocks, plan.chunk):
-                    stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
-                    advance(e - s)
-                stats = stats.combined(group)
-                if not stats.finite:
-                    raise NumericalError(f"non-finite contexts at iteration {k + 1}")
-                record = {
-                    "iteration": k + 1,
-                    "lr": None,
-                    "cvfp_loss": None,
-                    "dist_loss": None,
-                    "loss": None,
-                    "converged_ratio": None,
-                    "residual": None,
-                }
-                reason = None
-                if prev is not None:
-                    losses = stats.losses(cfg)
-                    ratio = stats.converged / total
-                    record.update(losses, converged_ratio=ratio, residual=stats.sq / (total * C))
-                    if not all(np.isfinite(v) for v in losses.values()):
-                        raise NumericalError(
-                            f"non-finite Phase 1 loss at iteration {k + 1} "
-                            f"(learning rate {learning_rate(k, cfg)} may be too high)"
-                        )
-                    reason = _stop_reason(result.history, ratio, cfg, train, result.optimizer_steps)
-                if k == cfg.max_iterations - 1 and reason != "converged":
-                    reason = "max_iterations"
-                if prev is not None and train and reason is None:
-                    lr = learning_rate(k, cfg)
-                    optimizer.lr = lr
-                    optimizer.zero_grad()
-                    set_gradients(
-                        model,
-                        accumulate_gradient(
-                            model,
-                            table,
-                            tokens,
-                            offsets,
-                            traj,
-                            c0,
-                            q,
-                            prev,
-                            stats,
-                            cfg,
-                            plan.chunk,
-                            advance,
-                            shard.blocks,
-                        ),
-                        group,
-                    )
-                    optimizer.step()
-                    result.optimizer_steps += 1
-                    record["lr"] = lr
-            record["seconds"] = time.perf_counter() - start
-            result.history.append(record)
-            if on_iteration:
-                on_iteration(record)
-            spare = prev if prev is not None else RowStore(n, C, directory, "contexts")
-            prev, prev_last, q = q, last, spare
-            if reason is not None:
-                result.stopped_by = reason
-                break
-            if save_resume is not None:
-                stop, save = points.poll()
-                if save:
-                    state = {
-                        "next": k + 1,
-                        "prev": Part(prev, shard, group, keep=not stop),
-                        "history": result.history,
-                        "optimizer_steps": result.optimizer_steps,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict() if train else {},
-                    }
-                    if stop:
-                        prev = None  # the state owns it now
-                    save_resume(state, str(k + 1))
-                if stop:
-                    raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
-    except BaseException:
-        for store in (q, prev):
-            if store is not None:
-                store.close()
-        raise
-    q.close()
-    result.contexts = prev
+    problem = Problem(model, kernel, embedding_table(model, device), tokens, offsets, plan.window, plan.chunk)
+    solver = Solver(problem, cfg, shard, group, directory, optimizer, label, on_iteration, save_resume, save_every)
+    with state:
+        solver.run(state)
+    state.q.close()
+    result.contexts = state.hand_over()
+    result.history, result.optimizer_steps, result.stopped_by, result.info = (
+        state.history,
+        state.optimizer_steps,
+        state.stopped_by,
+        state.info,
+    )
     if result.stopped_by == "max_iterations":
         share = result.history[-1]["converged_ratio"] or 0.0
         result.warnings.append(
@@ -466,23 +446,17 @@ def run_cvfp(
     if train and result.stopped_by != "converged":
         # The last step moved the fixed point: iterate the final weights, without updates, until the
         # saved contexts are their fixed point to the same tolerance as validation.
-        settled = run_cvfp(
-            model,
-            *corpus,
-            cfg,
-            train=False,
-            device=device,
-            memory_budget=memory_budget,
-            scratch=scratch,
-            label=f"{label} solve",
-            group=group,
-            resume={"next": 0, "prev": prev, "history": [], "optimizer_steps": 0, "model": model.state_dict()},
-        )
-        result.contexts, result.solve = settled.contexts, settled.history
-        if settled.stopped_by != "converged":
+        settle = Solver(problem, cfg, shard, group, directory, label=f"{label} solve")
+        final = SolveState(prev=result.contexts, last=result.contexts.gather(offsets[1:] - 1), q=settle.store())
+        with final:
+            settle.run(final)
+        final.q.close()
+        result.contexts, result.solve, result.info = final.hand_over(), final.history, final.info
+        if final.stopped_by != "converged":
+            ratio = final.history[-1]["converged_ratio"] if final.history else None
             result.warnings.append(
                 f"the final weights' fixed point was not reached in {cfg.max_iterations} "
-                f"no-update iterations (converged {settled.converged_ratio:.1%})"
+                f"no-update iterations (converged {ratio:.1%})"
             )
     if train and result.optimizer_steps == 0:
         result.warnings.append(
