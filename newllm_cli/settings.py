@@ -10,10 +10,11 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -26,7 +27,7 @@ from newllm_cli.runtime.errors import UsageError
 def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     """A field with its help text, its CLI name when the bare kebab name would be ambiguous or too long
     for an 80-column help, and older names still accepted (hidden from help)."""
-    extra = {k: v for k, v in (("cli", cli), ("aliases", list(aliases))) if v} or None
+    extra: dict[str, Any] | None = {k: v for k, v in (("cli", cli), ("aliases", list(aliases))) if v} or None
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
@@ -50,16 +51,18 @@ class ModelSettings(Section):
     layers_per_block: int = opt(1, "Linear+ReLU layers inside each block.", gt=0, le=16)
 
 
-TRAIN_SOURCES = ("sample", "ultrachat", "text_file", "text_dir")
-VAL_SOURCES = ("auto_split", "manual") + TRAIN_SOURCES
+TrainSource = Literal["sample", "ultrachat", "text_file", "text_dir"]
+ValSource = Literal["auto_split", "manual", "sample", "ultrachat", "text_file", "text_dir"]
+TRAIN_SOURCES: tuple[str, ...] = get_args(TrainSource)
+VAL_SOURCES: tuple[str, ...] = get_args(ValSource)
 
 
 class DataSettings(Section):
-    source: Literal[TRAIN_SOURCES] = opt("sample", "Training text: " + ", ".join(TRAIN_SOURCES) + ".")
+    source: TrainSource = opt("sample", "Training text: " + ", ".join(TRAIN_SOURCES) + ".")
     path: str | None = opt(None, "File or directory for text_file / text_dir / a local ultrachat export.")
     pattern: str = opt("*.txt", "Glob for text_dir (recursive).")
     num_samples: int | None = opt(None, "Use at most this many training documents (all if unset).", gt=0)
-    val_source: Literal[VAL_SOURCES] = opt("auto_split", "Validation text: " + ", ".join(VAL_SOURCES) + ".")
+    val_source: ValSource = opt("auto_split", "Validation text: " + ", ".join(VAL_SOURCES) + ".")
     val_path: str | None = opt(None, "File or directory for the validation source.")
     val_num_samples: int | None = opt(None, "Use at most this many validation documents.", gt=0)
     val_ratio: float = opt(0.2, "Share of training documents held out by auto_split.", gt=0.0, lt=1.0)
@@ -202,12 +205,16 @@ class Settings(Section):
 PROBE_ROWS = 2_000  # decodability probe positions per split: about a tenth of `full` on pydoc (EXPERIMENTS)
 
 SOURCE_GROUPS = (("source", "path", "pattern"), ("val_source", "val_path"))
-SECTIONS = {name: f.annotation for name, f in Settings.model_fields.items()}
+SECTIONS: dict[str, type[Section]] = {name: f.annotation for name, f in Settings.model_fields.items()}  # type: ignore[misc]
+
+
+def _extra(section: str, field: str) -> dict[str, Any]:
+    extra = SECTIONS[section].model_fields[field].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
 
 
 def cli_name(section: str, field: str) -> str:
-    extra = SECTIONS[section].model_fields[field].json_schema_extra or {}
-    return extra.get("cli") or field.replace("_", "-")
+    return str(_extra(section, field).get("cli") or field.replace("_", "-"))
 
 
 def flag_index() -> dict[str, tuple[str, str]]:
@@ -221,7 +228,7 @@ def flag_index() -> dict[str, tuple[str, str]]:
 
 
 def cli_aliases(section: str, field: str) -> list[str]:
-    return (SECTIONS[section].model_fields[field].json_schema_extra or {}).get("aliases", [])
+    return list(_extra(section, field).get("aliases", []))
 
 
 def read_config_file(path: Path) -> dict:

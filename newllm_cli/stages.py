@@ -13,6 +13,7 @@ import importlib.util
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from newllm_cli.evaluation.controls import CONTROLS, Bench, label
 from newllm_cli.model import architectures
 from newllm_cli.model import generate as gen
 from newllm_cli.model.head import Head
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork
 from newllm_cli.runtime import distributed, interrupt
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, log_to, warn
@@ -64,7 +65,7 @@ def apply_threads(threads: int) -> None:
         try:
             import numba
 
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
         except ImportError:  # pragma: no cover
             pass
 
@@ -84,7 +85,7 @@ def finish_stage(ws: Workspace, s: Settings) -> None:
     distributed.current().barrier()
 
 
-def model_id(model: NewLLM) -> str:
+def model_id(model: ContextNetwork) -> str:
     """A content hash of the weights: what every context artifact records as its producer."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -108,11 +109,11 @@ def board(ws: Workspace, s: Settings) -> Path | None:
     return ws.tensorboard()
 
 
-def build_model(s: Settings, vocab_size: int) -> NewLLM:
+def build_model(s: Settings, vocab_size: int) -> ContextNetwork:
     return architectures.build(architectures.DEFAULT, vocab_size, s.model)
 
 
-def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[NewLLM, dict]:
+def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[ContextNetwork, dict]:
     fix = "newllm phase1 --split train"
     ckpt = read_checkpoint(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
     check_same(
@@ -390,7 +391,7 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
     if len(set(ids.values())) > 1:
         raise RefusedError(f"train and val contexts come from different networks ({ids}); rerun phase1 --split val")
     gate = analysis.gate(reports.get("train"), reports.get("val"))
-    out = {
+    out: dict[str, Any] = {
         **reports,
         "gate": {"passed": not gate, "problems": gate},
         "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
@@ -476,14 +477,14 @@ def _user_array(path: Path, what: str) -> np.ndarray:
         ) from None
 
 
-def untrained_network(s: Settings, vocab: int, device: torch.device) -> NewLLM:
+def untrained_network(s: Settings, vocab: int, device: torch.device) -> ContextNetwork:
     """The control: the network as initialised by the run's seed, before any Phase 1 step."""
     torch.manual_seed(s.runtime.seed)
     return build_model(s, vocab).to(device)
 
 
 def control_contexts(
-    ws: Workspace, s: Settings, meta: dict, split: str, untrained: NewLLM, device: torch.device
+    ws: Workspace, s: Settings, meta: dict, split: str, untrained: ContextNetwork, device: torch.device
 ) -> np.ndarray:
     """The untrained network's fixed contexts of a split: the control every verdict is measured
     against. Computed once per run and settings, then read from disk."""
@@ -690,7 +691,7 @@ def sanity_warnings(head_perplexity: float, table: dict, vocab: int, train_token
 
 
 def fit_head_on(
-    model: NewLLM,
+    model: ContextNetwork,
     splits: dict,
     s: Settings,
     vocab: int,
@@ -710,7 +711,9 @@ def fit_head_on(
             return model.embed_tokens(torch.as_tensor(ids, device=device))
 
     features = embed if cfg.head_input == "context+token" else None
-    data = {k: p2.make_split(*v, device, features, group=group, **budget(ws, s)) for k, v in splits.items()}
+    data = {
+        k: p2.make_split(c, t, o, device, features, group=group, **budget(ws, s)) for k, (c, t, o) in splits.items()
+    }
     pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
     if 0 in pairs:
         raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
@@ -764,7 +767,9 @@ def fit_head_on(
         f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
         f"for {vocab:,} tokens (never-target tokens tied)"
     )
-    return res, group.cat(data["val"].groups.cpu().numpy()), blocks
+    val_groups = data["val"].groups
+    assert val_groups is not None  # make_split always groups by document
+    return res, group.cat(val_groups.cpu().numpy()), blocks
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:
@@ -819,7 +824,7 @@ def full(
     inputs and settings are unchanged since it last succeeded is skipped (--rebuild reruns all)."""
     if probe_rows < 0:
         raise UsageError("--probe-rows must not be negative")
-    out = {"prepare_data": uptodate.timed("prepare-data", lambda: prepare_data(s))}
+    out: dict[str, Any] = {"prepare_data": uptodate.timed("prepare-data", lambda: prepare_data(s))}
     out["phase1_train"] = _phase1(s, "train", force=rebuild)
     out["phase1_val"] = _phase1(s, "val", force=rebuild)
     out["analysis"] = _analyze(s, plot, probe_rows=probe_rows, force=rebuild)

@@ -19,6 +19,7 @@ from newllm_cli.evaluation import controls
 from newllm_cli.evaluation.controls import Control, Outcome
 from newllm_cli.model import architectures
 from newllm_cli.model.architectures import Architecture
+from newllm_cli.model.network import ContextNetwork
 from newllm_cli.settings import ModelSettings, Phase1Settings, Settings
 from newllm_cli.store.artifacts import Workspace
 from newllm_cli.training import head_fit, objectives, predictors, schemes
@@ -57,7 +58,10 @@ def test_a_new_objective_term_joins_value_gradient_and_training(norm_term):
     whole = reference_losses(leaf, p, cfg)
     w = cfg.dist_reg_weight
     assert float(whole["loss"].detach()) == pytest.approx(
-        (1 - w) * float(whole["cvfp_loss"].detach()) + w * float(whole["dist_loss"].detach()) + 0.25 * float(torch.mean(q**2)), rel=1e-12
+        (1 - w) * float(whole["cvfp_loss"].detach())
+        + w * float(whole["dist_loss"].detach())
+        + 0.25 * float(torch.mean(q**2)),
+        rel=1e-12,
     )
     whole["loss"].backward()
     stats = Comparison()
@@ -73,7 +77,7 @@ def test_a_new_objective_term_joins_value_gradient_and_training(norm_term):
     )
 
 
-class Tanh(nn.Module):
+class Tanh(ContextNetwork):
     """A toy network: c_t = tanh(W [c_{t-1}, x_t] + b)."""
 
     def __init__(self, vocab: int, m: ModelSettings):

@@ -18,7 +18,7 @@ from newllm_cli.runtime.session import Session, use
 try:  # typer >= 0.29 vendors click; older releases raise click's own exceptions
     from typer import TyperException as CliError
 except ImportError:  # pragma: no cover
-    from click import ClickException as CliError
+    from click import ClickException as CliError  # type: ignore[assignment]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 

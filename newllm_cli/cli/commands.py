@@ -91,7 +91,8 @@ def register(app: typer.Typer, command: Command) -> None:
             command.report(result)  # the tables go to the run's log too
             print(json.dumps(result, default=str) if as_json else command.stdout(result))
 
-    run.__signature__ = inspect.Signature([*command.options, *COMMON, *settings_parameters(command.sections)])
+    options = [*command.options, *COMMON, *settings_parameters(command.sections)]
+    run.__signature__ = inspect.Signature(options)  # type: ignore[attr-defined]
     run.__doc__ = docstring(command.target)
     app.command(command.name)(run)
 

@@ -10,6 +10,7 @@ import ast
 import inspect
 import re
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -47,7 +48,7 @@ def settings_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
 
 
 def _option(f, flag: str, section: str, hidden: bool) -> dict:
-    common = {"rich_help_panel": f"{section.title()} settings", "show_default": False, "hidden": hidden}
+    common: dict[str, Any] = {"rich_help_panel": f"{section.title()} settings", "show_default": False, "hidden": hidden}
     if f.annotation is bool:
         return {
             "annotation": bool | None,

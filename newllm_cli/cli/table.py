@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from newllm_cli.cli import report
 from newllm_cli.cli.commands import Command
 from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
 
 RECURRENCE = ("model", "data", "phase1", "runtime")
-WRITER = {"lock": "write", "parallel": True}  # the run's writer; also a torchrun job
+WRITER: dict[str, Any] = {"lock": "write", "parallel": True}  # the run's writer; also a torchrun job
 
 
-def key(name: str):
+def key(name: str) -> Callable[[dict[str, Any]], str]:
     """stdout: the result's `name` (a path, mostly)."""
-    return lambda result: result[name]
+    return lambda result: str(result[name])
 
 
-def unless_outside(options: dict) -> str | None:
+def unless_outside(options: dict[str, Any]) -> str | None:
     """`analyze --contexts FILE` reads an outside file and touches no run: no lock."""
     return None if options.get("contexts") else "write"
 

@@ -170,8 +170,10 @@ def _finish_arrays(raw_path: Path, offsets: np.ndarray, dtype, tokens_path: Path
     return {"tokens": n, "documents": len(offsets) - 1, "sha256": digest.hexdigest()[:16]}
 
 
-def read_manual(path: str, vocab_size: int) -> list[np.ndarray]:
+def read_manual(path: str | None, vocab_size: int) -> list[np.ndarray]:
     """Validation token ids from .npy, .pt (weights_only), .json or whitespace-separated .txt."""
+    if not path:
+        raise UsageError("--val-source manual needs --val-path (a file of token ids)")
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"manual validation file not found: {p}")

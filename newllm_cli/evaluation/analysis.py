@@ -33,6 +33,11 @@ def chunks(contexts: np.ndarray, rows: int, what: str = "analysis"):
             advance(len(block))
 
 
+def _offset(contexts: np.ndarray) -> int:
+    """Where a memory-mapped .npy's data starts in its file."""
+    return int(contexts.offset) if isinstance(contexts, np.memmap) else 0
+
+
 def _read_chunks(contexts: np.ndarray, rows: int):
     """A memory-mapped .npy is read with plain file reads, so the whole file never becomes resident
     memory of this process."""
@@ -40,7 +45,7 @@ def _read_chunks(contexts: np.ndarray, rows: int):
     name = _backing_file(contexts)
     if name:
         with open(name, "rb") as f:
-            f.seek(contexts.offset)
+            f.seek(_offset(contexts))
             for s in range(0, n, rows):
                 m = min(rows, n - s)
                 block = np.fromfile(f, dtype=contexts.dtype, count=m * c).reshape(m, c)
@@ -61,7 +66,7 @@ def sample_rows(contexts: np.ndarray, idx: np.ndarray) -> np.ndarray:
     out = np.empty((len(idx), c), dtype=contexts.dtype)
     with open(name, "rb") as f:
         for k, i in enumerate(idx):
-            f.seek(contexts.offset + int(i) * row)
+            f.seek(_offset(contexts) + int(i) * row)
             out[k] = np.frombuffer(f.read(row), dtype=contexts.dtype)
     return out
 

@@ -28,7 +28,7 @@ class Bench:
     targets: np.ndarray  # x_{t+1} of every validation pair, in the head's order
     vocab: int
     settings: Any  # the run's Settings
-    fit_untrained: Callable[[], tuple[Any, list[dict]]]  # the head on an untrained network: (fit, curves)
+    fit_untrained: Callable[[], tuple[Any, list[dict[str, Any]]]]  # the head on an untrained network: (fit, curves)
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Outcome:
     losses: np.ndarray  # nats per validation pair
     entry: dict[str, Any]  # its fields in phase2.json's "baselines": "accuracy" (top-1, when it has
     # one), a smoothing "k", a fit's "l2" and "selection"...
-    curves: list[dict] | None = None  # fitting curves, stored under phase2.json's curves[Control.curve]
+    curves: list[dict[str, Any]] | None = None  # fitting curves, stored under phase2.json's curves[Control.curve]
     warnings: list[str] = field(default_factory=list)
 
 

@@ -50,7 +50,7 @@ def _features(contexts: np.ndarray, pos: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 def probe_all(
-    sources: dict[str, tuple[np.ndarray, np.ndarray]],
+    sources: dict[str, tuple[np.ndarray, ...]],
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     vocab: int,
@@ -73,7 +73,7 @@ def probe_all(
         sampled[split] = (pos, torch.from_numpy(docs), torch.from_numpy(tokens[pos]), torch.from_numpy(tokens[pos + 1]))
     width = next(iter(sources.values()))[0].shape[1]
     gen = torch.Generator().manual_seed(seed)
-    feats = {}
+    feats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     for name, ctx in sources.items():
         feats[name] = {split: _features(ctx[i], sampled[split][0]) for i, split in enumerate(("train", "val"))}
     feats["gaussian"] = {
@@ -84,10 +84,10 @@ def probe_all(
         for name, by_split in feats.items():
             splits = []
             for split in ("train", "val"):
-                _, docs, current, nxt = sampled[split]
-                x = by_split[split][1 if key == "token_from_step" else 0]
+                _, doc_ids, current, nxt = sampled[split]
+                inputs = by_split[split][1 if key == "token_from_step" else 0]
                 y = nxt if key == "next_from_context" else current
-                splits.append(probe.Split(x.to(device), y.to(device), docs.to(device)))
+                splits.append(probe.Split(inputs.to(device), y.to(device), doc_ids.to(device)))
             if on_fit:
                 on_fit(f"{PROBES[key]} ({name})")
             res = probe.fit(splits[0], splits[1], vocab, prior, device=device, label=f"probe {key} ({name})")

@@ -136,8 +136,8 @@ def fits(rows: list[dict]) -> dict:
                 out["scaling"].append(fit)
     both = [r for r in rows if r["rank_val"] is not None and r["perplexity"] is not None]
     if len(both) >= 3:
-        r = correlation([b["rank_val"] for b in both], [b["perplexity"] for b in both])
-        out["rank_perplexity"] = {"r": r, "runs": len(both)}
+        corr = correlation([b["rank_val"] for b in both], [b["perplexity"] for b in both])
+        out["rank_perplexity"] = {"r": corr, "runs": len(both)}
     return out
 
 
@@ -244,8 +244,7 @@ def compare(
     if bool(names) == bool(sweep):
         raise UsageError("give run names or --sweep NAME (not both)")
     root = Path(s.runtime.workspace) / "runs"
-    if sweep:
-        names = sweep_runs(s.runtime.workspace, sweep, storage)
+    names = sweep_runs(s.runtime.workspace, sweep, storage) if sweep else list(names or [])
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
         raise UsageError(f"no run {', '.join(missing)} in {s.runtime.workspace}")

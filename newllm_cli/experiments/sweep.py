@@ -52,7 +52,7 @@ class Axis:
 
 def parse_axes(specs: list[str]) -> list[Axis]:
     """`--grid NAME=v1,v2,...` (values) or `--grid NAME=LOW:HIGH[:log]` (a range, searches only)."""
-    flags, axes = flag_index(), []
+    flags, axes = flag_index(), list[Axis]()
     for spec in specs:
         name, sep, rest = spec.partition("=")
         name = name.strip().removeprefix("--")
@@ -229,7 +229,7 @@ def work(
             if a.values:
                 params[a.flag] = trial.suggest_categorical(a.flag, list(a.values))
             elif SECTIONS[a.section].model_fields[a.field].annotation is int:
-                params[a.flag] = str(trial.suggest_int(a.flag, int(a.low), int(a.high), log=a.log))
+                params[a.flag] = str(trial.suggest_int(a.flag, int(a.low or 0), int(a.high or 0), log=a.log))
             else:
                 params[a.flag] = str(trial.suggest_float(a.flag, a.low, a.high, log=a.log))
         run = run_name(trial.study.study_name, params)

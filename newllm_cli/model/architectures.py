@@ -12,16 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
-
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork, NewLLM
 from newllm_cli.settings import ModelSettings
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    build: Callable[[int, ModelSettings], nn.Module]  # (vocabulary size, model settings) -> network
+    build: Callable[[int, ModelSettings], ContextNetwork]  # (vocabulary size, model settings) -> network
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -33,11 +31,11 @@ def register(architecture: Architecture) -> Architecture:
     return architecture
 
 
-def build(name: str, vocab_size: int, cfg: ModelSettings) -> nn.Module:
+def build(name: str, vocab_size: int, cfg: ModelSettings) -> ContextNetwork:
     return ARCHITECTURES[name].build(vocab_size, cfg)
 
 
-def compiled(model: nn.Module) -> bool:
+def compiled(model: ContextNetwork) -> bool:
     """Whether the numba kernel can run this network."""
     return isinstance(model, NewLLM)
 

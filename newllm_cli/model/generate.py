@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 
 from newllm_cli.model.head import Head
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork
 
 
 def sample(
-    model: NewLLM,
+    model: ContextNetwork,
     head: Head,
     head_input: str,
     start: torch.Tensor,

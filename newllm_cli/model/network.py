@@ -6,6 +6,23 @@ import torch
 from torch import nn
 
 
+class ContextNetwork(nn.Module):
+    """What every context network gives (model/architectures.py): Phase 1 trains `blocks` only;
+    `embed_tokens` is context-independent, so Phase 1 computes it once per run; `step` is
+    f(x_t, c_{t-1}) -> c_t on already-embedded tokens, on any batch shape."""
+
+    context_dim: int
+    embed_dim: int
+    embed: nn.Embedding
+    blocks: nn.ModuleList
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class ContextBlock(nn.Module):
     """One block: an MLP over [ctx, tok], then residual LayerNorms on each half."""
 
@@ -28,7 +45,7 @@ class ContextBlock(nn.Module):
         return self.norm_ctx(ctx + y_ctx), None if last else self.norm_tok(tok + y_tok)
 
 
-class NewLLM(nn.Module):
+class NewLLM(ContextNetwork):
     """Embedding + context blocks. The next-token head lives in Phase 2 (phase2.py)."""
 
     def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int, layers_per_block: int = 1):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork, NewLLM
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.runtime.progress import info
 from newllm_cli.store.rowstore import RowStore
@@ -29,10 +30,10 @@ from newllm_cli.store.rowstore import RowStore
 try:  # numba is a dependency, but a broken LLVM install should not make newllm unusable on CUDA
     import numba
 except ImportError:  # pragma: no cover
-    numba = None
+    numba = None  # type: ignore[assignment]
 
 
-def embedding_table(model: NewLLM, device: torch.device) -> torch.Tensor:
+def embedding_table(model: ContextNetwork, device: torch.device) -> torch.Tensor:
     """LN(Emb(v)) for every v: context-independent, so Phase 1 computes it once per run."""
     with torch.no_grad():
         return model.embed_tokens(torch.arange(model.embed.num_embeddings, device=device))
@@ -50,7 +51,7 @@ def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0:
 
 
 def recur_torch(
-    model: NewLLM,
+    model: ContextNetwork,
     table: torch.Tensor,
     ids: torch.Tensor,
     offsets: np.ndarray,
@@ -100,7 +101,7 @@ def _pack(model: NewLLM) -> tuple:
     def arr(t):
         return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
 
-    blocks = model.blocks
+    blocks: Any = model.blocks
     lin = [[m for m in b.mlp if isinstance(m, torch.nn.Linear)] for b in blocks]
     WT = arr(torch.stack([torch.stack([m.weight.t() for m in ls]) for ls in lin]))
     B = arr(torch.stack([torch.stack([m.bias for m in ls]) for ls in lin]))
@@ -129,7 +130,8 @@ def recur_numba(
     start = np.ascontiguousarray(c0.detach().cpu().numpy(), dtype=np.float64)
     out = np.empty((len(ids), start.shape[1]), dtype=np.float32)
     state = np.empty_like(start)
-    _recur_kernel(
+    kernel: Any = _recur_kernel  # a numba dispatcher
+    kernel(
         tab,
         np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64),
         np.ascontiguousarray(offsets, dtype=np.int64),
@@ -149,12 +151,13 @@ def _kernel_ready() -> bool:
     if _recur_kernel.overloads:
         return True
     try:
-        return os.path.exists(_recur_kernel._cache._cache_file._index_path)
+        dispatcher: Any = _recur_kernel
+        return os.path.exists(dispatcher._cache._cache_file._index_path)
     except AttributeError:  # pragma: no cover
         return True
 
 
-KERNELS = {"numba": recur_numba, "torch": recur_torch}
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"numba": recur_numba, "torch": recur_torch}
 
 
 def choose_kernel(
@@ -177,7 +180,7 @@ def choose_kernel(
 
 
 def recur(
-    model: NewLLM,
+    model: ContextNetwork,
     kernel: str,
     table: torch.Tensor,
     tokens: np.ndarray,

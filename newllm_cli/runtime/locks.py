@@ -41,7 +41,7 @@ def _alive(pid: int) -> bool:
 
 def sweep_stale(directory: Path) -> list[Path]:
     """Remove the temporary files and directories in `directory` whose creating process is gone."""
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():

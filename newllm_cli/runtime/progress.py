@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -102,8 +103,8 @@ def console(log: bool = True, quiet: bool = False) -> Console:
     """A console bound to the current sys.stderr (tests swap it), plain when not a terminal, and
     copied to the run's log when one is open; `quiet` output is silenced by --quiet (not logged)."""
     session = current()
-    screen = _Null() if (quiet and session.quiet) or session.muted else sys.stderr
-    stream = _Tee(screen) if log else screen
+    screen: Any = _Null() if (quiet and session.quiet) or session.muted else sys.stderr
+    stream: Any = _Tee(screen) if log else screen
     return Console(file=stream, highlight=False, soft_wrap=True)
 
 
@@ -158,6 +159,9 @@ def progress(description: str, total: int | None, unit: str = "rows") -> Iterato
         task = bar.add_task(description, total=total, status="", unit=unit)
 
         def advance(n: int = 1, status: str | None = None) -> None:
-            bar.update(task, advance=n, **({"status": status} if status is not None else {}))
+            if status is None:
+                bar.update(task, advance=n)
+            else:
+                bar.update(task, advance=n, status=status)
 
         yield advance

@@ -159,7 +159,14 @@ class Workspace:
     def __init__(self, root: str | Path, run: str, dataset_key: str | None = None):
         self.root = Path(root)
         self.run_dir = self.root / "runs" / run
-        self.data_dir = self.root / "datasets" / dataset_key if dataset_key else None
+        self._data_dir = self.root / "datasets" / dataset_key if dataset_key else None
+
+    @property
+    def data_dir(self) -> Path:
+        """The dataset's directory (a workspace made without a dataset key has none)."""
+        if self._data_dir is None:
+            raise RuntimeError("this workspace was opened for a run only, without its dataset")
+        return self._data_dir
 
     def runs(self) -> list[str]:
         return sorted(p.name for p in (self.root / "runs").glob("*") if p.is_dir())
@@ -176,7 +183,7 @@ class Workspace:
     def staged(self, directory: Path) -> Workspace:
         """The same layout with the dataset files in `directory` (built there, then renamed)."""
         other = copy.copy(self)
-        other.data_dir = Path(directory)
+        other._data_dir = Path(directory)
         return other
 
     def ensure(self) -> None:

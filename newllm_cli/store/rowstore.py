@@ -22,6 +22,9 @@ from newllm_cli.store.artifacts import share, write_array
 
 
 class RowStore:
+    """N x C float32 rows, in memory or in a temporary .npy file read and written with pread/pwrite.
+    `with RowStore(...) as store:` closes it (deleting an unsaved file) when the block ends."""
+
     def __init__(self, rows: int, width: int, directory: Path | None = None, name: str = "rows"):
         self.shape = (rows, width)
         self.row_bytes = width * 4
@@ -58,15 +61,26 @@ class RowStore:
         return store
 
     @classmethod
-    def from_array(cls, source: np.ndarray, directory: Path | None, chunk: int) -> RowStore:
+    def from_array(cls, source: np.ndarray | RowStore, directory: Path | None, chunk: int) -> RowStore:
         """A store holding a copy of `source` (possibly memory-mapped), copied chunk by chunk."""
-        store = cls(*source.shape, directory)
+        store = cls(source.shape[0], source.shape[1], directory)
         for s in range(0, len(source), chunk):
             store.write(s, np.asarray(source[s : s + chunk], dtype=np.float32))
         return store
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    def __enter__(self) -> RowStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _file(self) -> int:
+        if self.fd is None:
+            raise ValueError("the row store is closed")
+        return self.fd
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         start, stop, _ = rows.indices(len(self))
@@ -76,9 +90,9 @@ class RowStore:
         if self.array is not None:
             return self.array[start:stop]
         out = np.empty((stop - start, self.shape[1]), dtype=np.float32)
-        view, pos = memoryview(out).cast("B"), self.data_offset + start * self.row_bytes
+        view, pos = out.data.cast("B"), self.data_offset + start * self.row_bytes
         while len(view):
-            got = os.preadv(self.fd, [view], pos)
+            got = os.preadv(self._file(), [view], pos)
             if got <= 0:
                 raise OSError(f"short read from {self.path}")
             view, pos = view[got:], pos + got
@@ -88,10 +102,10 @@ class RowStore:
         if self.array is not None:
             self.array[start : start + len(rows)] = rows
             return
-        view = memoryview(np.ascontiguousarray(rows, dtype=np.float32)).cast("B")
+        view = np.ascontiguousarray(rows, dtype=np.float32).data.cast("B")
         pos = self.data_offset + start * self.row_bytes
         while len(view):
-            done = os.pwrite(self.fd, view, pos)
+            done = os.pwrite(self._file(), view, pos)
             view, pos = view[done:], pos + done
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
@@ -111,7 +125,7 @@ class RowStore:
     def save(self, path: Path, chunk: int = 1 << 16) -> Path:
         """Write the rows to `path` as .npy, atomically; a file store is renamed, not copied."""
         if self.path is not None and self.path.parent.resolve() == Path(path).parent.resolve():
-            os.fsync(self.fd)
+            os.fsync(self._file())
             share(self.path)
             os.replace(self.path, path)
             self.close()  # the file now belongs to `path`
@@ -127,7 +141,7 @@ class RowStore:
         if getattr(self, "_cleanup", None) is not None:
             self._cleanup.detach()
         if self.fd is not None:
-            if self.owned:
+            if self.owned and self.path is not None:
                 _remove(self.fd, self.path)
             else:
                 os.close(self.fd)
@@ -160,7 +174,7 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
     try:
         for s, e in store.chunks(chunk):
             target.write(shard.start + s, store.read(s, e))
-        os.fsync(target.fd)
+        os.fsync(target._file())
     finally:
         target.close()
     group.barrier()  # every block is on disk

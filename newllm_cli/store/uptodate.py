@@ -61,7 +61,7 @@ def run_once(
     )
     if group is not None:
         fresh = group.broadcast(fresh)
-    if fresh:
+    if fresh and record is not None:
         seconds = time.perf_counter() - t0
         info(f"{name}: up to date, skipped ({seconds:.2f} s; --rebuild reruns it)")
         finish()

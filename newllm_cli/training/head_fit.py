@@ -134,7 +134,9 @@ class Whitening:
             part = None
             for other in filter(None, parts):
                 part = merge_moments(part, *other)
+            assert part is not None
             part = (part[0], part[1].to(device), part[2].to(device))
+        assert part is not None, "no rows"
         n, mean, scatter = part
         cov = scatter / max(n - 1, 1)
         values, vectors = torch.linalg.eigh(cov)
@@ -273,7 +275,7 @@ def holdout_start(split: Split, group: Group = SOLO) -> int:
     if groups is not None and len(groups) and bool((groups[1:] < groups[:-1]).any()):
         raise ValueError("probe rows must be in corpus order (groups never decreasing)")
     ids = np.unique(group.cat(torch.unique(groups).cpu().numpy())) if groups is not None else np.zeros(1)
-    if len(ids) >= 2:
+    if len(ids) >= 2 and groups is not None:
         cut = torch.as_tensor(ids[len(ids) - max(1, len(ids) // 10)], dtype=groups.dtype, device=groups.device)
         return int(torch.searchsorted(groups.contiguous(), cut))
     before = sum(group.gather(n)[: group.rank])
@@ -331,6 +333,16 @@ def lbfgs_counters(opt: torch.optim.LBFGS, param: torch.nn.Parameter) -> tuple[i
     state = opt.state.get(param, {})
     prev = state.get("prev_loss")
     return state.get("n_iter", 0), state.get("func_evals", 0), None if prev is None else float(prev)
+
+
+def _chosen(st: FitState) -> float:
+    assert st.best is not None
+    return float(st.best["l2"])
+
+
+def _best_cols(st: FitState) -> torch.Tensor:
+    assert st.best_cols is not None
+    return st.best_cols
 
 
 def _solve(st, objective, rows, cols, scale, max_iterations, group, advance, safe_point, on_block, what):
@@ -454,7 +466,7 @@ def fit(
         cols[-1] = prior_c
     while True:
         selecting = l2 is None and st.best is None
-        lam = grid[st.stage] if selecting else (l2 if l2 is not None else st.best["l2"])
+        lam = grid[st.stage] if selecting else l2 if l2 is not None else _chosen(st)
         rows = fit_rows if selecting else (xa, train.targets, n_train, block)
         objective = Objective(classes, prior_c, lam, device, group)
         scale = 1.0 / torch.sqrt(frequency + lam * classes.multiplicity)  # per-class curvature
@@ -473,7 +485,7 @@ def fit(
         worse = len(st.selection) >= 2 and record["heldout_loss"] > st.selection[-2]["heldout_loss"]
         if worse or st.stage == len(grid) - 1:  # held-out loss rose: the previous l2 was the best
             st.best = min(st.selection, key=lambda r: r["heldout_loss"])
-            cols, st.best_cols = st.best_cols, None
+            cols, st.best_cols = _best_cols(st), None
         else:
             st.stage += 1
         safe_point(lambda: st.as_dict(cols=cols.clone()))  # noqa: B023 (called at once)

@@ -81,7 +81,7 @@ def make_split(
             x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
         return Split(x, y, groups)
     reader = None
-    if isinstance(contexts, np.memmap):
+    if isinstance(contexts, np.memmap) and contexts.filename:
         with contextlib.suppress(ValueError):  # not float32 rows: read it mapped
             reader = RowStore.open(Path(contexts.filename))
         if reader is not None and reader.shape != contexts.shape:  # a slice of a file: read it mapped

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from newllm_cli.model.architectures import compiled
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork
 from newllm_cli.model.recurrence import choose_kernel, embedding_table
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, Shard
@@ -63,7 +63,7 @@ class MemoryPlan:
     chunk: int  # rows per statistics / gradient / Jacobi chunk: from the model alone
 
 
-def plan_memory(tokens: int, model: NewLLM, budget: int) -> MemoryPlan:
+def plan_memory(tokens: int, model: ContextNetwork, budget: int) -> MemoryPlan:
     """Two N x C stores stay in memory when they take at most half the budget; sweep windows take
     what is left of it. Chunks of the row-wise passes get WORKING_SPACE whatever the budget, so a
     budget never changes a result's bits. Per-row costs are estimates of what torch keeps alive
@@ -92,7 +92,7 @@ def block_chunks(bounds, chunk: int):
 
 
 def accumulate_gradient(
-    model: NewLLM,
+    model: ContextNetwork,
     table: torch.Tensor,
     tokens: np.ndarray,
     offsets: np.ndarray,
@@ -131,7 +131,7 @@ def accumulate_gradient(
     return sums
 
 
-def set_gradients(model: NewLLM, sums: dict[str, torch.Tensor], group: Group = SOLO) -> None:
+def set_gradients(model: ContextNetwork, sums: dict[str, torch.Tensor], group: Group = SOLO) -> None:
     """.grad = every rank's float64 sums added up, rounded once to float32. The per-rank sums are
     over their own rows of a loss normalised by the global token count, so this is exactly the
     gradient of one process. A parameter with no gradient on any rank keeps none (Adam skips it)."""
@@ -184,6 +184,7 @@ class CVFPResult:
 
     def save_contexts(self, path: Path) -> Path:
         """The contexts as one .npy (every rank writes its rows; one process renames its file)."""
+        assert self.shard is not None
         return save_rows(self.contexts, path, self.shard, self.group)
 
     @property
@@ -215,9 +216,10 @@ class SolveState:
         """Q becomes P; the old P (or a fresh store, the first time) takes the next Q."""
         self.prev, self.last, self.q = self.q, last, spare
 
-    def hand_over(self) -> RowStore | None:
+    def hand_over(self) -> RowStore:
         """The previous contexts leave the state (to the result, or to a resume point)."""
         prev, self.prev = self.prev, None
+        assert prev is not None, "no iteration has run"
         return prev
 
     def close(self) -> None:
@@ -369,7 +371,7 @@ def _info(stats: Comparison, total: int, width: int, steps: int, ratio: float) -
 
 
 def run_cvfp(
-    model: NewLLM,
+    model: ContextNetwork,
     tokens: np.ndarray,
     offsets: np.ndarray,
     cfg: Phase1Settings,
@@ -486,8 +488,8 @@ def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk:
             )
             return None
         store = RowStore(shard.stop - shard.start, width, directory, "contexts")
-        for s, e in store.chunks(chunk):
-            store.write(s, saved.read(shard.start + s, shard.start + e))
+        for a, b in store.chunks(chunk):
+            store.write(a, saved.read(shard.start + a, shard.start + b))
         return store
     finally:
         saved.close()
@@ -506,7 +508,7 @@ def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: 
     return None
 
 
-def prompt_context(model: NewLLM, ids: np.ndarray, cfg: Phase1Settings, device: torch.device) -> torch.Tensor:
+def prompt_context(model: ContextNetwork, ids: np.ndarray, cfg: Phase1Settings, device: torch.device) -> torch.Tensor:
     """c_N of the prompt's fixed-point trajectory."""
     res = run_cvfp(
         model, ids, np.array([0, len(ids)]), cfg.model_copy(update={"concat": False}), train=False, device=device

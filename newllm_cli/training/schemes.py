@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from newllm_cli.model.network import NewLLM
+from newllm_cli.model.network import ContextNetwork
 from newllm_cli.model.recurrence import recur, shifted
 from newllm_cli.store.rowstore import RowStore
 
@@ -28,7 +28,7 @@ from newllm_cli.store.rowstore import RowStore
 class Problem:
     """What every iteration of one solve reads: this rank's documents and the network."""
 
-    model: NewLLM
+    model: ContextNetwork
     kernel: str  # recurrence kernel (model/recurrence.py)
     table: torch.Tensor  # LayerNorm(Emb(v)) per vocabulary entry
     tokens: np.ndarray
