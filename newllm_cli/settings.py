@@ -2,7 +2,7 @@
 
 Precedence: CLI option > --config file > the run's saved settings.json > defaults.
 Each field carries its CLI option name (kebab-case; a section prefix where a bare name would be
-ambiguous), so cli.py generates the options instead of writing them out per command.
+ambiguous), so cli/options.py generates the options instead of writing them out per command.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class Phase1Settings(Section):
 
 
 class Phase2Settings(Section):
-    # The head is fitted to the optimum of a convex problem (probe.py), so there is no learning
+    # The head is fitted to the optimum of a convex problem (training/head_fit.py), so there is no learning
     # rate, batch size or epoch count to tune: only the penalty, chosen on held-out documents.
     l2: float | None = opt(
         None, "L2 penalty of the head (unset: chosen on held-out training documents).", cli="phase2-l2", gt=0

@@ -8,6 +8,7 @@ rank runs the same stage: Phase 1 and the heads on its share of the documents, t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import math
@@ -41,10 +42,8 @@ from newllm_cli.store.artifacts import (
     write_checkpoint,
     write_json,
 )
-from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training import head_fit as probe
+from newllm_cli.training import head_fit, predictors
 from newllm_cli.training import pairs as p2
-from newllm_cli.training import predictors
 from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
 SPLITS = ("train", "val")
@@ -579,6 +578,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         warn(f"recomputing the analysis: {e}")
         ana = None
     if ana is None or ana["provenance"].get("model_id") != mid or ana.get("val") is None:
+        info("phase2: the gate needs an analysis of these contexts: running `newllm analyze` first (no probes)")
         ana = _analyze(s, probe_rows=0)
     problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's word
     if problems:
@@ -605,7 +605,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         return fit, blocks
 
     bench = Bench(train_tokens, train_offsets, val_tokens, val_offsets, targets, vocab, s, fit_untrained)
-    warnings = probe.advice(res, "head", cfg.max_iterations)
+    warnings = head_fit.advice(res, "head", cfg.max_iterations)
     losses, table = {}, {}
     for control in CONTROLS:
         outcome = control.run(bench)
@@ -711,36 +711,39 @@ def fit_head_on(
             return model.embed_tokens(torch.as_tensor(ids, device=device))
 
     features = embed if cfg.head_input == "context+token" else None
-    data = {
-        k: p2.make_split(c, t, o, device, features, group=group, **budget(ws, s)) for k, (c, t, o) in splits.items()
-    }
-    pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
-    if 0 in pairs:
-        raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
-    prior = baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram" else np.zeros(vocab)
-    info(f"  {label}: {pairs[0]:,} train and {pairs[1]:,} val pairs")
-
-    blocks = []
-
-    def show(r: dict) -> None:
-        blocks.append(r)
-        info(
-            f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
-            f"iterations  {r['seconds']:.1f}s"
+    with contextlib.ExitStack() as owned:  # the streamed pairs' files go when the fit is done
+        data = {
+            k: owned.enter_context(p2.make_split(c, t, o, device, features, group=group, **budget(ws, s)))
+            for k, (c, t, o) in splits.items()
+        }
+        pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
+        if 0 in pairs:
+            raise UsageError("Phase 2 needs documents of at least 2 tokens in both splits")
+        prior = (
+            baselines.unigram_log_probs(splits["train"][1], vocab) if cfg.head_init == "unigram" else np.zeros(vocab)
         )
+        info(f"  {label}: {pairs[0]:,} train and {pairs[1]:,} val pairs")
 
-    resumable = Resumable(
-        ws.resume("phase2_" + label.split()[0]),
-        {
-            "network": network,
-            "format": "probe",
-            "phase2": cfg.model_dump(),
-            "seed": s.runtime.seed,
-            "vocab": vocab,
-            "pairs": pairs,
-        },
-    )
-    try:
+        blocks = []
+
+        def show(r: dict) -> None:
+            blocks.append(r)
+            info(
+                f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
+                f"iterations  {r['seconds']:.1f}s"
+            )
+
+        resumable = Resumable(
+            ws.resume("phase2_" + label.split()[0]),
+            {
+                "network": network,
+                "format": "probe",
+                "phase2": cfg.model_dump(),
+                "seed": s.runtime.seed,
+                "vocab": vocab,
+                "pairs": pairs,
+            },
+        )
         with interrupt.safe_points():
             res = predictors.PREDICTORS[predictor].fit(
                 data["train"],
@@ -757,19 +760,15 @@ def fit_head_on(
                 group=group,
                 save_every=s.runtime.save_every,
             )
-    finally:
-        for split in data.values():
-            if isinstance(split.inputs, RowStore):
-                split.inputs.close()  # the streamed pairs' file
-    resumable.clear()
-    metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
-    info(
-        f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
-        f"for {vocab:,} tokens (never-target tokens tied)"
-    )
-    val_groups = data["val"].groups
-    assert val_groups is not None  # make_split always groups by document
-    return res, group.cat(val_groups.cpu().numpy()), blocks
+        resumable.clear()
+        metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
+        info(
+            f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
+            f"for {vocab:,} tokens (never-target tokens tied)"
+        )
+        val_groups = data["val"].groups
+        assert val_groups is not None  # make_split always groups by document
+        return res, group.cat(val_groups.cpu().numpy()), blocks
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +14,9 @@ from pathlib import Path
 import grimp
 import pytest
 
+from newllm_cli import stages
 from newllm_cli.cli.table import COMMANDS
+from newllm_cli.settings import Settings
 
 PACKAGE = Path(__file__).resolve().parents[1] / "newllm_cli"
 CONFIG = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -76,3 +80,30 @@ def test_every_command_resolves_to_a_stage_taking_its_options(command):
     assert params[0] == "s", f"{command.target} takes the settings first"
     assert set(params[1:]) == {p.name for p in command.options}, command.target
     assert callable(command.report) and callable(command.prints)
+
+
+def test_no_module_rebinds_its_globals():
+    """Process-wide state lives in the CLI's session (runtime/session.py), never in a `global`."""
+    found = [
+        f"{path.relative_to(PACKAGE)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Global)
+    ]
+    assert found == []
+
+
+def test_a_stage_called_from_python_writes_no_log(cli, base_args, tmp_path):
+    """Loading and sampling a trained run from a script leaves the run's log.txt as it was; the
+    same stage run as a command appends to it."""
+    args = [*base_args, "--num-layers", "1", "--context-dim", "8", "--embed-dim", "8"]
+    assert cli("full", *args).code == 0
+    log = tmp_path / "ws" / "runs" / "default" / "log.txt"
+    before = log.read_bytes()
+    saved = json.loads((tmp_path / "ws" / "runs" / "default" / "settings.json").read_text())
+    settings = Settings.model_validate(saved)
+    out = stages.generate(settings, "The", max_new_tokens=3)
+    assert len(out["token_ids"]) == 3
+    assert log.read_bytes() == before
+    assert cli("generate", *args, "--prompt", "The", "--max-new-tokens", "3").code == 0
+    assert len(log.read_bytes()) > len(before)

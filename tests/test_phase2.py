@@ -14,7 +14,7 @@ from newllm_cli.model import recurrence
 from newllm_cli.model.head import Head
 from newllm_cli.model.network import NewLLM
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training import head_fit as probe
+from newllm_cli.training import head_fit
 from newllm_cli.training import pairs as p2
 
 CPU = torch.device("cpu")
@@ -34,7 +34,7 @@ def test_unigram_baseline_equals_hand_computation():
 def test_perplexity_is_exp_of_mean_cross_entropy():
     torch.manual_seed(0)
     head = p2.Head(3, 5)
-    split = probe.Split(torch.randn(40, 3), torch.randint(0, 5, (40,)))
+    split = head_fit.Split(torch.randn(40, 3), torch.randint(0, 5, (40,)))
     got = p2.evaluate(head, split)
     with torch.no_grad():
         logits = head(split.inputs)
@@ -49,16 +49,16 @@ def test_head_learns_a_deterministic_sequence():
     # context i (one-hot) is always followed by token (i + 1) % 6
     x = torch.eye(6).repeat(50, 1)
     y = (torch.arange(300) % 6 + 1) % 6
-    split = probe.Split(x, y, torch.arange(300) // 30)
-    res = probe.fit(split, split, 6, np.zeros(6))
+    split = head_fit.Split(x, y, torch.arange(300) // 30)
+    res = head_fit.fit(split, split, 6, np.zeros(6))
     assert res.val["accuracy"] == 1.0 and res.val["loss"] < 0.1
     assert p2.evaluate(Head.from_probe(res), split)["loss"] == pytest.approx(res.val["loss"], abs=1e-6)
 
 
 def test_a_huge_penalty_gives_exactly_the_unigram_baseline():
     tokens = np.array([0, 1, 1, 2, 2, 2, 3])
-    split = probe.Split(torch.randn(7, 3), torch.as_tensor(tokens))
-    res = probe.fit(split, split, 5, baselines.unigram_log_probs(tokens, 5), l2=1e6)
+    split = head_fit.Split(torch.randn(7, 3), torch.as_tensor(tokens))
+    res = head_fit.fit(split, split, 5, baselines.unigram_log_probs(tokens, 5), l2=1e6)
     assert res.val["perplexity"] == pytest.approx(baselines.unigram_perplexity(tokens, tokens, 5), rel=1e-4)
 
 
@@ -94,7 +94,7 @@ def test_bigram_prediction_is_the_argmax_of_the_count_matrix():
 def test_vocab_classes_tie_untargeted_tokens_with_equal_start():
     # targets 1 and 3; tokens 0, 2, 4 share a prior, token 5 has its own
     bias = np.array([-5.0, -1.0, -5.0, -2.0, -5.0, -4.0])
-    classes = probe.VocabClasses.build(np.array([3, 1, 3]), bias, CPU)
+    classes = head_fit.VocabClasses.build(np.array([3, 1, 3]), bias, CPU)
     assert classes.representative.tolist() == [0, 1, 3, 5]
     assert classes.multiplicity.tolist() == [3.0, 1.0, 1.0, 1.0]
     assert classes.token_class.tolist() == [0, 1, 0, 2, 0, 3]
@@ -144,16 +144,16 @@ def _reference_optimum(train, val, vocab, prior, l2):
 def test_tied_classes_whitening_and_scaling_reach_the_naive_optimum(monkeypatch):
     """Tied rows, whitening, the per-class scaling, the hand-written gradient and chunking change
     nothing: the fit equals a plain full-vocabulary solve of the same problem."""
-    monkeypatch.setattr(probe, "LOGIT_BUDGET", 100)  # several chunks per pass
+    monkeypatch.setattr(head_fit, "LOGIT_BUDGET", 100)  # several chunks per pass
     vocab, rng = 40, np.random.default_rng(1)  # rows 23-39 never counted: one tied class
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(1)) * torch.tensor([3.0, 0.5, 1.0]) + 2.0
     noise = torch.as_tensor(rng.integers(0, 2, 300))
     y = (((x[:, 0] / 3 + 2) * 3).long() + noise).clamp(0, 14)  # learnable targets among 0..14
     stream = np.concatenate([y.numpy(), [20, 21, 22, 22]])  # 20-22: counted, never targets
     prior = baselines.unigram_log_probs(stream, vocab)
-    train = probe.Split(x[:240], y[:240], torch.arange(240) // 24)
-    val = probe.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
-    res = probe.fit(train, val, vocab, prior, l2=0.01, max_iterations=500)
+    train = head_fit.Split(x[:240], y[:240], torch.arange(240) // 24)
+    val = head_fit.Split(x[240:], torch.where(torch.arange(60) % 7 == 0, 30, y[240:]))  # 30: an unseen token
+    res = head_fit.fit(train, val, vocab, prior, l2=0.01, max_iterations=500)
     ref_loss, ref_w, ref_b = _reference_optimum(train, val, vocab, prior, 0.01)
     assert res.val["loss"] == pytest.approx(ref_loss, rel=1e-4)
     assert torch.allclose(res.weight.double(), ref_w, atol=2e-3) and torch.allclose(res.bias.double(), ref_b, atol=2e-3)
@@ -164,10 +164,10 @@ def test_penalty_is_chosen_on_held_out_documents_not_on_val():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 2, generator=gen)
     y = (x[:, 0] > 0).long() * 3 + torch.randint(0, 3, (600,), generator=gen)  # half-learnable
-    train = probe.Split(x[:400], y[:400], torch.arange(400) // 20)
-    junk = probe.Split(torch.randn(200, 2, generator=gen), torch.randint(0, 6, (200,), generator=gen))
-    a = probe.fit(train, probe.Split(x[400:], y[400:]), 6, np.zeros(6))
-    b = probe.fit(train, junk, 6, np.zeros(6))  # another val set changes no choice
+    train = head_fit.Split(x[:400], y[:400], torch.arange(400) // 20)
+    junk = head_fit.Split(torch.randn(200, 2, generator=gen), torch.randint(0, 6, (200,), generator=gen))
+    a = head_fit.fit(train, head_fit.Split(x[400:], y[400:]), 6, np.zeros(6))
+    b = head_fit.fit(train, junk, 6, np.zeros(6))  # another val set changes no choice
     assert a.l2 == b.l2 and a.selection == b.selection and torch.equal(a.weight, b.weight)
     assert len(a.selection) >= 2 and a.l2 == min(a.selection, key=lambda r: r["heldout_loss"])["l2"]
 
@@ -175,9 +175,9 @@ def test_penalty_is_chosen_on_held_out_documents_not_on_val():
 def test_accuracy_over_tied_classes_is_the_full_vocabulary_argmax():
     # tokens 5-9 are never targets and start highest: the full argmax is token 5, never 7
     prior = np.array([0.0] * 5 + [2.0] * 5)
-    train = probe.Split(torch.randn(20, 2), torch.arange(20) % 5)
-    val = probe.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
-    res = probe.fit(train, val, 10, prior, l2=1e6)
+    train = head_fit.Split(torch.randn(20, 2), torch.arange(20) % 5)
+    val = head_fit.Split(torch.randn(6, 2), torch.tensor([5, 7, 5, 0, 9, 5]))
+    res = head_fit.fit(train, val, 10, prior, l2=1e6)
     head = Head.from_probe(res)
     with torch.no_grad():
         expected = (head(val.inputs).argmax(1) == val.targets).float().mean().item()
@@ -212,21 +212,25 @@ def test_bootstrap_verdict_against_hand_cases():
 
 def test_probe_advice_says_what_to_do():
     def result(**kw):
-        return probe.ProbeResult(weight=torch.zeros(1), bias=torch.zeros(1), **kw)
+        return head_fit.ProbeResult(weight=torch.zeros(1), bias=torch.zeros(1), **kw)
 
     assert (
-        probe.advice(
+        head_fit.advice(
             result(l2=1e-3, selection=[{"l2": 1e-1}, {"l2": 3e-2}, {"l2": 1e-2}, {"l2": 3e-3}, {"l2": 1e-3}]),
             "head",
             200,
         )
         == []
     )
-    capped = probe.advice(result(l2=1e-3, capped=True), "head", 200)
+    capped = head_fit.advice(result(l2=1e-3, capped=True), "head", 200)
     assert len(capped) == 1 and "--phase2-max-iterations 200" in capped[0]
-    weakest = probe.advice(result(l2=probe.L2_GRID[-1], selection=[{"l2": v} for v in probe.L2_GRID]), "head", 200)
-    assert len(weakest) == 1 and f"--phase2-l2 {probe.L2_GRID[-1] / 10:g}" in weakest[0]
-    strongest = probe.advice(result(l2=probe.L2_GRID[0], selection=[{"l2": v} for v in probe.L2_GRID[:2]]), "head", 200)
+    weakest = head_fit.advice(
+        result(l2=head_fit.L2_GRID[-1], selection=[{"l2": v} for v in head_fit.L2_GRID]), "head", 200
+    )
+    assert len(weakest) == 1 and f"--phase2-l2 {head_fit.L2_GRID[-1] / 10:g}" in weakest[0]
+    strongest = head_fit.advice(
+        result(l2=head_fit.L2_GRID[0], selection=[{"l2": v} for v in head_fit.L2_GRID[:2]]), "head", 200
+    )
     assert len(strongest) == 1 and "unigram start" in strongest[0]
 
 
@@ -263,7 +267,7 @@ def test_verdict_follows_the_information_in_the_contexts(encode):
     train = p2.make_split(ctx[:cut], tokens[:cut], offsets[:46], CPU)
     val = p2.make_split(ctx[cut:], tokens[cut:], offsets[45:] - cut, CPU)
     prior = baselines.unigram_log_probs(tokens[:cut], 24)
-    res = probe.fit(train, val, 24, prior)
+    res = head_fit.fit(train, val, 24, prior)
     unigram = -prior[val.targets.numpy()]
     v = verdict.compare(res.val_losses, unigram, val.groups.numpy())
     if encode:  # the head knows the rule: far below unigram (24 tokens, ~3.2 nats)
@@ -285,7 +289,7 @@ def test_pairs_streamed_from_disk_give_the_same_head(tmp_path):
     for budget in (None, 1):
         train = p2.make_split(mapped[:cut], tokens[:cut], offsets[:46], CPU, memory_budget=budget, scratch=tmp_path)
         val = p2.make_split(mapped[cut:], tokens[cut:], offsets[45:] - cut, CPU, memory_budget=budget, scratch=tmp_path)
-        fits.append(probe.fit(train, val, 24, prior))
+        fits.append(head_fit.fit(train, val, 24, prior))
     memory, disk = fits
     assert isinstance(train.inputs, RowStore) and train.inputs.path.parent == tmp_path
     assert disk.l2 == memory.l2 and [r["l2"] for r in disk.selection] == [r["l2"] for r in memory.selection]

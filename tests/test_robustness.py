@@ -95,7 +95,7 @@ def test_periodic_resume_points_continue_exactly():
     any of them, passed back, ends where the uninterrupted run ends."""
     import copy
 
-    from newllm_cli.training import head_fit as probe
+    from newllm_cli.training import head_fit
 
     tokens, offsets, cfg, fresh = small_training()
     whole = run_cvfp(fresh(), tokens, offsets, cfg, train=True, device=torch.device("cpu"))
@@ -127,10 +127,10 @@ def test_periodic_resume_points_continue_exactly():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(600, 3, generator=gen)
     y = (x[:, 0] > 0).long() * 3 + torch.randint(0, 3, (600,), generator=gen)
-    train, val = probe.Split(x[:400], y[:400], torch.arange(400) // 20), probe.Split(x[400:], y[400:])
-    plain = probe.fit(train, val, 6, np.zeros(6), max_iterations=60)
+    train, val = head_fit.Split(x[:400], y[:400], torch.arange(400) // 20), head_fit.Split(x[400:], y[400:])
+    plain = head_fit.fit(train, val, 6, np.zeros(6), max_iterations=60)
     points = []
-    probe.fit(
+    head_fit.fit(
         train,
         val,
         6,
@@ -140,7 +140,7 @@ def test_periodic_resume_points_continue_exactly():
         save_resume=lambda st: points.append(copy.deepcopy(st)),
     )
     assert len(points) >= 3
-    again = probe.fit(train, val, 6, np.zeros(6), max_iterations=60, resume=copy.deepcopy(points[len(points) // 2]))
+    again = head_fit.fit(train, val, 6, np.zeros(6), max_iterations=60, resume=copy.deepcopy(points[len(points) // 2]))
     assert again.val == plain.val and again.l2 == plain.l2 and again.iterations == plain.iterations
 
 

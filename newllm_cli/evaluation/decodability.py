@@ -18,7 +18,7 @@ import torch
 
 from newllm_cli.evaluation.analysis import sample_rows
 from newllm_cli.evaluation.baselines import unigram_log_probs
-from newllm_cli.training import head_fit as probe
+from newllm_cli.training import head_fit
 
 PROBES = {
     "token_from_context": "x_t from c_t",
@@ -87,10 +87,10 @@ def probe_all(
                 _, doc_ids, current, nxt = sampled[split]
                 inputs = by_split[split][1 if key == "token_from_step" else 0]
                 y = nxt if key == "next_from_context" else current
-                splits.append(probe.Split(inputs.to(device), y.to(device), doc_ids.to(device)))
+                splits.append(head_fit.Split(inputs.to(device), y.to(device), doc_ids.to(device)))
             if on_fit:
                 on_fit(f"{PROBES[key]} ({name})")
-            res = probe.fit(splits[0], splits[1], vocab, prior, device=device, label=f"probe {key} ({name})")
+            res = head_fit.fit(splits[0], splits[1], vocab, prior, device=device, label=f"probe {key} ({name})")
             out[key][name] = {
                 "val_perplexity": res.val["perplexity"],
                 "val_accuracy": res.val["accuracy"],

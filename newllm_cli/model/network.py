@@ -46,7 +46,7 @@ class ContextBlock(nn.Module):
 
 
 class NewLLM(ContextNetwork):
-    """Embedding + context blocks. The next-token head lives in Phase 2 (phase2.py)."""
+    """Embedding + context blocks. The next-token head is model/head.py, fitted in Phase 2."""
 
     def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int, layers_per_block: int = 1):
         super().__init__()

@@ -4,7 +4,7 @@ Locks are `flock`s on files under WORKSPACE/locks/ (not in the run directory, so
 leaves no run behind). The kernel releases a lock when its process dies, however it dies, so a lock
 left by a killed process is simply free. The holder writes its PID and command line into the file,
 so a refused command can say who holds it. Temporary files and directories carry their creator's
-PID (`.NAME.PID.xxxx`); `sweep_stale` removes those whose process is gone.
+PID (`.NAME.PID.xxxx`); `remove_stale` removes those whose process is gone.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(directory: Path) -> list[Path]:
+def remove_stale(directory: Path) -> list[Path]:
     """Remove the temporary files and directories in `directory` whose creating process is gone."""
     removed: list[Path] = []
     if not directory.is_dir():
@@ -85,7 +85,7 @@ def run(workspace: str | Path, name: str, exclusive: bool = True) -> Iterator[No
     root = Path(workspace)
     with hold(root / "locks" / f"run-{name}.lock", f"run {name!r}", exclusive):
         if exclusive:
-            sweep_stale(root / "runs" / name)
+            remove_stale(root / "runs" / name)
         yield
 
 
@@ -94,5 +94,5 @@ def dataset(data_dir: Path) -> Iterator[None]:
     """A dataset being built: others wait for it (then find it in the cache)."""
     root = data_dir.parent.parent
     with hold(root / "locks" / f"dataset-{data_dir.name}.lock", f"dataset {data_dir.name}", wait=24 * 3600):
-        sweep_stale(data_dir.parent)
+        remove_stale(data_dir.parent)
         yield

@@ -1,4 +1,4 @@
-"""People's output: rich on stderr (results for scripts go to stdout, from cli.py only)."""
+"""People's output: rich on stderr (results for scripts go to stdout, from cli/commands.py only)."""
 
 from __future__ import annotations
 

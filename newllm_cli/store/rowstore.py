@@ -170,13 +170,10 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
         # created at full size (sparse) and closed at once: the ranks fill it with pwrite
         np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=(shard.total, store.shape[1]))
     name = group.broadcast(name)
-    target = RowStore.open(Path(name), writable=True)
-    try:
+    with RowStore.open(Path(name), writable=True) as target:
         for s, e in store.chunks(chunk):
             target.write(shard.start + s, store.read(s, e))
         os.fsync(target._file())
-    finally:
-        target.close()
     group.barrier()  # every block is on disk
     if group.leader:
         share(Path(name))

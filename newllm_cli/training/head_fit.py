@@ -51,11 +51,19 @@ TOLERANCE = 1e-5  # stop when a block lowers the objective by less than this (na
 class Split:
     """Features, targets and the group (document) of each row, rows in corpus order (groups never
     decrease). Features are a tensor on the training device, or a RowStore file when the pairs do
-    not fit the memory budget (phase2.make_split): then every pass reads them chunk by chunk."""
+    not fit the memory budget (pairs.make_split): then every pass reads them chunk by chunk, and
+    `with split:` deletes that file at the end."""
 
     inputs: torch.Tensor | RowStore
     targets: torch.Tensor
     groups: torch.Tensor | None = None
+
+    def __enter__(self) -> Split:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if isinstance(self.inputs, RowStore):
+            self.inputs.close()
 
 
 CHUNK = 65536  # raw feature rows per chunk when streaming

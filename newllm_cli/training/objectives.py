@@ -140,7 +140,7 @@ def dist_loss(q: torch.Tensor) -> torch.Tensor:
     return (mean**2).mean() + ((var - 1.0) ** 2).mean()
 
 
-def _stat(stats: Comparison, values: np.ndarray | None, like: torch.Tensor) -> torch.Tensor:
+def _stat(values: np.ndarray | None, like: torch.Tensor) -> torch.Tensor:
     assert values is not None
     return torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
@@ -150,8 +150,13 @@ def _cvfp_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison) -> torch
 
 
 def _dist_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison) -> torch.Tensor:
-    mean, var = _stat(stats, stats.mean, q), _stat(stats, stats.var, q)
+    mean, var = _stat(stats.mean, q), _stat(stats.var, q)
     return (2.0 * mean + 4.0 * (var - 1.0) * (q - mean)) / (stats.rows * q.shape[1])
+
+
+def _cvfp_value(stats: Comparison) -> float:
+    assert stats.mean is not None
+    return stats.sq / (stats.rows * len(stats.mean))
 
 
 def _dist_value(stats: Comparison) -> float:
@@ -164,7 +169,7 @@ register(
     Term(
         name="cvfp",
         weight=lambda cfg: 1.0 - dist_weight(cfg),
-        value=lambda stats: stats.sq / (stats.rows * len(stats.mean if stats.mean is not None else ())),
+        value=_cvfp_value,
         gradient=_cvfp_gradient,
         reference=lambda q, p: torch.mean((q - p) ** 2),
     )

@@ -8,7 +8,7 @@ stored as a plain Linear(in, V) on the raw features, so `generate` needs nothing
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from newllm_cli.model.head import Head
 from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import NumericalError
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training import head_fit as probe
+from newllm_cli.training import head_fit
 from newllm_cli.training.head_fit import Split
 
 
@@ -80,25 +80,39 @@ def make_split(
         if token_features is not None:
             x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
         return Split(x, y, groups)
+    store = RowStore(len(pos), width, scratch, "pairs")
+    try:
+        with _reader(contexts) as reader:
+            for s in range(0, len(pos), head_fit.CHUNK):
+                p = pos[s : s + head_fit.CHUNK]
+                block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0] : p[-1] + 1])
+                x = torch.from_numpy(np.ascontiguousarray(block[p - p[0]], dtype=np.float32))
+                _check_finite(x)
+                if token_features is not None:
+                    x = torch.cat([x, token_features(np.asarray(tokens[p], dtype=np.int64)).cpu()], dim=1)
+                store.write(s, x.numpy())
+    except BaseException:
+        store.close()
+        raise
+    return Split(store, y, groups)  # the Split owns the store now: `with split:` closes it
+
+
+@contextlib.contextmanager
+def _reader(contexts: np.ndarray) -> Iterator[RowStore | None]:
+    """A memory-mapped contexts' file read with pread (None: in memory, or not plain float32 rows
+    of one whole file, such as a slice of one: read through the map)."""
     reader = None
     if isinstance(contexts, np.memmap) and contexts.filename:
-        with contextlib.suppress(ValueError):  # not float32 rows: read it mapped
+        with contextlib.suppress(ValueError):
             reader = RowStore.open(Path(contexts.filename))
-        if reader is not None and reader.shape != contexts.shape:  # a slice of a file: read it mapped
-            reader.close()
-            reader = None
-    store = RowStore(len(pos), width, scratch, "pairs")
-    for s in range(0, len(pos), probe.CHUNK):
-        p = pos[s : s + probe.CHUNK]
-        block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0] : p[-1] + 1])
-        x = torch.from_numpy(np.ascontiguousarray(block[p - p[0]], dtype=np.float32))
-        _check_finite(x)
-        if token_features is not None:
-            x = torch.cat([x, token_features(np.asarray(tokens[p], dtype=np.int64)).cpu()], dim=1)
-        store.write(s, x.numpy())
-    if reader:
+    if reader is not None and reader.shape != contexts.shape:
         reader.close()
-    return Split(store, y, groups)
+        reader = None
+    try:
+        yield reader
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def _check_finite(x: torch.Tensor) -> None:
@@ -114,4 +128,4 @@ def evaluate(head: Head, split: Split) -> dict:
         logits = head(split.inputs)
         losses = torch.nn.functional.cross_entropy(logits, split.targets, reduction="none")
         correct = int((logits.argmax(1) == split.targets).sum())
-    return probe.metrics(losses.double().cpu().numpy(), correct)
+    return head_fit.metrics(losses.double().cpu().numpy(), correct)

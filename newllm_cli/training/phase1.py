@@ -59,25 +59,25 @@ class MemoryPlan:
     """How Phase 1 fits its budget: contexts in memory or in files, and the rows handled at once."""
 
     in_memory: bool
-    window: int  # rows per sweep window
+    window: int  # rows per recurrence window
     chunk: int  # rows per statistics / gradient / Jacobi chunk: from the model alone
 
 
 def plan_memory(tokens: int, model: ContextNetwork, budget: int) -> MemoryPlan:
-    """Two N x C stores stay in memory when they take at most half the budget; sweep windows take
+    """Two N x C stores stay in memory when they take at most half the budget; recurrence windows take
     what is left of it. Chunks of the row-wise passes get WORKING_SPACE whatever the budget, so a
     budget never changes a result's bits. Per-row costs are estimates of what torch keeps alive
-    (autograd's saved activations in the gradient pass; ids and outputs in a sweep)."""
+    (autograd's saved activations in the gradient pass; ids and outputs in a recurrence pass)."""
     C, E = model.context_dim, model.embed_dim
     depth = sum(isinstance(m, torch.nn.Linear) for m in model.blocks.modules())
     stores = 2 * tokens * C * 4
     in_memory = stores <= budget // 2
     free = max(budget - (stores if in_memory else 0) - model.embed.num_embeddings * E * 4, budget // 4)
     per_row_grad = 4 * (E + 6 * C + (3 * depth + 6 * len(model.blocks)) * (C + E))
-    per_row_sweep = 24 + 12 * C
+    per_row_pass = 24 + 12 * C
     return MemoryPlan(
         in_memory,
-        window=int(np.clip(free // (2 * per_row_sweep), 1024, 1 << 20)),
+        window=int(np.clip(free // (2 * per_row_pass), 1024, 1 << 20)),
         chunk=int(np.clip(WORKING_SPACE // per_row_grad, 256, CHUNK)),
     )
 
@@ -480,7 +480,7 @@ def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk:
     except (OSError, ValueError) as e:
         warn(f"ignoring the resume point: its contexts {prev} cannot be read ({e}); starting afresh")
         return None
-    try:
+    with saved:
         if saved.shape != (shard.total, width):
             warn(
                 f"ignoring the resume point: its contexts hold {saved.shape}, not ({shard.total}, {width}); "
@@ -491,8 +491,6 @@ def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk:
         for a, b in store.chunks(chunk):
             store.write(a, saved.read(shard.start + a, shard.start + b))
         return store
-    finally:
-        saved.close()
 
 
 def _stop_reason(history: list[dict], ratio: float, cfg: Phase1Settings, train: bool, steps: int) -> str | None:
