@@ -245,13 +245,13 @@ def test_version(cli):
 
 @pytest.mark.parametrize("args", [["--help"], ["phase1", "--help"], ["--version"]])
 def test_help_imports_no_torch(args):
-    """Help and --version answer without importing torch or numba (seconds of start-up)."""
+    """Help and --version answer without importing torch, numba or numpy (a second of start-up)."""
     import subprocess
     import sys
 
     code = (
         f"import sys; from newllm_cli.cli.app import main; code = main({args!r}); "
-        "print('heavy:', [m for m in ('torch', 'numba') if m in sys.modules], code)"
+        "print('heavy:', [m for m in ('torch', 'numba', 'numpy') if m in sys.modules], code)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "heavy: [] 0"

@@ -6,6 +6,7 @@ import ast
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import grimp
 import pytest
 
 from newllm_cli import stages
+from newllm_cli.cli.options import docstring
 from newllm_cli.cli.table import COMMANDS
 from newllm_cli.settings import Settings
 
@@ -107,3 +109,10 @@ def test_a_stage_called_from_python_writes_no_log(cli, base_args, tmp_path):
     assert log.read_bytes() == before
     assert cli("generate", *args, "--prompt", "The", "--max-new-tokens", "3").code == 0
     assert len(log.read_bytes()) > len(before)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
+def test_help_text_is_the_stage_functions_docstring(command):
+    """Help reads docstrings from the source text (fast); it must equal what Python itself sees."""
+    expected = inspect.getdoc(command.function()) or ""
+    assert docstring(command.target) == re.sub(r"(?<!\n)\n(?!\n)", " ", expected)

@@ -17,15 +17,18 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import typer
 
 from newllm_cli.cli.options import COMMON, docstring, settings_parameters, split_kwargs
-from newllm_cli.runtime import distributed, interrupt, locks
+from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import NewLLMError, UsageError
 from newllm_cli.runtime.progress import set_quiet
 from newllm_cli.settings import SECTIONS, RuntimeSettings, resolve
-from newllm_cli.store.artifacts import Workspace
+
+if TYPE_CHECKING:
+    from newllm_cli.runtime.distributed import Group
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ def register(app: typer.Typer, command: Command) -> None:
     """Add `command` to `app`."""
 
     def run(**kwargs):
+        from newllm_cli.runtime import interrupt  # with numpy: not for help
+        from newllm_cli.store.artifacts import Workspace
+
         stage = command.function()
         if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
             signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
@@ -115,8 +121,10 @@ def on_this_run(message: str, workspace: str, run: str) -> str:
     )
 
 
-def join(name: str, device: str, parallel: bool) -> distributed.Group:
+def join(name: str, device: str, parallel: bool) -> Group:
     """The torchrun job this process belongs to (SOLO outside one)."""
+    from newllm_cli.runtime import distributed
+
     if not distributed.launched():
         return distributed.SOLO
     if not parallel:

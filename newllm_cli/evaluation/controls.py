@@ -5,16 +5,17 @@ the stage adds its perplexity and a paired verdict against the head, and phase2.
 table, the figures and `compare` list every entry in this order. A new control is one
 `register(Control(...))` here; its `run` gets a Bench (the data, the settings, and the stage's own
 way to fit the head on other contexts) and returns an Outcome, or None when it is switched off.
-Only numpy is imported here, so that help and reports stay fast.
+Nothing heavy is imported here (numpy neither), so that help and reports stay fast.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported when a control runs: help and reports stay fast
+    import numpy as np
 
 
 @dataclass
@@ -65,6 +66,8 @@ def label(key: str) -> str:
 
 
 def _unigram(b: Bench) -> Outcome:
+    import numpy as np
+
     from newllm_cli.evaluation.baselines import unigram_log_probs
 
     logp = unigram_log_probs(b.train_tokens, b.vocab)
