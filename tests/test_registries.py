@@ -215,7 +215,7 @@ def test_lbfgs_keeps_the_counters_the_head_fit_reads():
         opt.zero_grad()
         loss = ((x - torch.tensor([1.0, 1.0])) ** 2 * torch.tensor([1.0, 10.0])).sum()
         loss.backward()
-        values.append(float(loss))
+        values.append(float(loss.detach()))
         return loss
 
     assert lbfgs_counters(opt, x) == (0, 0, None)
