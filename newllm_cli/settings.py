@@ -127,6 +127,16 @@ class Phase1Settings(Section):
     )
     scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
     concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
+    fixed_point_solver: Literal["iterate", "plain", "anderson"] = opt(
+        "iterate",
+        "How the no-update solves (validation, the solve after unconverged training, the control) end: "
+        "iterate (until --min-converged-ratio of tokens stop moving), or plain / anderson: every "
+        "document's carry-over c_0 = c_N solved to --fixed-point-tol (anderson accelerates).",
+        cli="fixed-point-solver",
+    )
+    fixed_point_tol: float = opt(
+        1e-4, "Relative carry-over residual |c_N - c_0| / |c_N| of a solved document.", cli="fixed-point-tol", gt=0
+    )
     kernel: Literal["auto", "numba", "torch"] = opt(
         "auto",
         "Sweep: numba (one document per thread) or torch "

@@ -220,6 +220,11 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     def show(r: dict) -> None:
         if r["converged_ratio"] is None:
             info(f"  iteration {r['iteration']:>2}: first pass {r['seconds']:.2f}s")
+        elif r["cvfp_loss"] is None:  # a pass of a solve to --fixed-point-tol
+            info(
+                f"  pass {r['iteration']:>2}: {r['converged_ratio']:6.1%} of tokens in solved documents, worst "
+                f"relative carry-over {r['residual']:.2g}  {r['seconds']:.2f}s"
+            )
         else:
             info(
                 f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
@@ -287,6 +292,8 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
         "residual": res.residual,
         "stopped_by": res.stopped_by,
         "solve": res.solve,
+        "fixed_point": res.fixed_point,
+        **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
         "warnings": res.warnings,
         "seconds": seconds,
         "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
@@ -524,6 +531,8 @@ def control_contexts(
             "converged_ratio": res.converged_ratio,
             "residual": res.residual,
             "iterations": len(res.history),
+            "fixed_point": res.fixed_point,
+            **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
             "provenance": key,
         },
     )

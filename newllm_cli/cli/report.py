@@ -31,6 +31,13 @@ def phase1(r: dict) -> None:
         f"({r['stopped_by']}){settled}; saved contexts {ratio:.1%} converged, fixed-point residual "
         f"{r['residual']:.2g}; {r['token_iterations_per_second']:,.0f} token-iterations/s"
     )
+    fp = r.get("fixed_point")
+    if fp:
+        console(quiet=True).print(
+            f"  carry-over c_0 = c_N: {fp['within_tolerance']:.1%} of {fp['documents']:,} documents within "
+            f"{fp['tolerance']:g} (relative; worst {fp['carry_over_relative_max']:.2g}, largest change "
+            f"{fp['carry_over_max_abs']:.2g}); inside documents {fp['interior_max_abs']:.1g}"
+        )
 
 
 def _flag(value: bool) -> str:

@@ -30,13 +30,14 @@ import torch
 
 from newllm_cli.model.architectures import compiled
 from newllm_cli.model.network import ContextNetwork
-from newllm_cli.model.recurrence import choose_kernel, embedding_table
+from newllm_cli.model.recurrence import choose_kernel, embedding_table, recur
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, Shard
 from newllm_cli.runtime.errors import Interrupted, NumericalError
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
 from newllm_cli.store.rowstore import Part, RowStore, save_rows
+from newllm_cli.training import fixed_point
 from newllm_cli.training.adam import Adam
 from newllm_cli.training.objectives import TERMS, Comparison, loss_gradient
 from newllm_cli.training.schemes import SCHEMES, Problem, incoming_rows
@@ -175,6 +176,8 @@ class CVFPResult:
     warnings: list[str] = field(default_factory=list)
     solve: list[dict] = field(default_factory=list)  # no-update iterations after unconverged training
     info: SolveInfo | None = None  # of the saved contexts
+    fixed_point: dict = field(default_factory=dict)  # both fixed-point conditions checked on them (carry_over)
+    solve_report: dict = field(default_factory=dict)  # a solve to --fixed-point-tol: documents within, failing
 
     @property
     def converged_ratio(self) -> float | None:
@@ -250,6 +253,7 @@ class Solver:
     on_iteration: Callable[[dict], None] | None = None
     save_resume: Callable[[dict, str], None] | None = None
     save_every: float = 0.0
+    report: dict = field(default_factory=dict)  # of a solve to --fixed-point-tol
 
     @property
     def rows(self) -> int:
@@ -279,6 +283,53 @@ class Solver:
                     self.save_resume(self.resume_point(state, keep=not stop), str(k + 1))
                 if stop:
                     raise Interrupted(f"interrupted after Phase 1 iteration {k + 1}; rerun the same command to resume")
+
+    def solve_to_tolerance(self, state: SolveState) -> None:
+        """No updates: solve every document's carry-over c_0 = F(c_0) (F: one sequential pass, for
+        either scheme) with the solver of --fixed-point-solver to --fixed-point-tol, within
+        --phase1-max-iterations passes. Each pass is one history record (converged_ratio: the
+        tokens of documents within the tolerance; residual: the worst relative carry-over)."""
+        cfg, p = self.cfg, self.problem
+        lengths = np.diff(p.offsets)
+        total = max(self.shard.total, 1)
+        ends: list[np.ndarray] = []
+
+        def one_pass(c0: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            k = len(state.history)
+            with progress(f"{self.label} pass {k + 1}", self.rows, "tok") as advance:
+                last = recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, state.q, p.window, advance)
+            rel = np.linalg.norm(last - c0, axis=1) / np.maximum(np.linalg.norm(last, axis=1), 1e-12)
+            within = self.group.sum(int(lengths[rel <= cfg.fixed_point_tol / 2].sum()))
+            worst = max(self.group.gather(float(rel.max()) if len(rel) else 0.0))
+            record = {"iteration": k + 1, "lr": None, **dict.fromkeys(f"{name}_loss" for name in TERMS)}
+            record.update(loss=None, converged_ratio=within / total, residual=worst)
+            record["seconds"] = time.perf_counter() - start
+            state.history.append(record)
+            if self.on_iteration:
+                self.on_iteration(record)
+            ends[:] = [last]
+            return last
+
+        def everywhere(done: bool) -> bool:
+            return not self.group.any(not done)[0]
+
+        # solved to half the tolerance: the check of the saved rows (carry_over) recomputes c_1 from c_N
+        # rather than from the c_0 the pass started at, one more step of f, and must land within it
+        target = cfg.fixed_point_tol / 2
+        _, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
+            one_pass, state.last, target, cfg.max_iterations, everywhere=everywhere
+        )
+        counts = self.group.gather((report.converged, report.residual, report.stalled))
+        self.report = fixed_point.SolveReport(
+            report.passes, *(np.concatenate([c[i] for c in counts]) for i in range(3))
+        ).as_dict(target)
+        state.stopped_by = "converged" if self.report["failing"] == 0 else "max_iterations"
+        state.next = len(state.history)
+        last = state.history[-1]
+        state.info = SolveInfo(abs_residual=None, rel_residual=last["residual"], steps=report.passes,
+                               converged_ratio=last["converged_ratio"])  # fmt: skip
+        state.swap(ends[0], state.prev if state.prev is not None else self.store())
 
     def iteration(self, k: int, state: SolveState) -> tuple[dict, str | None]:
         """Iteration k: Q from P by the scheme, Q against P, the stop rule, and (training, not
@@ -428,7 +479,8 @@ def run_cvfp(
     problem = Problem(model, kernel, embedding_table(model, device), tokens, offsets, plan.window, plan.chunk)
     solver = Solver(problem, cfg, shard, group, directory, optimizer, label, on_iteration, save_resume, save_every)
     with state:
-        solver.run(state)
+        solver.run(state) if train or cfg.fixed_point_solver == "iterate" else solver.solve_to_tolerance(state)
+    result.solve_report = solver.report
     state.q.close()
     result.contexts = state.hand_over()
     result.history, result.optimizer_steps, result.stopped_by, result.info = (
@@ -445,13 +497,14 @@ def run_cvfp(
             f"converged (target {cfg.min_converged_ratio:.0%}); raise "
             "--phase1-max-iterations to let it settle"
         )
-    if train and result.stopped_by != "converged":
-        # The last step moved the fixed point: iterate the final weights, without updates, until the
-        # saved contexts are their fixed point to the same tolerance as validation.
+    if train and (result.stopped_by != "converged" or cfg.fixed_point_solver != "iterate"):
+        # The last step moved the fixed point: solve the final weights' one, without updates, to the
+        # same tolerance as validation (always, when that tolerance is the carry-over condition's).
         settle = Solver(problem, cfg, shard, group, directory, label=f"{label} solve")
         final = SolveState(prev=result.contexts, last=result.contexts.gather(offsets[1:] - 1), q=settle.store())
         with final:
-            settle.run(final)
+            settle.run(final) if cfg.fixed_point_solver == "iterate" else settle.solve_to_tolerance(final)
+        result.solve_report = settle.report
         final.q.close()
         result.contexts, result.solve, result.info = final.hand_over(), final.history, final.info
         if final.stopped_by != "converged":
@@ -465,7 +518,26 @@ def run_cvfp(
             "Phase 1 stopped before any optimizer step: the contexts are those of "
             "the untrained network (raise --phase1-min-iterations)"
         )
+    result.fixed_point = carry_over(problem, result.contexts, group, cfg.fixed_point_tol)
     return result
+
+
+def carry_over(problem: Problem, contexts: RowStore, group: Group, tol: float) -> dict:
+    """Both fixed-point conditions checked on the saved contexts with their own weights, over every
+    rank's documents: the share of documents whose relative carry-over residual is within `tol`."""
+    found = fixed_point.check(problem.model.step, problem.table, problem.tokens, problem.offsets, contexts,
+                              problem.chunk)  # fmt: skip
+    parts = group.gather((found.pop("_relative"), found["carry_over_max_abs"], found["interior_max_abs"]))
+    rel = np.concatenate([p[0] for p in parts])
+    return {
+        "tolerance": tol,
+        "documents": int(len(rel)),
+        "within_tolerance": float((rel <= tol).mean()) if len(rel) else 1.0,
+        "carry_over_relative_max": float(rel.max()) if len(rel) else 0.0,
+        "carry_over_relative_mean": float(rel.mean()) if len(rel) else 0.0,
+        "carry_over_max_abs": max(p[1] for p in parts),
+        "interior_max_abs": max(p[2] for p in parts),
+    }
 
 
 def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk: int) -> RowStore | None:

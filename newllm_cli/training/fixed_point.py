@@ -1,0 +1,158 @@
+"""The carry-over condition, solved and checked: c_0 = c_N for every document.
+
+With the weights fixed, a document's trajectory is a fixed point when c_t = f(x_t, c_{t-1}) for all
+t and its starting context c_0 equals its last, c_N. The sequential pass makes the first condition
+hold by construction, so the unknown is one C-vector per document: c_0 = F(c_0), F being one pass
+over the document. Solvers (one signature, `SOLVERS[name](F, x0, tol, max_passes)`):
+- plain: c_0 <- F(c_0), what the iterations of Phase 1 do;
+- anderson: Anderson acceleration (type II, the last `m` differences; torchdeq's default solver),
+  a small least-squares problem per document each pass.
+Both stop a document once its relative residual |F(c_0) - c_0| / |F(c_0)| is within `tol` (it then
+keeps its c_0), and report those that never get there, and whether they stalled (no progress over
+the last passes: a cycle, chaos, or a fixed point too weakly attracting to reach).
+`check` measures both conditions on saved contexts, from the contexts alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Pass = Callable[[np.ndarray], np.ndarray]  # c_0 of every document (D x C, float32) -> each one's c_N
+
+
+@dataclass
+class SolveReport:
+    passes: int  # evaluations of F
+    converged: np.ndarray  # per document: within tol
+    residual: np.ndarray  # per document: |F(c_0) - c_0| / |F(c_0)| at the last pass
+    stalled: np.ndarray  # per unconverged document: the residual stopped falling
+
+    def as_dict(self, tol: float) -> dict:
+        failing = ~self.converged
+        return {
+            "tolerance": tol,
+            "passes": self.passes,
+            "documents": int(len(self.converged)),
+            "within_tolerance": float(self.converged.mean()) if len(self.converged) else 1.0,
+            "failing": int(failing.sum()),
+            "stalled": int(self.stalled.sum()),
+            "worst_residual": float(self.residual.max()) if len(self.residual) else 0.0,
+        }
+
+
+def _relative(g: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(g, axis=1) / np.maximum(np.linalg.norm(fx, axis=1), 1e-12)
+
+
+STALL = 10  # passes without a new lowest residual that mark a document as stalled
+
+
+def _alone(done: bool) -> bool:
+    return done
+
+
+def plain(
+    F: Pass, x0: np.ndarray, tol: float, max_passes: int, everywhere: Callable[[bool], bool] = _alone
+) -> tuple[np.ndarray, SolveReport]:
+    return anderson(F, x0, tol, max_passes, m=0, everywhere=everywhere)
+
+
+def anderson(
+    F: Pass,
+    x0: np.ndarray,
+    tol: float,
+    max_passes: int,
+    m: int = 5,
+    beta: float = 1.0,
+    everywhere: Callable[[bool], bool] = _alone,
+) -> tuple[np.ndarray, SolveReport]:
+    """Anderson acceleration of x = F(x), each row (document) its own problem; m = 0 is plain
+    iteration. The returned x is the last point F was evaluated at, so the trajectory written by
+    that pass starts from it exactly. `everywhere(done)` is True when every rank of a job is done
+    (so all stop after the same pass: each document's iterates are those of one process)."""
+    x = np.asarray(x0, np.float32).copy()
+    rows = len(x)
+    done = np.zeros(rows, bool)
+    best = np.full(rows, np.inf)
+    since = np.zeros(rows, np.int64)
+    xs: list[np.ndarray] = []
+    gs: list[np.ndarray] = []
+    residual = np.zeros(rows)
+    before = np.full(rows, np.inf)  # each row's residual at the previous pass
+    age = np.zeros(rows, np.int64)  # passes each row's history has been used since its last restart
+    passes = 0
+    for passes in range(1, max_passes + 1):
+        fx = np.asarray(F(x), np.float64)
+        g = fx - x
+        residual = _relative(g, fx)
+        done |= residual <= tol
+        improved = residual < best
+        best = np.where(improved, residual, best)
+        since = np.where(improved, 0, since + 1)
+        if everywhere(bool(done.all())) or passes == max_passes:
+            break
+        xs.append(x.astype(np.float64))
+        gs.append(g)
+        xs, gs = xs[-(m + 1) :], gs[-(m + 1) :]
+        step = x + beta * g
+        # safeguard: a row whose residual grew restarts, taking the plain step and forgetting its history
+        safe = residual < before
+        age = np.where(safe, age + 1, 0)
+        before = residual
+        if m and len(gs) > 1:
+            dg = np.stack([b - a for a, b in zip(gs[:-1], gs[1:])], axis=2)  # D x C x k, oldest first
+            dx = np.stack([b - a for a, b in zip(xs[:-1], xs[1:])], axis=2)
+            k = dg.shape[2]
+            recent = (np.arange(k)[None, :] >= k - np.minimum(age, k)[:, None])[:, None, :]  # since its restart
+            dg, dx = dg * recent, dx * recent
+            gram = np.einsum("dck,dcl->dkl", dg, dg)
+            scale = np.maximum(np.trace(gram, axis1=1, axis2=2), 1e-300)[:, None, None]
+            gram += 1e-10 * scale * np.eye(gram.shape[1])  # ridge: differences may be nearly parallel
+            gamma = np.linalg.solve(gram, np.einsum("dck,dc->dk", dg, g)[..., None])[..., 0]
+            step = np.where(safe[:, None], step - np.einsum("dck,dk->dc", dx + beta * dg, gamma), step)
+        x = np.where(done[:, None], x, step).astype(np.float32)  # a solved document keeps its c_0
+    stalled = ~done & (since >= STALL)
+    return x, SolveReport(passes, done, residual, stalled)
+
+
+SOLVERS: dict[str, Callable[..., tuple[np.ndarray, SolveReport]]] = {"plain": plain, "anderson": anderson}
+
+
+def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: torch.Tensor, tokens: np.ndarray,
+          offsets: np.ndarray, contexts, chunk: int = 1 << 16) -> dict:  # fmt: skip
+    """Both conditions on saved contexts Q, recomputed by one batched f: the carry-over residual
+    |f(x_0, Q_N) - Q_0| at each document's start (Q_N: its own last row), the interior one
+    |f(x_t, Q_{t-1}) - Q_t| elsewhere; max-abs per row, and relative to |Q_t| (L2)."""
+    from newllm_cli.training.schemes import incoming_rows
+
+    offsets = np.asarray(offsets, np.int64)
+    starts = offsets[:-1][np.diff(offsets) > 0]
+    c0 = contexts.gather(np.maximum(offsets[1:] - 1, 0)) if len(offsets) > 1 else np.zeros((0, contexts.shape[1]))
+    carry_abs, carry_rel, interior = [], [], 0.0
+    with torch.no_grad():
+        for s in range(0, len(tokens), chunk):
+            e = min(s + chunk, len(tokens))
+            q = contexts.read(s, e)
+            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=table.device)
+            inc = torch.from_numpy(incoming_rows(contexts, s, e, offsets, c0)).to(table.device)
+            r = (step(table[ids], inc).cpu().numpy().astype(np.float64) - q).astype(np.float64)
+            first = np.isin(np.arange(s, e), starts)
+            if first.any():
+                carry_abs.append(np.abs(r[first]).max(axis=1))
+                carry_rel.append(np.linalg.norm(r[first], axis=1) / np.maximum(np.linalg.norm(q[first], axis=1), 1e-12))
+            if (~first).any():
+                interior = max(interior, float(np.abs(r[~first]).max()))
+    ca = np.concatenate(carry_abs) if carry_abs else np.zeros(0)
+    cr = np.concatenate(carry_rel) if carry_rel else np.zeros(0)
+    return {
+        "documents": int(len(ca)),
+        "carry_over_max_abs": float(ca.max()) if len(ca) else 0.0,
+        "carry_over_relative_max": float(cr.max()) if len(cr) else 0.0,
+        "carry_over_relative_mean": float(cr.mean()) if len(cr) else 0.0,
+        "interior_max_abs": interior,
+        "_relative": cr,
+    }
