@@ -137,6 +137,12 @@ class Phase1Settings(Section):
     fixed_point_tol: float = opt(
         1e-4, "Relative carry-over residual |c_N - c_0| / |c_N| of a solved document.", cli="fixed-point-tol", gt=0
     )
+    fixed_point_unique: bool = opt(
+        False,
+        "After a solve to --fixed-point-tol, solve again from another start (zeros, or Gaussian when the "
+        "first started from zeros) and report how far apart the two fixed points are.",
+        cli="fixed-point-unique",
+    )
     kernel: Literal["auto", "numba", "torch"] = opt(
         "auto",
         "Sweep: numba (one document per thread) or torch "

@@ -27,6 +27,7 @@ from newllm_cli.model import architectures
 from newllm_cli.model import generate as gen
 from newllm_cli.model.head import Head
 from newllm_cli.model.network import ContextNetwork
+from newllm_cli.model.recurrence import embedding_table
 from newllm_cli.runtime import distributed, interrupt
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, log_to, warn
@@ -42,7 +43,8 @@ from newllm_cli.store.artifacts import (
     write_checkpoint,
     write_json,
 )
-from newllm_cli.training import head_fit, predictors
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training import fixed_point, head_fit, predictors
 from newllm_cli.training import pairs as p2
 from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
@@ -391,6 +393,10 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
         reports[split] = analysis.analyze_contexts(
             ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode, offsets=offs
         )
+        if rep.get("fixed_point"):  # how far the contexts are from a fixed point (phase1's check)
+            reports[split]["fixed_point"] = rep["fixed_point"]
+        if not s.phase1.concat:
+            reports[split]["contraction"] = _contraction(ws, s, meta, split, toks, offs)
         ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
@@ -659,7 +665,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         "settings": cfg.model_dump(),
         "provenance": provenance,
         "checkpoint": str(ws.phase2_checkpoint()),
-        "finding": verdict.finding(table),
+        "finding": verdict.finding(table) + resting(ana, ws),
         "seconds": time.perf_counter() - t0,
     }
     if plot is not None:
@@ -667,6 +673,29 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     write_json(ws.phase2_report(), out)
     finish_stage(ws, s)
     return out
+
+
+def _contraction(ws: Workspace, s: Settings, meta: dict, split: str, tokens, offsets) -> dict | None:
+    """Whether iterating can converge at the saved contexts (training/fixed_point.contraction)."""
+    device = resolve_device(s.runtime.device)
+    model, _ = load_phase1_model(ws, s, meta, device)
+    with RowStore.open(ws.contexts(split)) as contexts:
+        return fixed_point.contraction(model, embedding_table(model, device), tokens, offsets, contexts, s.runtime.seed)
+
+
+def resting(ana: dict, ws: Workspace) -> str:
+    """What the verdicts rest on: the share of val documents whose saved contexts meet the carry-over
+    condition c_0 = c_N (the trained network's, and the control's), from the phase1 checks."""
+    mine = (ana.get("val") or {}).get("fixed_point")
+    if not mine:
+        return ""
+    control = read_json(ws.control_report("val"), "control report") if ws.control_report("val").exists() else {}
+    theirs = control.get("fixed_point")
+    other = f" (the control's: {theirs['within_tolerance']:.0%})" if theirs else ""
+    return (
+        f" These rest on val contexts of which {mine['within_tolerance']:.0%} of {mine['documents']:,} documents "
+        f"meet the carry-over condition c_0 = c_N to {mine['tolerance']:g}{other}."
+    )
 
 
 MIN_VAL_TOKENS = 1000  # below this a perplexity's interval is too wide to say much

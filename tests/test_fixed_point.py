@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from newllm_cli.model import architectures
+from newllm_cli.model.network import ContextNetwork
+from newllm_cli.model.recurrence import embedding_table
 from newllm_cli.settings import ModelSettings, Phase1Settings
-from newllm_cli.training.fixed_point import SOLVERS, anderson, plain
+from newllm_cli.store.rowstore import RowStore
+from newllm_cli.training.fixed_point import SOLVERS, anderson, contraction, plain
 from newllm_cli.training.phase1 import run_cvfp
 
 CPU = torch.device("cpu")
@@ -91,3 +94,65 @@ def test_saved_contexts_satisfy_both_conditions_by_a_naive_recurrence(solver, sc
         fp = res.fixed_point
         assert fp["within_tolerance"] == 1.0 and fp["documents"] == 4 and fp["interior_max_abs"] < 1e-5
         assert res.solve_report["failing"] == 0
+
+
+class Linear(ContextNetwork):
+    """c_t = A c_{t-1} + e(x_t): one document's pass has Jacobian A^L, its step A."""
+
+    def __init__(self, a: torch.Tensor, vocab: int = 5):
+        super().__init__()
+        self.context_dim = self.embed_dim = a.shape[0]
+        self.embed = torch.nn.Embedding(vocab, a.shape[0])
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(a.shape[0], a.shape[0], bias=False)])
+        with torch.no_grad():
+            self.blocks[0].weight.copy_(a)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+    def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0](ctx) + tok
+
+
+def test_contraction_is_the_jacobians_of_a_pass_and_a_step():
+    a = torch.tensor([[0.5, 0.2, 0.0], [0.0, -0.6, 0.1], [0.0, 0.0, 0.3]])  # eigenvalues 0.5, -0.6, 0.3
+    model = Linear(a)
+    tokens, offsets = np.array([1, 2, 3, 4, 0, 1, 2]), np.array([0, 3, 7])
+    contexts = RowStore(7, 3)
+    contexts.write(0, np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32))
+    got = contraction(model, embedding_table(model, CPU), tokens, offsets, contexts)
+    radii = [0.6**3, 0.6**4]  # documents of 3 and 4 tokens: A^3, A^4
+    assert got["documents"] == 2
+    assert got["pass_spectral_radius_median"] == pytest.approx(np.median(radii), rel=1e-5)
+    assert got["pass_spectral_radius_max"] == pytest.approx(max(radii), rel=1e-5)
+    assert got["step_norm_max"] == pytest.approx(float(torch.linalg.matrix_norm(a.double(), ord=2)), rel=1e-6)
+
+
+class Bistable(ContextNetwork):
+    """c_t = tanh(3 c_{t-1}) (the token is ignored): fixed points 0 (repelling) and +-0.995 per
+    dimension, so the fixed point found depends on where the solve starts."""
+
+    def __init__(self, width: int = 2, vocab: int = 4):
+        super().__init__()
+        self.context_dim = self.embed_dim = width
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+    def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(3 * ctx)
+
+
+def test_a_second_start_finds_the_other_fixed_points():
+    cfg = Phase1Settings(fixed_point_solver="plain", fixed_point_unique=True, fixed_point_tol=1e-6, max_iterations=100)
+    res = run_cvfp(Bistable(), np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3, 4]), cfg, train=False, device=CPU)
+    assert res.solve_report["failing"] == 0  # from zeros: the repelling fixed point 0, exactly
+    assert np.abs(res.contexts.read(0, 4)).max() == 0
+    u = res.solve_report["unique"]
+    assert u["documents"] == 4 and u["second_start_solved"] == 4 and u["apart"] == 4
+    root = 1.0
+    for _ in range(100):
+        root = float(np.tanh(3 * root))  # the positive root of c = tanh(3c), in float64
+    assert u["max_distance"] == pytest.approx(root, rel=1e-5)

@@ -38,6 +38,18 @@ def phase1(r: dict) -> None:
             f"{fp['tolerance']:g} (relative; worst {fp['carry_over_relative_max']:.2g}, largest change "
             f"{fp['carry_over_max_abs']:.2g}); inside documents {fp['interior_max_abs']:.1g}"
         )
+    solve = r.get("fixed_point_solve") or {}
+    if solve.get("failing"):
+        console(quiet=True).print(
+            f"  [yellow]{solve['failing']:,} documents not solved[/] in {solve['passes']} passes "
+            f"({solve['stalled']:,} stalled: a cycle, chaos or too weak a pull); worst {solve['worst_residual']:.2g}"
+        )
+    if solve.get("unique"):
+        u = solve["unique"]
+        console(quiet=True).print(
+            f"  a second start: {u['apart']:,} of {u['documents']:,} documents reach another fixed point "
+            f"(largest distance {u['max_distance']:.2g})"
+        )
 
 
 def _flag(value: bool) -> str:
@@ -67,6 +79,12 @@ SECTIONS = {
             for k in (1, 10, 100)
         ],
     ],
+    "fixed point (c_0 = c_N, relative)": [
+        ("documents within the tolerance", lambda a: _share(a.get("fixed_point"), "within_tolerance")),
+        ("worst carry-over residual", lambda a: _share(a.get("fixed_point"), "carry_over_relative_max", ".2g")),
+        ("spectral radius of dc_N/dc_0, median / max", lambda a: _pair(a.get("contraction"), "pass_spectral_radius")),
+        ("norm of df/dc at tokens, median / max", lambda a: _pair(a.get("contraction"), "step_norm")),
+    ],
     "information": [
         ("actual rank", lambda a: f"{a['information']['actual_rank']} / {a['dim']}"),
         ("effective rank, centred (gated)", lambda a: _rank(a["centred"]["effective_rank"], a["attainable_rank"])),
@@ -74,6 +92,18 @@ SECTIONS = {
         ("top singular values", lambda a: ", ".join(f"{v:.1f}" for v in a["information"]["top_singular_values"][:3])),
     ],
 }
+
+
+def _share(fp: dict | None, key: str, spec: str = ".1%") -> str:
+    if not fp:
+        return "-"
+    return format(fp[key], spec) + (f" of {fp['documents']:,}" if key == "within_tolerance" else "")
+
+
+def _pair(c: dict | None, key: str) -> str:
+    if not c or c.get(f"{key}_median") is None:
+        return "-"
+    return f"{c[key + '_median']:.3f} / {c[key + '_max']:.3f}"
 
 
 def _num(v) -> str:

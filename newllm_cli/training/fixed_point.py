@@ -156,3 +156,59 @@ def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: tor
         "interior_max_abs": interior,
         "_relative": cr,
     }
+
+
+CONTRACTION_DOCS = 8  # documents sampled per split for dc_N/dc_0
+CONTRACTION_TOKENS = 64  # tokens sampled per split for df/dc
+CONTRACTION_LENGTH = 2048  # longest document whose whole pass is differentiated
+CONTRACTION_WIDTH = 64  # above this C the Jacobians are not formed (C backward passes each)
+
+
+def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray, contexts,
+                seed: int = 0) -> dict | None:  # fmt: skip
+    """What decides whether iterating converges, at the saved contexts: the spectral radius and the
+    largest singular value of J = dc_N/dc_0 (one pass over a sampled document, linearised at its
+    saved c_0 = c_N), and the largest singular value of df/dc at sampled tokens. Plain iteration
+    converges near a fixed point when the spectral radius is below 1; a slowly contracting map has it
+    near 1. Exact Jacobians (C backward passes), so only for C <= CONTRACTION_WIDTH."""
+    width = contexts.shape[1]
+    if width > CONTRACTION_WIDTH or len(tokens) == 0:
+        return None
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.diff(offsets)
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero((lengths > 0) & (lengths <= CONTRACTION_LENGTH))
+    docs = np.sort(rng.choice(candidates, size=min(CONTRACTION_DOCS, len(candidates)), replace=False))
+    radius, norm = [], []
+    for d in docs:
+        a, b = int(offsets[d]), int(offsets[d + 1])
+        emb = table[torch.as_tensor(np.asarray(tokens[a:b], dtype=np.int64), device=table.device)]
+        c0 = torch.from_numpy(contexts.read(b - 1, b)[0].copy()).to(table.device)
+
+        def one_pass(c: torch.Tensor, emb: torch.Tensor = emb) -> torch.Tensor:
+            for x in emb:
+                c = model.step(x, c)
+            return c
+
+        jac = torch.autograd.functional.jacobian(one_pass, c0).double()
+        radius.append(float(torch.linalg.eigvals(jac).abs().max()))
+        norm.append(float(torch.linalg.matrix_norm(jac, ord=2)))
+    steps = []
+    picks = np.sort(rng.choice(len(tokens), size=min(CONTRACTION_TOKENS, len(tokens)), replace=False))
+    first = np.isin(picks, offsets[:-1])
+    for t, starts in zip(picks, first):
+        # c_{t-1}: the previous row, or at a document's start its own last one (c_0 = c_N)
+        row = int(t) - 1 if not starts else int(offsets[np.searchsorted(offsets, t, side="right")]) - 1
+        c = torch.from_numpy(contexts.read(row, row + 1)[0].copy()).to(table.device)
+        x = table[int(tokens[t])]
+        jac = torch.autograd.functional.jacobian(lambda c, x=x: model.step(x, c), c).double()
+        steps.append(float(torch.linalg.matrix_norm(jac, ord=2)))
+    return {
+        "documents": int(len(docs)),
+        "pass_spectral_radius_median": float(np.median(radius)) if radius else None,
+        "pass_spectral_radius_max": float(np.max(radius)) if radius else None,
+        "pass_norm_max": float(np.max(norm)) if norm else None,
+        "tokens": int(len(steps)),
+        "step_norm_median": float(np.median(steps)) if steps else None,
+        "step_norm_max": float(np.max(steps)) if steps else None,
+    }

@@ -317,19 +317,48 @@ class Solver:
         # solved to half the tolerance: the check of the saved rows (carry_over) recomputes c_1 from c_N
         # rather than from the c_0 the pass started at, one more step of f, and must land within it
         target = cfg.fixed_point_tol / 2
-        _, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
-            one_pass, state.last, target, cfg.max_iterations, everywhere=everywhere
+        start = state.last.copy()
+        solved, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
+            one_pass, start, target, cfg.max_iterations, everywhere=everywhere
         )
         counts = self.group.gather((report.converged, report.residual, report.stalled))
         self.report = fixed_point.SolveReport(
             report.passes, *(np.concatenate([c[i] for c in counts]) for i in range(3))
         ).as_dict(target)
+        if cfg.fixed_point_unique:
+            self.report["unique"] = self.uniqueness(start, solved, target)
         state.stopped_by = "converged" if self.report["failing"] == 0 else "max_iterations"
         state.next = len(state.history)
         last = state.history[-1]
         state.info = SolveInfo(abs_residual=None, rel_residual=last["residual"], steps=report.passes,
                                converged_ratio=last["converged_ratio"])  # fmt: skip
         state.swap(ends[0], state.prev if state.prev is not None else self.store())
+
+    def uniqueness(self, start: np.ndarray, found: np.ndarray, target: float) -> dict:
+        """Solve again from another start (zeros; a Gaussian one when `start` was zeros) into a scratch
+        store, and compare each document's c_0 with `found`: several fixed points show up as
+        documents whose two solutions lie apart."""
+        p, cfg = self.problem, self.cfg
+        other = np.random.default_rng(0).normal(size=start.shape).astype(np.float32) if not start.any() else 0 * start
+        with self.store() as scratch:
+
+            def one_pass(c0: np.ndarray) -> np.ndarray:
+                with progress(f"{self.label} second start", self.rows, "tok") as advance:
+                    return recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, scratch, p.window, advance)
+
+            again, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
+                one_pass, other, target, cfg.max_iterations, everywhere=lambda done: not self.group.any(not done)[0]
+            )
+        gap = np.abs(again - found).max(axis=1) if len(found) else np.zeros(0)
+        both = report.converged
+        parts = self.group.gather((gap, both))
+        gap, both = np.concatenate([g for g, _ in parts]), np.concatenate([b for _, b in parts])
+        return {
+            "documents": int(len(gap)),
+            "second_start_solved": int(both.sum()),
+            "max_distance": float(gap.max()) if len(gap) else 0.0,
+            "apart": int((gap > 1e-3).sum()),  # max-abs over C: solutions that are not one fixed point
+        }
 
     def iteration(self, k: int, state: SolveState) -> tuple[dict, str | None]:
         """Iteration k: Q from P by the scheme, Q against P, the stop rule, and (training, not
