@@ -141,7 +141,7 @@ class Phase1Settings(Section):
         False,
         "After a solve to --fixed-point-tol, solve again from another start (zeros, or Gaussian when the "
         "first started from zeros) and report how far apart the two fixed points are.",
-        cli="fixed-point-unique",
+        cli="two-starts",
     )
     kernel: Literal["auto", "numba", "torch"] = opt(
         "auto",
