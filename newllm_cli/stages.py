@@ -43,7 +43,6 @@ from newllm_cli.store.artifacts import (
     write_checkpoint,
     write_json,
 )
-from newllm_cli.store.rowstore import RowStore
 from newllm_cli.training import fixed_point, head_fit, predictors
 from newllm_cli.training import pairs as p2
 from newllm_cli.training.phase1 import prompt_context, run_cvfp
@@ -395,8 +394,8 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
         )
         if rep.get("fixed_point"):  # how far the contexts are from a fixed point (phase1's check)
             reports[split]["fixed_point"] = rep["fixed_point"]
-        if not s.phase1.concat:
-            reports[split]["contraction"] = _contraction(ws, s, meta, split, toks, offs)
+        if not s.phase1.concat and s.phase1.fixed_point_solver != "iterate":  # Jacobians: seconds
+            reports[split]["contraction"] = _contraction(ws, s, meta, ctx, toks, offs)
         ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
@@ -675,12 +674,11 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     return out
 
 
-def _contraction(ws: Workspace, s: Settings, meta: dict, split: str, tokens, offsets) -> dict | None:
+def _contraction(ws: Workspace, s: Settings, meta: dict, contexts: np.ndarray, tokens, offsets) -> dict | None:
     """Whether iterating can converge at the saved contexts (training/fixed_point.contraction)."""
     device = resolve_device(s.runtime.device)
     model, _ = load_phase1_model(ws, s, meta, device)
-    with RowStore.open(ws.contexts(split)) as contexts:
-        return fixed_point.contraction(model, embedding_table(model, device), tokens, offsets, contexts, s.runtime.seed)
+    return fixed_point.contraction(model, embedding_table(model, device), tokens, offsets, contexts, s.runtime.seed)
 
 
 def resting(ana: dict, ws: Workspace) -> str:

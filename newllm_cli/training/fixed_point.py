@@ -170,7 +170,8 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
     largest singular value of J = dc_N/dc_0 (one pass over a sampled document, linearised at its
     saved c_0 = c_N), and the largest singular value of df/dc at sampled tokens. Plain iteration
     converges near a fixed point when the spectral radius is below 1; a slowly contracting map has it
-    near 1. Exact Jacobians (C backward passes), so only for C <= CONTRACTION_WIDTH."""
+    near 1. Exact Jacobians (C backward passes), so only for C <= CONTRACTION_WIDTH. `contexts`: an
+    N x C array or RowStore (rows are sliced)."""
     width = contexts.shape[1]
     if width > CONTRACTION_WIDTH or len(tokens) == 0:
         return None
@@ -183,7 +184,7 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
     for d in docs:
         a, b = int(offsets[d]), int(offsets[d + 1])
         emb = table[torch.as_tensor(np.asarray(tokens[a:b], dtype=np.int64), device=table.device)]
-        c0 = torch.from_numpy(contexts.read(b - 1, b)[0].copy()).to(table.device)
+        c0 = torch.from_numpy(np.array(contexts[b - 1 : b][0], dtype=np.float32)).to(table.device)
 
         def one_pass(c: torch.Tensor, emb: torch.Tensor = emb) -> torch.Tensor:
             for x in emb:
@@ -199,7 +200,7 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
     for t, starts in zip(picks, first):
         # c_{t-1}: the previous row, or at a document's start its own last one (c_0 = c_N)
         row = int(t) - 1 if not starts else int(offsets[np.searchsorted(offsets, t, side="right")]) - 1
-        c = torch.from_numpy(contexts.read(row, row + 1)[0].copy()).to(table.device)
+        c = torch.from_numpy(np.array(contexts[row : row + 1][0], dtype=np.float32)).to(table.device)
         x = table[int(tokens[t])]
         jac = torch.autograd.functional.jacobian(lambda c, x=x: model.step(x, c), c).double()
         steps.append(float(torch.linalg.matrix_norm(jac, ord=2)))
