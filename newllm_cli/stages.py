@@ -384,6 +384,7 @@ def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS
 def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
     tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
     reports, ids, data, ctxs = {}, {}, {}, {}
+    network = None  # loaded once, for the contraction figures
     for split in SPLITS:
         if not ws.phase1_report(split).exists():
             continue
@@ -395,7 +396,10 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
         if rep.get("fixed_point"):  # how far the contexts are from a fixed point (phase1's check)
             reports[split]["fixed_point"] = rep["fixed_point"]
         if not s.phase1.concat and s.phase1.fixed_point_solver != "iterate":  # Jacobians: seconds
-            reports[split]["contraction"] = _contraction(ws, s, meta, ctx, toks, offs)
+            if network is None:
+                network = load_phase1_model(ws, s, meta, resolve_device(s.runtime.device))[0]
+                table = embedding_table(network, resolve_device(s.runtime.device))
+            reports[split]["contraction"] = fixed_point.contraction(network, table, toks, offs, ctx, s.runtime.seed)
         ids[split], data[split], ctxs[split] = rep["provenance"]["model_id"], (toks, offs), ctx
     if not reports:
         raise RefusedError("no contexts to analyse: run `newllm phase1` first")
@@ -672,13 +676,6 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     write_json(ws.phase2_report(), out)
     finish_stage(ws, s)
     return out
-
-
-def _contraction(ws: Workspace, s: Settings, meta: dict, contexts: np.ndarray, tokens, offsets) -> dict | None:
-    """Whether iterating can converge at the saved contexts (training/fixed_point.contraction)."""
-    device = resolve_device(s.runtime.device)
-    model, _ = load_phase1_model(ws, s, meta, device)
-    return fixed_point.contraction(model, embedding_table(model, device), tokens, offsets, contexts, s.runtime.seed)
 
 
 def resting(ana: dict, ws: Workspace) -> str:

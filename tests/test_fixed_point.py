@@ -67,6 +67,11 @@ def test_a_solved_row_keeps_its_value_while_others_go_on():
     F, exact, _ = affine(1, rows=3)
     x, report = anderson(F, exact.astype(np.float32), 1e-5, 50)  # already at the fixed point
     assert report.passes == 1 and np.array_equal(x, exact.astype(np.float32))
+    start = np.zeros_like(exact, dtype=np.float32)
+    start[0] = exact[0]  # one row solved from the first pass, the others not
+    x, report = anderson(F, start, 1e-5, 200)
+    assert report.passes > 1 and report.converged.all()
+    assert np.array_equal(x[0], start[0])  # never moved while the others iterated
 
 
 @pytest.mark.parametrize("solver", ["plain", "anderson"])

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from newllm_cli.training.schemes import incoming_rows
+
 Pass = Callable[[np.ndarray], np.ndarray]  # c_0 of every document (D x C, float32) -> each one's c_N
 
 
@@ -122,40 +124,36 @@ def anderson(
 SOLVERS: dict[str, Callable[..., tuple[np.ndarray, SolveReport]]] = {"plain": plain, "anderson": anderson}
 
 
+@dataclass
+class Check:
+    relative: np.ndarray  # per document: |f(x_0, Q_N) - Q_0| / |Q_0|
+    carry_max_abs: float  # largest element of those carry-over residuals
+    interior_max_abs: float  # largest element of |f(x_t, Q_{t-1}) - Q_t| inside documents
+
+
 def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: torch.Tensor, tokens: np.ndarray,
-          offsets: np.ndarray, contexts, chunk: int = 1 << 16) -> dict:  # fmt: skip
+          offsets: np.ndarray, contexts, chunk: int = 1 << 16) -> Check:  # fmt: skip
     """Both conditions on saved contexts Q, recomputed by one batched f: the carry-over residual
     |f(x_0, Q_N) - Q_0| at each document's start (Q_N: its own last row), the interior one
-    |f(x_t, Q_{t-1}) - Q_t| elsewhere; max-abs per row, and relative to |Q_t| (L2)."""
-    from newllm_cli.training.schemes import incoming_rows
-
+    |f(x_t, Q_{t-1}) - Q_t| elsewhere."""
     offsets = np.asarray(offsets, np.int64)
     starts = offsets[:-1][np.diff(offsets) > 0]
     c0 = contexts.gather(np.maximum(offsets[1:] - 1, 0)) if len(offsets) > 1 else np.zeros((0, contexts.shape[1]))
-    carry_abs, carry_rel, interior = [], [], 0.0
+    carry_abs, carry_rel, interior = [0.0], [], 0.0
     with torch.no_grad():
         for s in range(0, len(tokens), chunk):
             e = min(s + chunk, len(tokens))
             q = contexts.read(s, e)
             ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=table.device)
             inc = torch.from_numpy(incoming_rows(contexts, s, e, offsets, c0)).to(table.device)
-            r = (step(table[ids], inc).cpu().numpy().astype(np.float64) - q).astype(np.float64)
+            r = step(table[ids], inc).cpu().numpy().astype(np.float64) - q
             first = np.isin(np.arange(s, e), starts)
             if first.any():
-                carry_abs.append(np.abs(r[first]).max(axis=1))
+                carry_abs.append(float(np.abs(r[first]).max()))
                 carry_rel.append(np.linalg.norm(r[first], axis=1) / np.maximum(np.linalg.norm(q[first], axis=1), 1e-12))
             if (~first).any():
                 interior = max(interior, float(np.abs(r[~first]).max()))
-    ca = np.concatenate(carry_abs) if carry_abs else np.zeros(0)
-    cr = np.concatenate(carry_rel) if carry_rel else np.zeros(0)
-    return {
-        "documents": int(len(ca)),
-        "carry_over_max_abs": float(ca.max()) if len(ca) else 0.0,
-        "carry_over_relative_max": float(cr.max()) if len(cr) else 0.0,
-        "carry_over_relative_mean": float(cr.mean()) if len(cr) else 0.0,
-        "interior_max_abs": interior,
-        "_relative": cr,
-    }
+    return Check(np.concatenate(carry_rel) if carry_rel else np.zeros(0), max(carry_abs), interior)
 
 
 CONTRACTION_DOCS = 8  # documents sampled per split for dc_N/dc_0

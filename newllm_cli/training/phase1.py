@@ -302,8 +302,7 @@ class Solver:
             rel = np.linalg.norm(last - c0, axis=1) / np.maximum(np.linalg.norm(last, axis=1), 1e-12)
             within = self.group.sum(int(lengths[rel <= cfg.fixed_point_tol / 2].sum()))
             worst = max(self.group.gather(float(rel.max()) if len(rel) else 0.0))
-            record = {"iteration": k + 1, "lr": None, **dict.fromkeys(f"{name}_loss" for name in TERMS)}
-            record.update(loss=None, converged_ratio=within / total, residual=worst)
+            record = _record(k, converged_ratio=within / total, residual=worst)
             record["seconds"] = time.perf_counter() - start
             state.history.append(record)
             if self.on_iteration:
@@ -311,15 +310,12 @@ class Solver:
             ends[:] = [last]
             return last
 
-        def everywhere(done: bool) -> bool:
-            return not self.group.any(not done)[0]
-
         # solved to half the tolerance: the check of the saved rows (carry_over) recomputes c_1 from c_N
         # rather than from the c_0 the pass started at, one more step of f, and must land within it
         target = cfg.fixed_point_tol / 2
         start = state.last.copy()
         solved, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
-            one_pass, start, target, cfg.max_iterations, everywhere=everywhere
+            one_pass, start, target, cfg.max_iterations, everywhere=self.everywhere
         )
         counts = self.group.gather((report.converged, report.residual, report.stalled))
         self.report = fixed_point.SolveReport(
@@ -334,6 +330,10 @@ class Solver:
                                converged_ratio=last["converged_ratio"])  # fmt: skip
         state.swap(ends[0], state.prev if state.prev is not None else self.store())
 
+    def everywhere(self, done: bool) -> bool:
+        """Whether every rank is done: all stop after the same pass."""
+        return not self.group.any(not done)[0]
+
     def uniqueness(self, start: np.ndarray, found: np.ndarray, target: float) -> dict:
         """Solve again from another start (zeros; a Gaussian one when `start` was zeros) into a scratch
         store, and compare each document's c_0 with `found`: several fixed points show up as
@@ -347,7 +347,7 @@ class Solver:
                     return recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, scratch, p.window, advance)
 
             again, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
-                one_pass, other, target, cfg.max_iterations, everywhere=lambda done: not self.group.any(not done)[0]
+                one_pass, other, target, cfg.max_iterations, everywhere=self.everywhere
             )
         gap = np.abs(again - found).max(axis=1) if len(found) else np.zeros(0)
         both = report.converged
@@ -376,8 +376,7 @@ class Solver:
             stats = stats.combined(self.group)
             if not stats.finite:
                 raise NumericalError(f"non-finite contexts at iteration {k + 1}")
-            record = {"iteration": k + 1, "lr": None, **dict.fromkeys(f"{name}_loss" for name in TERMS)}
-            record.update(loss=None, converged_ratio=None, residual=None)
+            record = _record(k)
             reason = None
             if prev is not None:
                 total, width = self.shard.total, p.model.context_dim
@@ -437,6 +436,18 @@ class Solver:
             "model": self.problem.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
         }
+
+
+def _record(k: int, converged_ratio: float | None = None, residual: float | None = None) -> dict:
+    """Iteration k's history record before its losses are known (each term's, then their sum)."""
+    return {
+        "iteration": k + 1,
+        "lr": None,
+        **dict.fromkeys(f"{name}_loss" for name in TERMS),
+        "loss": None,
+        "converged_ratio": converged_ratio,
+        "residual": residual,
+    }
 
 
 def _info(stats: Comparison, total: int, width: int, steps: int, ratio: float) -> SolveInfo:
@@ -556,7 +567,7 @@ def carry_over(problem: Problem, contexts: RowStore, group: Group, tol: float) -
     rank's documents: the share of documents whose relative carry-over residual is within `tol`."""
     found = fixed_point.check(problem.model.step, problem.table, problem.tokens, problem.offsets, contexts,
                               problem.chunk)  # fmt: skip
-    parts = group.gather((found.pop("_relative"), found["carry_over_max_abs"], found["interior_max_abs"]))
+    parts = group.gather((found.relative, found.carry_max_abs, found.interior_max_abs))
     rel = np.concatenate([p[0] for p in parts])
     return {
         "tolerance": tol,
