@@ -395,7 +395,7 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
         )
         if rep.get("fixed_point"):  # how far the contexts are from a fixed point (phase1's check)
             reports[split]["fixed_point"] = rep["fixed_point"]
-        if not s.phase1.concat and s.phase1.fixed_point_solver != "iterate":  # Jacobians: seconds
+        if not s.phase1.concat:  # one document the size of the corpus has no pass to linearise
             if network is None:
                 network = load_phase1_model(ws, s, meta, resolve_device(s.runtime.device))[0]
                 table = embedding_table(network, resolve_device(s.runtime.device))

@@ -12,7 +12,8 @@ from newllm_cli.model.network import ContextNetwork
 from newllm_cli.model.recurrence import embedding_table
 from newllm_cli.settings import ModelSettings, Phase1Settings
 from newllm_cli.store.rowstore import RowStore
-from newllm_cli.training.fixed_point import SOLVERS, anderson, contraction, plain
+from newllm_cli.training import fixed_point
+from newllm_cli.training.fixed_point import SOLVERS, STALL, anderson, contraction, plain
 from newllm_cli.training.phase1 import run_cvfp
 
 CPU = torch.device("cpu")
@@ -58,9 +59,19 @@ def test_a_rotation_has_no_attracting_fixed_point_and_is_reported():
     def F(x):
         return x.astype(np.float64) @ r.T + b
 
-    x, report = plain(F, np.array([[3.0, 2.0]], np.float32), 1e-6, 60)
+    start = np.array([[3.0, 2.0]], np.float32)
+    x, report = plain(F, start, 1e-6, 60)
     assert not report.converged.any() and report.stalled.all() and report.residual[0] > 0.1
-    assert report.as_dict(1e-6)["failing"] == 1
+    summary = report.as_dict(1e-6)
+    assert summary["failing"] == 1 and summary["cycling"] == 1 and summary["periods"] == [4]
+    orbit = [start[0].astype(np.float64)]
+    for _ in range(3):
+        orbit.append(F(orbit[-1][None])[0])
+    rel = [np.linalg.norm(F(o[None])[0] - o) / np.linalg.norm(F(o[None])[0]) for o in orbit]
+    assert np.allclose(x[0], orbit[int(np.argmin(rel))], atol=1e-6)  # saved at its lowest residual
+    # frozen at the stall, not held to the cap: the best pass, STALL passes without a new best, one at the best
+    assert report.passes == int(np.argmin(rel)) + 1 + STALL + 1
+    assert report.residual[0] == pytest.approx(min(rel), rel=1e-6)
 
 
 def test_a_solved_row_keeps_its_value_while_others_go_on():
@@ -131,6 +142,23 @@ def test_contraction_is_the_jacobians_of_a_pass_and_a_step():
     assert got["pass_spectral_radius_median"] == pytest.approx(np.median(radii), rel=1e-5)
     assert got["pass_spectral_radius_max"] == pytest.approx(max(radii), rel=1e-5)
     assert got["step_norm_max"] == pytest.approx(float(torch.linalg.matrix_norm(a.double(), ord=2)), rel=1e-6)
+
+
+def test_power_iteration_estimates_the_same_radius_and_norm_above_the_jacobian_width(monkeypatch):
+    """Above CONTRACTION_WIDTH the Jacobians are not formed: power iteration with JVPs (and VJPs for
+    the norm) must give the exact figures of the small case."""
+    a = torch.tensor([[0.5, 0.2, 0.0], [0.0, -0.6, 0.1], [0.0, 0.0, 0.3]])
+    model = Linear(a)
+    tokens, offsets = np.array([1, 2, 3, 4, 0, 1, 2]), np.array([0, 3, 7])
+    contexts = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    exact = contraction(model, embedding_table(model, CPU), tokens, offsets, contexts)
+    monkeypatch.setattr(fixed_point, "CONTRACTION_WIDTH", 2)
+    power = contraction(model, embedding_table(model, CPU), tokens, offsets, contexts)
+    assert exact["method"] == "jacobian" and power["method"].startswith("power")
+    for key in ("pass_spectral_radius_median", "pass_spectral_radius_max", "step_norm_max"):
+        assert power[key] == pytest.approx(exact[key], rel=1e-3), key
+    norms = [np.linalg.norm(np.linalg.matrix_power(a.double().numpy(), k), 2) for k in (3, 4)]  # A^3, A^4
+    assert exact["pass_norm_max"] == pytest.approx(max(norms), rel=1e-5) and power["pass_norm_max"] is None
 
 
 class Bistable(ContextNetwork):

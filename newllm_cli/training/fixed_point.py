@@ -8,13 +8,15 @@ over the document. Solvers (one signature, `SOLVERS[name](F, x0, tol, max_passes
 - anderson: Anderson acceleration (type II, the last `m` differences; torchdeq's default solver),
   a small least-squares problem per document each pass.
 Both stop a document once its relative residual |F(c_0) - c_0| / |F(c_0)| is within `tol` (it then
-keeps its c_0), and report those that never get there, and whether they stalled (no progress over
-the last passes: a cycle, chaos, or a fixed point too weakly attracting to reach).
+keeps its c_0), and report those that never get there: whether they stalled (no progress over the
+last passes: a cycle, chaos, or a fixed point too weakly attracting to reach), and whether their
+iterates repeat with a short period (a cycle).
 `check` measures both conditions on saved contexts, from the contexts alone.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +33,9 @@ class SolveReport:
     passes: int  # evaluations of F
     converged: np.ndarray  # per document: within tol
     residual: np.ndarray  # per document: |F(c_0) - c_0| / |F(c_0)| at the last pass
-    stalled: np.ndarray  # per unconverged document: the residual stopped falling
+    stalled: np.ndarray  # per unconverged document: the residual stopped falling (then frozen at its best)
+    period: np.ndarray  # per document: p when its iterates repeated with period p (2..PERIOD) at the stall, else 0
+    solved_at: np.ndarray  # per document: the pass that brought it within tol (0: none)
 
     def as_dict(self, tol: float) -> dict:
         failing = ~self.converged
@@ -42,7 +46,12 @@ class SolveReport:
             "within_tolerance": float(self.converged.mean()) if len(self.converged) else 1.0,
             "failing": int(failing.sum()),
             "stalled": int(self.stalled.sum()),
+            "cycling": int((self.period > 0).sum()),
+            "periods": sorted({int(p) for p in self.period if p}),
             "worst_residual": float(self.residual.max()) if len(self.residual) else 0.0,
+            "solved_at_median": float(np.median(self.solved_at[self.converged])) if self.converged.any() else None,
+            "solved_at_max": int(self.solved_at.max()) if len(self.solved_at) else 0,
+            "failing_residual_median": float(np.median(self.residual[failing])) if failing.any() else 0.0,
         }
 
 
@@ -50,11 +59,29 @@ def _relative(g: np.ndarray, fx: np.ndarray) -> np.ndarray:
     return np.linalg.norm(g, axis=1) / np.maximum(np.linalg.norm(fx, axis=1), 1e-12)
 
 
-STALL = 10  # passes without a new lowest residual that mark a document as stalled
+STALL = 25  # passes without a new lowest residual that mark a document as stalled
+PERIOD = 4  # longest cycle of the iterates looked for at a stall
+REPEAT = 1e-3  # relative distance under which two iterates count as the same point
 
 
 def _alone(done: bool) -> bool:
     return done
+
+
+def _period(recent: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """For each of `rows`: the smallest p in 2..PERIOD with x_k = x_{k-p} (within REPEAT, relative)
+    for the last p iterates, 0 when none (`recent`: the last iterates, oldest first)."""
+    found = np.zeros(len(rows), np.int64)
+    if not len(rows):
+        return found
+    hist = np.stack([r[rows] for r in recent], axis=0).astype(np.float64)  # k x d x C
+    for p in range(PERIOD, 1, -1):  # smallest last
+        if len(hist) < 2 * p:
+            continue
+        gap = np.linalg.norm(hist[-p:] - hist[-2 * p : -p], axis=2).max(axis=0)
+        size = np.maximum(np.linalg.norm(hist[-p:], axis=2).max(axis=0), 1e-12)
+        found = np.where(gap <= REPEAT * size, p, found)
+    return found
 
 
 def plain(
@@ -73,29 +100,45 @@ def anderson(
     everywhere: Callable[[bool], bool] = _alone,
 ) -> tuple[np.ndarray, SolveReport]:
     """Anderson acceleration of x = F(x), each row (document) its own problem; m = 0 is plain
-    iteration. The returned x is the last point F was evaluated at, so the trajectory written by
-    that pass starts from it exactly. `everywhere(done)` is True when every rank of a job is done
-    (so all stop after the same pass: each document's iterates are those of one process)."""
+    iteration. A row within `tol` keeps its x from then on; a row that stalls (no new lowest residual
+    in STALL passes: a cycle, chaos, or a fixed point too weakly attracting to reach) goes back to
+    the x of its lowest residual and stays there, so hopeless rows do not hold the solve to its cap.
+    The returned x is the last point F was evaluated at, so the trajectory written by that pass
+    starts from it exactly. `everywhere(done)` is True when every rank of a job is done (so all
+    stop after the same pass: each document's iterates are those of one process)."""
     x = np.asarray(x0, np.float32).copy()
     rows = len(x)
     done = np.zeros(rows, bool)
+    frozen = np.zeros(rows, bool)  # stalled, and set back to its best x
+    period = np.zeros(rows, np.int64)
+    solved_at = np.zeros(rows, np.int64)
     best = np.full(rows, np.inf)
+    best_x = x.copy()
     since = np.zeros(rows, np.int64)
     xs: list[np.ndarray] = []
     gs: list[np.ndarray] = []
+    recent: list[np.ndarray] = []  # the last 2 * PERIOD iterates, for the cycle check
     residual = np.zeros(rows)
     before = np.full(rows, np.inf)  # each row's residual at the previous pass
     age = np.zeros(rows, np.int64)  # passes each row's history has been used since its last restart
     passes = 0
     for passes in range(1, max_passes + 1):
+        settled = frozen.copy()  # evaluated at their best x in this pass
         fx = np.asarray(F(x), np.float64)
         g = fx - x
         residual = _relative(g, fx)
-        done |= residual <= tol
+        solved_at = np.where(~done & ~frozen & (residual <= tol), passes, solved_at)
+        done |= ~frozen & (residual <= tol)
         improved = residual < best
+        best_x = np.where((improved & ~frozen)[:, None], x, best_x)
         best = np.where(improved, residual, best)
         since = np.where(improved, 0, since + 1)
-        if everywhere(bool(done.all())) or passes == max_passes:
+        recent = (recent + [x.copy()])[-2 * PERIOD :]
+        stalls = ~done & ~frozen & (since >= STALL)
+        if stalls.any():
+            period[stalls] = _period(recent, np.flatnonzero(stalls))
+            frozen |= stalls
+        if everywhere(bool((done | settled).all())) or passes == max_passes:
             break
         xs.append(x.astype(np.float64))
         gs.append(g)
@@ -109,16 +152,15 @@ def anderson(
             dg = np.stack([b - a for a, b in zip(gs[:-1], gs[1:])], axis=2)  # D x C x k, oldest first
             dx = np.stack([b - a for a, b in zip(xs[:-1], xs[1:])], axis=2)
             k = dg.shape[2]
-            recent = (np.arange(k)[None, :] >= k - np.minimum(age, k)[:, None])[:, None, :]  # since its restart
-            dg, dx = dg * recent, dx * recent
+            recent_k = (np.arange(k)[None, :] >= k - np.minimum(age, k)[:, None])[:, None, :]  # since its restart
+            dg, dx = dg * recent_k, dx * recent_k
             gram = np.einsum("dck,dcl->dkl", dg, dg)
             scale = np.maximum(np.trace(gram, axis1=1, axis2=2), 1e-300)[:, None, None]
             gram += 1e-10 * scale * np.eye(gram.shape[1])  # ridge: differences may be nearly parallel
             gamma = np.linalg.solve(gram, np.einsum("dck,dc->dk", dg, g)[..., None])[..., 0]
             step = np.where(safe[:, None], step - np.einsum("dck,dk->dc", dx + beta * dg, gamma), step)
-        x = np.where(done[:, None], x, step).astype(np.float32)  # a solved document keeps its c_0
-    stalled = ~done & (since >= STALL)
-    return x, SolveReport(passes, done, residual, stalled)
+        x = np.where(done[:, None], x, np.where(frozen[:, None], best_x, step)).astype(np.float32)
+    return x, SolveReport(passes, done, residual, frozen, period, solved_at)
 
 
 SOLVERS: dict[str, Callable[..., tuple[np.ndarray, SolveReport]]] = {"plain": plain, "anderson": anderson}
@@ -158,56 +200,132 @@ def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: tor
 
 CONTRACTION_DOCS = 8  # documents sampled per split for dc_N/dc_0
 CONTRACTION_TOKENS = 64  # tokens sampled per split for df/dc
-CONTRACTION_LENGTH = 2048  # longest document whose whole pass is differentiated
-CONTRACTION_WIDTH = 64  # above this C the Jacobians are not formed (C backward passes each)
+CONTRACTION_LENGTH = 2048  # longest document whose pass is linearised
+CONTRACTION_WIDTH = 64  # up to this C the Jacobians are formed; above, power iteration with JVPs
+POWER_STEPS = 30  # power iterations above CONTRACTION_WIDTH
+POWER_LENGTH = 512  # longest document for power iteration: its cost is one batched call per token and step
+CHUNK = 256  # tokens per batched Jacobian call
+
+
+def _jvp(step, tok: torch.Tensor, ctx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """df/dc v at each row's (tok, ctx): one batched forward-mode call."""
+    return torch.func.jvp(lambda c: step(tok, c), (ctx,), (v,))[1]
+
+
+def _step_jacobians(step, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """df/dc at each of the L rows (tok_t, ctx_t), L x C x C in float64: the C unit tangents of every
+    row go through one batched JVP per chunk (f works on any batch shape)."""
+    width = ctx.shape[-1]
+    eye = torch.eye(width, dtype=ctx.dtype, device=ctx.device)
+    out = []
+    for s in range(0, len(ctx), CHUNK):
+        c, x = ctx[s : s + CHUNK], tok[s : s + CHUNK]
+        rep = c[:, None, :].repeat(1, width, 1)  # copies: forward-mode AD writes into its inputs' duals
+        cols = _jvp(step, x[:, None, :].repeat(1, width, 1), rep, eye.repeat(len(c), 1, 1))
+        out.append(cols.transpose(1, 2).double())  # row k of cols is J e_k: column k of J
+    return torch.cat(out)
+
+
+def _pass_radius_power(model, toks: list[torch.Tensor], ctxs: list[torch.Tensor], seed: int) -> list[float]:
+    """Spectral radius of each document's J = J_N ... J_1 by power iteration, documents in lockstep:
+    the mean growth of |J^k v| per pass over the last third of POWER_STEPS (a dominant complex pair
+    makes single passes oscillate, their mean does not). Each J_t v is a central difference of f in
+    float64 (a copy of the network), v renormalised after every step and its growth summed in logs,
+    so neither a long document nor a torch.func call per token (milliseconds each) costs much."""
+    net = copy.deepcopy(model).double()
+    h = 1e-6
+    lengths = torch.tensor([len(x) for x in toks])
+    longest, width = int(lengths.max()), ctxs[0].shape[1]
+    tok = torch.zeros((len(toks), longest, toks[0].shape[1]), dtype=torch.float64, device=ctxs[0].device)
+    ctx = torch.zeros((len(toks), longest, width), dtype=torch.float64, device=ctxs[0].device)
+    for d, (x, c) in enumerate(zip(toks, ctxs)):
+        tok[d, : len(x)], ctx[d, : len(c)] = x, c
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn((len(toks), width), generator=gen, dtype=torch.float64).to(ctx.device)
+    v = v / v.norm(dim=1, keepdim=True)
+    growth = []
+    for _ in range(POWER_STEPS):
+        logs = torch.zeros(len(toks), dtype=torch.float64, device=ctx.device)
+        for t in range(longest):
+            on = (lengths > t).to(ctx.device)
+            x, c = tok[:, t], ctx[:, t]
+            jv = (net.step(x, c + h * v) - net.step(x, c - h * v)) / (2 * h)
+            size = jv.norm(dim=1).clamp_min(1e-300)
+            logs = torch.where(on, logs + size.log(), logs)
+            v = torch.where(on[:, None], jv / size[:, None], v)
+        growth.append(logs)
+    return [float(r) for r in torch.stack(growth[2 * POWER_STEPS // 3 :]).mean(0).exp()]
+
+
+def _norms_power(step, tok: torch.Tensor, ctx: torch.Tensor, seed: int) -> torch.Tensor:
+    """Largest singular value of df/dc at each row: power iteration on J^T J (a JVP, then a VJP)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(ctx.shape, generator=gen).to(ctx)
+    pull = torch.func.vjp(lambda c: step(tok, c), ctx)[1]
+    for _ in range(POWER_STEPS):
+        u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        u = pull(_jvp(step, tok, ctx, u))[0]
+    return u.norm(dim=1).double().sqrt()
 
 
 def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray, contexts,
                 seed: int = 0) -> dict | None:  # fmt: skip
-    """What decides whether iterating converges, at the saved contexts: the spectral radius and the
-    largest singular value of J = dc_N/dc_0 (one pass over a sampled document, linearised at its
-    saved c_0 = c_N), and the largest singular value of df/dc at sampled tokens. Plain iteration
-    converges near a fixed point when the spectral radius is below 1; a slowly contracting map has it
-    near 1. Exact Jacobians (C backward passes), so only for C <= CONTRACTION_WIDTH. `contexts`: an
-    N x C array or RowStore (rows are sliced)."""
-    width = contexts.shape[1]
-    if width > CONTRACTION_WIDTH or len(tokens) == 0:
+    """What decides whether iterating converges, linearised at the saved contexts: the spectral
+    radius and the largest singular value of J = dc_N/dc_0 (one pass over a sampled document from
+    its c_0 = c_N: the product of the step Jacobians along its rows), and the largest singular value
+    of df/dc at sampled tokens. Plain iteration converges near a fixed point when the spectral
+    radius is below 1; a slowly contracting map has it near 1. Up to CONTRACTION_WIDTH the
+    Jacobians are formed; above, power iteration gives the radius and the step norms (no pass norm).
+    `contexts`: an N x C array or RowStore (rows are sliced)."""
+    if len(tokens) == 0:
         return None
+    exact = contexts.shape[1] <= CONTRACTION_WIDTH
     offsets = np.asarray(offsets, np.int64)
     lengths = np.diff(offsets)
     rng = np.random.default_rng(seed)
-    candidates = np.flatnonzero((lengths > 0) & (lengths <= CONTRACTION_LENGTH))
+    candidates = np.flatnonzero((lengths > 0) & (lengths <= (CONTRACTION_LENGTH if exact else POWER_LENGTH)))
     docs = np.sort(rng.choice(candidates, size=min(CONTRACTION_DOCS, len(candidates)), replace=False))
+
+    def incoming(a: int, b: int) -> torch.Tensor:  # c_{t-1} of rows a..b-1: c_0 = c_N, then the saved rows
+        rows = np.asarray(contexts[a:b], np.float32)
+        return torch.from_numpy(np.concatenate([rows[-1:], rows[:-1]])).to(table.device)
+
+    def embedded(a: int, b: int) -> torch.Tensor:
+        return table[torch.as_tensor(np.asarray(tokens[a:b], dtype=np.int64), device=table.device)]
+
+    step = model.step
     radius, norm = [], []
-    for d in docs:
-        a, b = int(offsets[d]), int(offsets[d + 1])
-        emb = table[torch.as_tensor(np.asarray(tokens[a:b], dtype=np.int64), device=table.device)]
-        c0 = torch.from_numpy(np.array(contexts[b - 1 : b][0], dtype=np.float32)).to(table.device)
-
-        def one_pass(c: torch.Tensor, emb: torch.Tensor = emb) -> torch.Tensor:
-            for x in emb:
-                c = model.step(x, c)
-            return c
-
-        jac = torch.autograd.functional.jacobian(one_pass, c0).double()
-        radius.append(float(torch.linalg.eigvals(jac).abs().max()))
-        norm.append(float(torch.linalg.matrix_norm(jac, ord=2)))
-    steps = []
-    picks = np.sort(rng.choice(len(tokens), size=min(CONTRACTION_TOKENS, len(tokens)), replace=False))
-    first = np.isin(picks, offsets[:-1])
-    for t, starts in zip(picks, first):
+    with torch.no_grad():
+        spans = [(int(offsets[d]), int(offsets[d + 1])) for d in docs]
+        if exact:
+            for a, b in spans:
+                jac = torch.eye(contexts.shape[1], dtype=torch.float64, device=table.device)
+                for j in _step_jacobians(step, embedded(a, b), incoming(a, b)):
+                    jac = j @ jac
+                radius.append(float(torch.linalg.eigvals(jac).abs().max()))
+                norm.append(float(torch.linalg.matrix_norm(jac, ord=2)))
+        elif spans:
+            radius = _pass_radius_power(model, [embedded(*s) for s in spans], [incoming(*s) for s in spans], seed)
+        picks = np.sort(rng.choice(len(tokens), size=min(CONTRACTION_TOKENS, len(tokens)), replace=False))
         # c_{t-1}: the previous row, or at a document's start its own last one (c_0 = c_N)
-        row = int(t) - 1 if not starts else int(offsets[np.searchsorted(offsets, t, side="right")]) - 1
-        c = torch.from_numpy(np.array(contexts[row : row + 1][0], dtype=np.float32)).to(table.device)
-        x = table[int(tokens[t])]
-        jac = torch.autograd.functional.jacobian(lambda c, x=x: model.step(x, c), c).double()
-        steps.append(float(torch.linalg.matrix_norm(jac, ord=2)))
+        ends = offsets[np.searchsorted(offsets, picks, side="right")] - 1
+        prev = np.where(np.isin(picks, offsets[:-1]), ends, picks - 1)
+        rows = np.stack([np.asarray(contexts[r : r + 1][0], np.float32) for r in prev])
+        ctx = torch.from_numpy(rows).to(table.device)
+        tok = table[torch.as_tensor(np.asarray(tokens, dtype=np.int64)[picks], device=table.device)]
+        if exact:
+            steps = torch.linalg.matrix_norm(_step_jacobians(step, tok, ctx), ord=2)
+        else:
+            with torch.enable_grad():
+                steps = _norms_power(step, tok, ctx, seed)
+    steps_list = [float(s) for s in steps.detach()]
     return {
+        "method": "jacobian" if exact else f"power iteration ({POWER_STEPS} steps)",
         "documents": int(len(docs)),
         "pass_spectral_radius_median": float(np.median(radius)) if radius else None,
         "pass_spectral_radius_max": float(np.max(radius)) if radius else None,
         "pass_norm_max": float(np.max(norm)) if norm else None,
-        "tokens": int(len(steps)),
-        "step_norm_median": float(np.median(steps)) if steps else None,
-        "step_norm_max": float(np.max(steps)) if steps else None,
+        "tokens": int(len(steps_list)),
+        "step_norm_median": float(np.median(steps_list)) if steps_list else None,
+        "step_norm_max": float(np.max(steps_list)) if steps_list else None,
     }

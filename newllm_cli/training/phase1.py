@@ -317,9 +317,10 @@ class Solver:
         solved, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
             one_pass, start, target, cfg.max_iterations, everywhere=self.everywhere
         )
-        counts = self.group.gather((report.converged, report.residual, report.stalled))
+        parts = (report.converged, report.residual, report.stalled, report.period, report.solved_at)
+        counts = self.group.gather(parts)
         self.report = fixed_point.SolveReport(
-            report.passes, *(np.concatenate([c[i] for c in counts]) for i in range(3))
+            report.passes, *(np.concatenate([c[i] for c in counts]) for i in range(len(parts)))
         ).as_dict(target)
         if cfg.fixed_point_unique:
             self.report["unique"] = self.uniqueness(start, solved, target)
