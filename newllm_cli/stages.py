@@ -21,7 +21,7 @@ import torch
 
 from newllm_cli.data import dataset
 from newllm_cli.data import tokenizer as tokenizers
-from newllm_cli.evaluation import analysis, baselines, decodability, plots, verdict
+from newllm_cli.evaluation import analysis, baselines, decodability, memory, plots, verdict
 from newllm_cli.evaluation.controls import CONTROLS, Bench, label
 from newllm_cli.model import architectures
 from newllm_cli.model import generate as gen
@@ -393,6 +393,9 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
         reports[split] = analysis.analyze_contexts(
             ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode, offsets=offs
         )
+        reports[split]["memory"] = memory.token_share(ctx, toks)
+        reports[split]["stopped_by"] = rep.get("stopped_by")
+        reports[split]["optimizer_steps"] = rep.get("optimizer_steps")
         if rep.get("fixed_point"):  # how far the contexts are from a fixed point (phase1's check)
             reports[split]["fixed_point"] = rep["fixed_point"]
         if not s.phase1.concat:  # one document the size of the corpus has no pass to linearise
@@ -542,10 +545,33 @@ def control_contexts(
             "iterations": len(res.history),
             "fixed_point": res.fixed_point,
             **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
+            "stopped_by": res.stopped_by,
+            "warnings": res.warnings,
             "provenance": key,
         },
     )
+    for w in res.warnings:
+        warn(f"control {split}: {w}")
     return read_array(path, f"{split} control contexts", fix)
+
+
+def control_check(ws: Workspace, s: Settings) -> dict:
+    """Whether the untrained control's own solve reached its target, on each split, from its reports:
+    every document within --fixed-point-tol (a carry-over solver), or the converged share (iterate).
+    A verdict against a control that did not converge is against contexts that depend on where its
+    iteration stopped."""
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        rep = read_json(ws.control_report(split), "control report", "newllm phase2", validate.ControlReport)
+        solve = rep.get("fixed_point_solve")
+        if solve:
+            ok, said = solve["failing"] == 0, f"{solve['documents'] - solve['failing']}/{solve['documents']} documents"
+        else:
+            ratio = rep.get("converged_ratio") or 0.0
+            ok, said = ratio >= s.phase1.min_converged_ratio, f"{ratio:.1%} of tokens"
+        out[split] = {"converged": ok, "reached": said, "warnings": rep.get("warnings", [])}
+    out["converged"] = all(v["converged"] for v in out.values())
+    return out
 
 
 def phase2(s: Settings, force: bool = False, rebuild: bool = False, plot: Path | None = None) -> dict:
@@ -598,12 +624,12 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     if ana is None or ana["provenance"].get("model_id") != mid or ana.get("val") is None:
         info("phase2: the gate needs an analysis of these contexts: running `newllm analyze` first (no probes)")
         ana = _analyze(s, probe_rows=0)
-    problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's word
+    cfg, vocab = s.phase2, meta["vocab_size"]
+    problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's
     if problems:
         if not force:
             raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
         warn("Phase-1 gate overridden: " + "; ".join(problems))
-    cfg, vocab = s.phase2, meta["vocab_size"]
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
     res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     curves = {"head": curves}
@@ -636,6 +662,19 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     for key, entry in table.items():
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
+    if "untrained_network" in table:
+        theirs = control_contexts(ws, s, meta, "val", untrained_network(s, vocab, device), device)  # on disk now
+        table["untrained_network"]["memory"] = memory.token_share(theirs, val_tokens)
+        less = analysis.remembers_less(ana.get("val"), table["untrained_network"])
+        if less:
+            warnings.append(less)
+        checked = table["untrained_network"]["solve"] = control_check(ws, s)
+        if not checked["converged"]:
+            warnings.append(
+                "the untrained control's solve did not converge ("
+                + "; ".join(f"{sp}: {checked[sp]['reached']} within its target" for sp in SPLITS)
+                + "): the verdict against it depends on where its iteration stopped"
+            )
     if table["unigram_add_one"]["verdict"] != "beats":
         warnings.append(
             "the head does not beat add-one unigram, its own starting point: the contexts add "

@@ -234,3 +234,56 @@ def test_decodability_reads_what_the_contexts_encode():
     assert p["next_from_context"]["phase1"]["val_perplexity"] > 0.95 * vocab
     assert p["token_from_context"]["gaussian"]["val_accuracy"] < 0.3
     assert out["rows"] == {"train": 2000, "val": 1000 - 2 * 10}
+
+
+def test_memory_share_is_the_within_token_variance_by_hand():
+    from newllm_cli.evaluation import memory
+
+    tokens = np.array([0, 0, 1, 1, 1, 2])
+    ctx = np.array([[1.0], [3.0], [0.0], [1.0], [2.0], [5.0]], np.float32)
+    # within-token sum of squares: token 0: 2, token 1: 2, token 2: 0 -> 4 over 6 - 3 degrees of freedom
+    total = float(((ctx - ctx.mean()) ** 2).sum())
+    got = memory.token_share(ctx, tokens)
+    assert got["not_explained_by_token"] == pytest.approx((4 / 3) / (total / 5))
+    assert got["distinct_tokens"] == 3
+
+
+def planted(contexts: np.ndarray, tokens: np.ndarray) -> dict:
+    from newllm_cli.evaluation import memory
+
+    rep = analysis.analyze_contexts(contexts)
+    rep["memory"] = memory.token_share(contexts, tokens)
+    return rep
+
+
+def test_gate_fails_collapsed_memoryless_and_the_control_itself():
+    """Three context sets that 'converge' without remembering anything useful must fail the gate;
+    recurrent contexts that remember more than the control pass."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, 4000)
+    table = rng.normal(size=(50, 16))
+    memoryless = table[tokens]  # c_t = g(x_t): every token always the same context
+    recurrent = np.zeros((4000, 16))
+    c = np.zeros(16)
+    for t, x in enumerate(tokens):  # c_t = 0.9 c_{t-1} + g(x_t): memory of the past tokens
+        c = 0.9 * c + 0.3 * table[x]
+        recurrent[t] = c
+    control = planted(0.5 * recurrent + 0.5 * memoryless, tokens)  # stand-in for an untrained network's
+    collapsed = planted(np.full((4000, 16), 0.3) + 1e-7 * rng.normal(size=(4000, 16)), tokens)
+    assert any("nearly memoryless" in p for p in analysis.gate(None, planted(memoryless, tokens)))
+    assert analysis.gate(collapsed, collapsed)
+    untrained = {**control, "optimizer_steps": 0}  # the control's own contexts, as Phase 1 would report them
+    assert any("took no optimizer step" in p for p in analysis.gate(untrained, control))
+    good = planted(recurrent, tokens)
+    assert good["memory"]["not_explained_by_token"] > control["memory"]["not_explained_by_token"]
+    assert analysis.gate({**good, "optimizer_steps": 5}, good) == []
+    assert analysis.remembers_less(good, control) is None
+    assert "no more than the untrained" in analysis.remembers_less(control, good)
+
+
+def test_gate_refuses_unconverged_training_and_unsolved_val():
+    rep = planted(np.random.default_rng(1).normal(size=(500, 8)), np.arange(500) % 7)
+    assert analysis.gate(rep, rep) == []
+    assert "stopped at its cap" in analysis.gate({**rep, "stopped_by": "max_iterations"}, rep)[0]
+    unsolved = {**rep, "fixed_point": {"within_tolerance": 0.25}}
+    assert "25% of the val documents" in analysis.gate(rep, unsolved)[0]

@@ -164,6 +164,8 @@ def test_two_ranks_give_the_artifacts_of_one_process(tmp_path, uneven):
     report = json.loads((two / "phase1_train.json").read_text())
     assert report["provenance"]["world_size"] == 2 and report["documents"] == 25  # (31 - 20% held out)
     assert report["optimizer_steps"] >= 2 and report["history"][1]["converged_ratio"] is not None
+    # the carry-over solve (the default) over both ranks' documents, as one process solves them
+    assert report["fixed_point_solve"]["documents"] == 25 and report["fixed_point"]["documents"] == 25
     assert not [p.name for p in two.iterdir() if p.name.startswith(".")]  # no temporary left
     # analyze and generate read the distributed run as they read a single-process one
     analysis = one_process("analyze", "--json", *args, "--run", "two")

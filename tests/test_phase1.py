@@ -126,7 +126,7 @@ def test_numba_matches_torch_in_float32_with_deep_blocks():
 def test_iteration_two_carries_over_and_has_positive_loss():
     model = tiny()
     tokens, offsets = corpus()
-    cfg = Phase1Settings(max_iterations=2)
+    cfg = Phase1Settings(max_iterations=2, fixed_point_solver="iterate")  # the iterations themselves
     res = run_cvfp(model, tokens, offsets, cfg, train=False, device=CPU)
     assert res.history[1]["cvfp_loss"] > 0
     # iteration 2 must start each document from its own last context of iteration 1
@@ -255,7 +255,8 @@ def test_same_seed_same_contexts(scheme):
 def test_parallel_iteration_is_one_jacobi_step_with_wraparound():
     model = tiny()
     tokens, offsets = corpus()
-    two = run_cvfp(model, tokens, offsets, Phase1Settings(scheme="parallel", max_iterations=2), train=False, device=CPU)
+    cfg = Phase1Settings(scheme="parallel", max_iterations=2, fixed_point_solver="iterate")  # Jacobi steps themselves
+    two = run_cvfp(model, tokens, offsets, cfg, train=False, device=CPU)
     emb = model.embed_tokens(torch.as_tensor(tokens)).detach()
     with torch.no_grad():
         p = model.step(emb, torch.zeros(len(tokens), model.context_dim))  # iteration 1 from zeros
@@ -290,12 +291,12 @@ def test_diverging_training_stops_after_two_drops():
 
 
 def test_unconverged_training_ends_with_a_no_update_solve_to_the_fixed_point():
-    """Training cut off at its cap (min_converged_ratio 1.0 never reached in 3 iterations): the saved
-    contexts are still the fixed point of the saved weights, measured by one more sweep from their own
-    carry-over, to the convergence threshold for the share that the report states."""
+    """The seed's rule (--fixed-point-solver iterate): training cut off at its cap (never reached in 3
+    iterations), the saved contexts are still the fixed point of the saved weights, measured by one
+    more sweep from their own carry-over, to the convergence threshold for the share the report states."""
     model = tiny(layers=1)
     tokens, offsets = corpus()
-    cfg = Phase1Settings(max_iterations=3, min_converged_ratio=0.9, lr_warmup=0.05)
+    cfg = Phase1Settings(max_iterations=3, min_converged_ratio=0.9, lr_warmup=0.05, fixed_point_solver="iterate")
     res = run_cvfp(model, tokens, offsets, cfg, train=True, device=CPU)
     assert res.stopped_by != "converged" and res.solve, res.history
     assert res.solve[-1]["lr"] is None and res.converged_ratio == res.solve[-1]["converged_ratio"]

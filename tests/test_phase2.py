@@ -80,6 +80,63 @@ def test_bigram_baseline_equals_hand_computation():
     assert k in baselines.K_GRID
 
 
+def naive_interpolated(train: list[list[int]], val: list[list[int]], vocab: int, lambdas: dict) -> list[float]:
+    """Jelinek-Mercer written out with dictionaries: log p(x_{t+1} | history) for each val pair."""
+    uni = dict.fromkeys(range(vocab), 1.0)
+    total = vocab
+    for doc in train:
+        for w in doc:
+            uni[w] += 1
+            total += 1
+    joint: dict[tuple, int] = {}
+    hist: dict[tuple, int] = {}
+    for doc in train:
+        for p in range(len(doc) - 1):
+            for n in lambdas:
+                if p - (n - 2) >= 0:
+                    h = tuple(doc[p - (n - 2) : p + 1])
+                    joint[h + (doc[p + 1],)] = joint.get(h + (doc[p + 1],), 0) + 1
+                    hist[h] = hist.get(h, 0) + 1
+    out = []
+    for doc in val:
+        for p in range(len(doc) - 1):
+            prob = uni[doc[p + 1]] / total
+            for n in sorted(lambdas):
+                h = tuple(doc[p - (n - 2) : p + 1]) if p - (n - 2) >= 0 else None
+                if h is not None and hist.get(h, 0) > 0:
+                    prob = lambdas[n] * joint.get(h + (doc[p + 1],), 0) / hist[h] + (1 - lambdas[n]) * prob
+            out.append(math.log(prob))
+    return out
+
+
+def test_interpolated_ngrams_equal_a_naive_computation_and_never_see_val():
+    rng = np.random.default_rng(5)
+    docs = [list(rng.integers(0, 5, rng.integers(2, 12))) for _ in range(20)]
+    val = [list(rng.integers(0, 5, rng.integers(2, 12))) for _ in range(6)]
+
+    def flat(ds):
+        return np.concatenate([np.array(d) for d in ds]), np.cumsum([0] + [len(d) for d in ds])
+
+    (tt, to), (vt, vo) = flat(docs), flat(val)
+    for order in (2, 3):
+        got = baselines.interpolated(tt, to, vt, vo, 5, order)
+        lambdas = {int(n): lam for n, lam in got["lambdas"].items()}
+        assert sorted(lambdas) == list(range(2, order + 1))
+        assert np.allclose(got["log_probs"], naive_interpolated(docs, val, 5, lambdas), atol=1e-12)
+        # the weights: the grid's best on the last two training documents, counts from the other 18
+        fit, held = docs[:18], docs[18:]
+        best = {}
+        for n in range(2, order + 1):
+            best[n] = min(baselines.LAMBDAS, key=lambda lam: -sum(naive_interpolated(fit, held, 5, {**best, n: lam})))
+        assert best == lambdas
+        other = baselines.interpolated(tt, to, (vt + 1) % 5, vo, 5, order)  # another val set: same weights
+        assert other["lambdas"] == got["lambdas"]
+    # hand case: train "0 1 0 1 2", bigram with lam = 0.5: p(1 | 0) = 0.5 * 2/2 + 0.5 * 3/8
+    one = baselines.Interpolated(np.array([0, 1, 0, 1, 2]), np.array([0, 5]), 3, 2)
+    base, parts = one.parts(np.array([0, 1]), np.array([0, 2]))
+    assert baselines.Interpolated.mix(base, parts, {2: 0.5})[0] == pytest.approx(0.5 + 0.5 * 3 / 8)
+
+
 def test_bigram_prediction_is_the_argmax_of_the_count_matrix():
     rng = np.random.default_rng(3)
     prev, nxt = rng.integers(0, 7, 300), rng.integers(0, 9, 300)

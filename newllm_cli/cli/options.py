@@ -122,6 +122,11 @@ FULL = [
     ),
     PLOT,
 ]
+REPLICATE = [
+    extra("seeds", int, 4, "--seeds", "Seeds --seed, --seed + 1, ...: one run RUN.seed-S each, verdicts pooled."),
+    FORCE,
+    PROBE_ROWS,
+]
 ANALYZE = [
     extra("contexts", Path | None, None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Path | None, None, "--tokens", "Token ids .npy aligned with --contexts rows."),

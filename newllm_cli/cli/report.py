@@ -74,6 +74,10 @@ SECTIONS = {
     "steps along the text": [
         ("norm spread (std / mean)", lambda a: _num(a["steps"]["norm_spread"])),
         ("cosine of consecutive contexts", lambda a: _num(a["steps"]["consecutive_cosine"])),
+        (
+            "variance not explained by x_t (memory)",
+            lambda a: _fmt((a.get("memory") or {}).get("not_explained_by_token"), ".1%"),
+        ),
         *[
             (f"autocorrelation, lag {k}", lambda a, k=k: _num(a["steps"]["autocorrelation"][f"lag_{k}"]))
             for k in (1, 10, 100)
@@ -186,6 +190,7 @@ def phase2(r: dict) -> None:
     t.add_row("head on Phase 1 contexts", f"{val['perplexity']:.2f}", f"{val['accuracy']:.3f}", "")
     for key, b in r["baselines"].items():
         extra = f" (k={b['k']:g})" if "k" in b else ""
+        extra += " [bold red](not converged)[/]" if not b.get("solve", {}).get("converged", True) else ""
         colour = {"beats": "green", "ties": "yellow"}.get(b["verdict"], "bold red")
         t.add_row(
             label(key) + extra,
@@ -283,6 +288,27 @@ def compare(r: dict) -> None:
         con.print(f"correlation of val effective rank with perplexity: r = {_fmt(c['r'], '.4f')} over {c['runs']} runs")
     for p in r.get("plots", []):
         con.print(f"wrote {p}")
+
+
+def replicate(r: dict) -> None:
+    """Each seed's head against each comparison, then the pooled verdicts."""
+    keys = list(r["pooled"])
+    t = Table(title=f"replicate {r['run']}: {len(r['seeds'])} seeds", title_justify="left")
+    short = {c.key: c.short for c in CONTROLS}
+    for col in ("seed", "head ppl", *(short.get(k, k) for k in keys)):
+        t.add_column(col, justify="right")
+    for row in r["runs"]:
+        cells = [f"{row[k]['ratio']:.3f} {row[k]['verdict']}" for k in keys]
+        if row.get("control_converged") is False and "untrained_network" in keys:
+            cells[keys.index("untrained_network")] += " [bold red](not converged)[/]"
+        t.add_row(str(row["seed"]), f"{row['perplexity']:.2f}", *cells)
+    pooled = [r["pooled"][k] for k in keys]
+    t.add_row(
+        "pooled", "", *(f"{p['ratio']:.3f} {p['verdict']} ({p['ratio_low']:.3f}-{p['ratio_high']:.3f})" for p in pooled)
+    )
+    t.caption = "perplexity ratio head / comparison; pooled: t-interval over seeds plus the document bootstrap"
+    console(quiet=True).print(t)
+    console(quiet=True).print(r["finding"], highlight=False)
 
 
 def sweep(r: dict) -> None:

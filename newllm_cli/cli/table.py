@@ -7,7 +7,7 @@ from typing import Any
 
 from newllm_cli.cli import report
 from newllm_cli.cli.commands import Command
-from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, SPLIT, SWEEP
+from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, REPLICATE, SPLIT, SWEEP
 
 RECURRENCE = ("model", "data", "phase1", "runtime")
 WRITER: dict[str, Any] = {"lock": "write", "parallel": True}  # the run's writer; also a torchrun job
@@ -44,6 +44,7 @@ COMMANDS = [
     Command("full", "stages.full", report.full, key("run_dir"), FULL, **WRITER),
     Command("generate", "stages.generate", report.generate, key("text"), GENERATE, lock="read"),
     Command("config", "settings.effective", lambda result: None, key("toml")),
+    Command("replicate", "experiments.replicate.replicate", report.replicate, key("path"), REPLICATE, saved=False),
     Command("sweep", "experiments.sweep.sweep", report.sweep, key("storage"), SWEEP, saved=False),
     Command("runs", "experiments.compare.runs", report.runs, report.run_names, CSV, ("runtime",), saved=False),
     Command(

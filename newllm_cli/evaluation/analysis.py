@@ -267,11 +267,20 @@ def attainable_rank(context_dim: int, centred_eigenvalues: np.ndarray) -> int:
     return max(context_dim - 1, 1) if on_plane else context_dim
 
 
+MEMORY_FLOOR = 0.2  # least share of the contexts' variance not explained by the current token (docs/EXPERIMENTS.md)
+SOLVED_FLOOR = 0.5  # least share of val documents whose contexts meet the carry-over condition
+
+
 def gate(train: dict | None, val: dict | None) -> list[str]:
-    """Reasons to refuse Phase 2: a centred effective rank below 20% (train) or 8% (val) of the
-    attainable rank (C - 1 for layer-normed contexts), or a degenerate flag. Empty = pass. The centred
-    rank measures the spread of the contexts; the uncentred one is dominated by their mean (see
-    docs/ARCHITECTURE.md)."""
+    """Reasons to refuse Phase 2 (empty = pass):
+    - a centred effective rank below 20% (train) or 8% (val) of the attainable rank (C - 1 for
+      layer-normed contexts), or a degenerate flag: the centred rank measures the spread of the
+      contexts; the uncentred one is dominated by their mean (see docs/ARCHITECTURE.md);
+    - memory: less than MEMORY_FLOOR of the variance beyond what the current token explains (a
+      memoryless map c_t = g(x_t) has none, yet converges in one sweep);
+    - learning and convergence: a network that took no optimizer step (the untrained control
+      itself), training that stopped at its cap short of its converged share, or fewer than
+      SOLVED_FLOOR of the val documents meeting the carry-over condition."""
     problems = []
     for name, rep, share in (("train", train, 0.20), ("val", val, 0.08)):
         if rep is None:
@@ -283,4 +292,30 @@ def gate(train: dict | None, val: dict | None) -> list[str]:
             problems.append(f"{name} contexts collapsed to one point (global attractor)")
         if rep["zero_solution"]["degenerate"]:
             problems.append(f"{name} contexts collapsed to zero (mean norm {rep['zero_solution']['mean_norm']:.3f})")
+        kept = (rep.get("memory") or {}).get("not_explained_by_token")
+        if kept is not None and kept < MEMORY_FLOOR:
+            problems.append(
+                f"{name} contexts are nearly memoryless: the current token explains {1 - kept:.0%} of their "
+                f"variance (a map c_t = g(x_t) explains all of it)"
+            )
+        if name == "train" and rep.get("optimizer_steps") == 0:
+            problems.append("the contexts are the untrained network's: Phase 1 took no optimizer step")
+        if name == "train" and rep.get("stopped_by") == "max_iterations":
+            problems.append("Phase 1 training stopped at its cap short of its converged share")
+        solved = (rep.get("fixed_point") or {}).get("within_tolerance")
+        if name == "val" and solved is not None and solved < SOLVED_FLOOR:
+            problems.append(f"only {solved:.0%} of the val documents meet the carry-over condition c_0 = c_N")
     return problems
+
+
+def remembers_less(val: dict | None, control: dict | None) -> str | None:
+    """A warning when the val contexts remember no more than the untrained network's (memory share
+    at most the control's): training then added no memory the control lacks."""
+    mine = ((val or {}).get("memory") or {}).get("not_explained_by_token")
+    theirs = ((control or {}).get("memory") or {}).get("not_explained_by_token")
+    if mine is None or theirs is None or mine > theirs:
+        return None
+    return (
+        f"the val contexts remember no more than the untrained network's ({mine:.1%} of their variance "
+        f"beyond the current token, against {theirs:.1%})"
+    )

@@ -1,8 +1,9 @@
-"""Count baselines that give Phase 2's perplexity a meaning: add-one unigram and add-k bigram.
+"""Count baselines that give Phase 2's perplexity a meaning: add-one unigram, add-k bigram, and
+interpolated (Jelinek-Mercer) bigram and trigram, the count models at full strength.
 
-Both are computed on the same split and tokenizer as the head, over the same (x_t, x_{t+1}) pairs.
-The bigram's k is chosen on a held-out tenth of the training documents, then counts are refitted
-on all training pairs.
+All are computed on the same split and tokenizer as the head, over the same (x_t, x_{t+1}) pairs.
+Smoothing parameters (k, the interpolation weights) are chosen on a held-out tenth of the training
+documents, then counts are refitted on all training pairs: validation never shapes them.
 """
 
 from __future__ import annotations
@@ -59,20 +60,13 @@ class Bigram:
 
 
 def choose_k(tokens: np.ndarray, offsets: np.ndarray, vocab_size: int) -> float:
-    """The k of K_GRID with the lowest perplexity on the last tenth of the training documents."""
-    n_docs = len(offsets) - 1
-    cut_doc = n_docs - max(1, n_docs // 10) if n_docs >= 2 else None
-    pos = pair_positions(offsets)
-    if cut_doc is None or cut_doc == 0:  # one document: hold out its last tenth of pairs
-        cut = int(len(pos) * 0.9)
-        fit, held = pos[:cut], pos[cut:]
-    else:
-        boundary = offsets[cut_doc]
-        fit, held = pos[pos < boundary], pos[pos >= boundary]
+    """The k of K_GRID with the lowest perplexity on the held-out tenth of the training documents."""
+    (fit_t, fit_o), (held_t, held_o) = held_out(tokens, offsets)
+    fit, held = pair_positions(fit_o), pair_positions(held_o)
     if len(fit) == 0 or len(held) == 0:
         return 1.0
-    model = Bigram(tokens[fit], tokens[fit + 1], vocab_size)
-    return min(K_GRID, key=lambda k: model.perplexity(tokens[held], tokens[held + 1], k))
+    model = Bigram(fit_t[fit], fit_t[fit + 1], vocab_size)
+    return min(K_GRID, key=lambda k: model.perplexity(held_t[held], held_t[held + 1], k))
 
 
 def training_pairs(tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -102,3 +96,101 @@ def bigram_perplexity(
         "log_probs": log_probs,
         "accuracy": float(np.mean(model.predict(prev, top) == nxt)) if len(nxt) else 0.0,
     }
+
+
+LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0, 0.01))  # the interpolation weights tried
+
+
+def held_out(
+    tokens: np.ndarray, offsets: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(tokens, offsets) of the training documents a smoothing parameter is fitted on, and of the last
+    tenth it is chosen on; one document: its last tenth of pairs (the two parts share a token)."""
+    tokens, offsets = np.asarray(tokens), np.asarray(offsets, np.int64)
+    n_docs = len(offsets) - 1
+    if n_docs >= 2:
+        cut = n_docs - max(1, n_docs // 10)
+        return (tokens[: offsets[cut]], offsets[: cut + 1]), (tokens[offsets[cut] :], offsets[cut:] - offsets[cut])
+    pairs = max(len(tokens) - 1, 0)
+    cut = int(pairs * 0.9)
+    return (tokens[: cut + 1], np.array([0, cut + 1])), (tokens[cut:], np.array([0, len(tokens) - cut]))
+
+
+def _histories(
+    tokens: np.ndarray, offsets: np.ndarray, n: int, vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every pair (x_p, x_{p+1}) inside a document: the key of its history x_{p-n+2..p} (n - 1
+    tokens), the target, and whether the history lies inside the document."""
+    tokens, pos = np.asarray(tokens, np.int64), pair_positions(offsets)
+    start = np.asarray(offsets, np.int64)[np.searchsorted(offsets, pos, side="right") - 1]
+    valid = pos - (n - 2) >= start
+    key = np.zeros(len(pos), np.int64)
+    for j in range(n - 1):  # oldest first
+        key = key * vocab + tokens[np.maximum(pos - (n - 2) + j, 0)]
+    return key, tokens[pos + 1], valid
+
+
+def _counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.unique(keys, return_counts=True)
+
+
+def _lookup(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> np.ndarray:
+    uniq, counts = table
+    if not len(uniq):
+        return np.zeros(len(keys), np.int64)
+    at = np.minimum(np.searchsorted(uniq, keys), len(uniq) - 1)
+    return np.where(uniq[at] == keys, counts[at], 0)
+
+
+class Interpolated:
+    """Jelinek-Mercer n-gram: p_1 is the add-one unigram, and for n >= 2
+    p_n(w | h) = lam_n c(h, w) / c(h) + (1 - lam_n) p_{n-1}(w | h') when c(h) > 0, else p_{n-1}(w | h'),
+    h the n - 1 previous tokens inside the document, h' its last n - 2. Counts over training pairs."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, vocab: int, order: int):
+        self.vocab, self.order = vocab, order
+        self.unigram = np.exp(unigram_log_probs(tokens, vocab))
+        self.tables = {}
+        for n in range(2, order + 1):
+            hist, target, valid = _histories(tokens, offsets, n, vocab)
+            hist, target = hist[valid], target[valid]
+            self.tables[n] = (_counts(hist * vocab + target), _counts(hist))
+
+    def parts(self, tokens: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Per pair: p_1(w), and for each n its ML estimate and whether it applies (c(h) > 0)."""
+        hist, target, _ = _histories(tokens, offsets, 2, self.vocab)
+        out = {}
+        for n, (joint, marginal) in self.tables.items():
+            hist, _, valid = _histories(tokens, offsets, n, self.vocab)
+            seen = _lookup(marginal, hist) * valid
+            ml = _lookup(joint, hist * self.vocab + target) / np.maximum(seen, 1)
+            out[n] = (ml, seen > 0)
+        return self.unigram[target], out
+
+    @staticmethod
+    def mix(base: np.ndarray, parts: dict, lambdas: dict) -> np.ndarray:
+        p = base
+        for n in sorted(parts):
+            ml, seen = parts[n]
+            p = np.where(seen, lambdas[n] * ml + (1 - lambdas[n]) * p, p)
+        return p
+
+
+def interpolated(train_tokens, train_offsets, val_tokens, val_offsets, vocab: int, order: int) -> dict:
+    """The interpolated n-gram on the val pairs: each lam_n chosen in turn (lam_2 first) on the held-out
+    tenth of the training documents with counts from the rest, then counts from all of them."""
+    (fit_t, fit_o), (held_t, held_o) = held_out(train_tokens, train_offsets)
+    lambdas: dict[int, float] = {}
+    if len(fit_t) > 1 and len(held_t) > 1:
+        base, parts = Interpolated(fit_t, fit_o, vocab, order).parts(held_t, held_o)
+        for n in sorted(parts):
+            below = Interpolated.mix(base, {m: parts[m] for m in parts if m < n}, lambdas)
+            ml, seen = parts[n]
+            lambdas[n] = min(
+                LAMBDAS, key=lambda lam: -np.log(np.where(seen, lam * ml + (1 - lam) * below, below)).sum()
+            )
+    else:
+        lambdas = dict.fromkeys(range(2, order + 1), 0.5)
+    base, parts = Interpolated(train_tokens, train_offsets, vocab, order).parts(val_tokens, val_offsets)
+    log_probs = np.log(Interpolated.mix(base, parts, lambdas))
+    return {"lambdas": {str(n): lam for n, lam in lambdas.items()}, "log_probs": log_probs}

@@ -81,6 +81,16 @@ def _bigram(b: Bench) -> Outcome:
     return Outcome(-found["log_probs"], {"k": found["k"], "accuracy": found["accuracy"]})
 
 
+def _interpolated(order: int) -> Callable[[Bench], Outcome]:
+    def run(b: Bench) -> Outcome:
+        from newllm_cli.evaluation.baselines import interpolated
+
+        found = interpolated(b.train_tokens, b.train_offsets, b.val_tokens, b.val_offsets, b.vocab, order)
+        return Outcome(-found["log_probs"], {"lambdas": found["lambdas"]})
+
+    return run
+
+
 def _untrained(b: Bench) -> Outcome | None:
     if not b.settings.phase2.control:
         return None
@@ -93,6 +103,10 @@ def _untrained(b: Bench) -> Outcome | None:
 
 register(Control("unigram_add_one", "add-one unigram", "add-one unigram", "unigram", "uni", _unigram))
 register(Control("bigram_add_k", "add-k bigram", "add-k bigram", "bigram", "bi", _bigram))
+register(Control("bigram_interpolated", "interpolated bigram", "interp. bigram", "bigram_jm", "jm2", _interpolated(2)))
+register(
+    Control("trigram_interpolated", "interpolated trigram", "interp. trigram", "trigram_jm", "jm3", _interpolated(3))
+)
 register(
     Control(
         "untrained_network",

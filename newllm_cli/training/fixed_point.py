@@ -17,6 +17,7 @@ iterates repeat with a short period (a cycle).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -268,6 +269,11 @@ def _norms_power(step, tok: torch.Tensor, ctx: torch.Tensor, seed: int) -> torch
     return u.norm(dim=1).double().sqrt()
 
 
+def _scaled(value: float, log_scale: float) -> float:
+    """value * exp(log_scale), capped at e^700 (past that, any figure says "diverges")."""
+    return math.exp(min(math.log(value) + log_scale, 700.0)) if value > 0 else 0.0
+
+
 def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray, contexts,
                 seed: int = 0) -> dict | None:  # fmt: skip
     """What decides whether iterating converges, linearised at the saved contexts: the spectral
@@ -300,10 +306,17 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
         if exact:
             for a, b in spans:
                 jac = torch.eye(contexts.shape[1], dtype=torch.float64, device=table.device)
+                scale = 0.0  # log of the factor taken out of the product, so a long pass cannot overflow
                 for j in _step_jacobians(step, embedded(a, b), incoming(a, b)):
                     jac = j @ jac
-                radius.append(float(torch.linalg.eigvals(jac).abs().max()))
-                norm.append(float(torch.linalg.matrix_norm(jac, ord=2)))
+                    size = float(jac.abs().max())
+                    if not math.isfinite(size) or size == 0:
+                        break
+                    jac, scale = jac / size, scale + math.log(size)
+                if not bool(torch.isfinite(jac).all()):
+                    continue  # contexts too large for a finite Jacobian: no figure for this document
+                radius.append(_scaled(float(torch.linalg.eigvals(jac).abs().max()), scale))
+                norm.append(_scaled(float(torch.linalg.matrix_norm(jac, ord=2)), scale))
         elif spans:
             radius = _pass_radius_power(model, [embedded(*s) for s in spans], [incoming(*s) for s in spans], seed)
         picks = np.sort(rng.choice(len(tokens), size=min(CONTRACTION_TOKENS, len(tokens)), replace=False))
@@ -314,11 +327,13 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
         ctx = torch.from_numpy(rows).to(table.device)
         tok = table[torch.as_tensor(np.asarray(tokens, dtype=np.int64)[picks], device=table.device)]
         if exact:
-            steps = torch.linalg.matrix_norm(_step_jacobians(step, tok, ctx), ord=2)
+            jacs = _step_jacobians(step, tok, ctx)
+            steps = torch.linalg.matrix_norm(jacs[torch.isfinite(jacs).flatten(1).all(1)], ord=2)
         else:
             with torch.enable_grad():
                 steps = _norms_power(step, tok, ctx, seed)
-    steps_list = [float(s) for s in steps.detach()]
+    steps_list = [float(s) for s in steps.detach() if math.isfinite(float(s))]
+    radius, norm = [r for r in radius if math.isfinite(r)], [n for n in norm if math.isfinite(n)]
     return {
         "method": "jacobian" if exact else f"power iteration ({POWER_STEPS} steps)",
         "documents": int(len(docs)),
