@@ -251,6 +251,7 @@ def test_bootstrap_verdict_against_hand_cases():
     assert tie["verdict"] == "ties" and tie["ratio_low"] < 1 < tie["ratio_high"]
     assert verdict.compare(np.full(200, 3.0), np.full(200, 2.0), groups)["verdict"] == "loses to"
     assert verdict.units(np.zeros(90, dtype=int))[1] == "30 blocks of contiguous pairs"
+    assert verdict.units(np.repeat(np.arange(16), 40))[1] == "16 documents"  # never pieces of a document
     # the size in words: exp(-0.5) = 0.6065, so 39.3% lower perplexity, a degenerate interval
     assert same["size"] == "beats by 39.3% (39.3%-39.3%)"
     assert (

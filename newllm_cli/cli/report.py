@@ -264,14 +264,24 @@ def runs(r: dict, title: str = "runs") -> None:
             _count(row["tokens"]),
             conv,
             _fmt(row["rank_val"], ".1f"),
-            *(_fmt(row.get(k), ".1f") for k in ("perplexity", *(c.column for c in CONTROLS))),
+            *(_ppl(row.get(k)) + _unsolved(row, k) for k in ("perplexity", *(c.column for c in CONTROLS))),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}s",
         )
     t.caption = (
         "conv%: Phase 1 converged share, train/val; rank: val effective rank (centred); ppl: the head's "
-        f"val perplexity beside {', '.join(c.short for c in CONTROLS)}"
+        f"val perplexity beside {', '.join(c.short for c in CONTROLS)}; *: the control's solve did not converge"
     )
     console(quiet=True).print(t, soft_wrap=False)
+
+
+def _ppl(value) -> str:
+    """A perplexity in a narrow column: one decimal below 100 (the CSV and JSON keep every digit)."""
+    return _fmt(value, ".1f" if value is not None and value < 100 else ".0f")
+
+
+def _unsolved(row: dict, column: str) -> str:
+    """The "control not converged" mark of a table cell."""
+    return "*" if column == "control" and row.get("control_converged") is False else ""
 
 
 def compare(r: dict) -> None:

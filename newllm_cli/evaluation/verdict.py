@@ -3,7 +3,9 @@ and over seeds (`pooled`) when several were trained.
 
 Two models scored on the same validation pairs differ by d_i = loss_a_i - loss_b_i nats per pair;
 their perplexity ratio is exp(mean d). Pairs inside a document are not independent, so whole
-documents are resampled (or, with fewer than MIN_UNITS documents, contiguous blocks of pairs). The
+documents are resampled: each source's document is its natural unit (a conversation, a file, a
+blank-line block), and smaller pieces of one would pass correlated pairs for independent ones (only
+with fewer than MIN_UNITS documents, contiguous blocks of pairs, as the report says). The
 verdict follows from the 95% interval of the ratio: "beats" when it lies below 1, "loses to" when it
 lies above 1, "ties" when it covers 1.
 """
@@ -17,16 +19,17 @@ import numpy as np
 from newllm_cli.evaluation.controls import label
 
 SAMPLES = 2000
-MIN_UNITS = 30  # fewer documents than this: resample contiguous blocks of pairs instead
+MIN_UNITS = 5  # fewer documents than this: resample BLOCKS contiguous blocks of pairs instead
+BLOCKS = 30
 
 
 def units(groups: np.ndarray) -> tuple[np.ndarray, str]:
-    """A resampling unit per pair: its document, or one of MIN_UNITS contiguous blocks."""
+    """A resampling unit per pair: its document, or one of BLOCKS contiguous blocks (fewer than MIN_UNITS documents)."""
     groups = np.asarray(groups)
     n_groups = len(np.unique(groups))
-    if n_groups >= MIN_UNITS or len(groups) < MIN_UNITS:
+    if n_groups >= MIN_UNITS or len(groups) < BLOCKS:
         return np.unique(groups, return_inverse=True)[1].reshape(-1), f"{n_groups} documents"
-    return (np.arange(len(groups)) * MIN_UNITS) // len(groups), f"{MIN_UNITS} blocks of contiguous pairs"
+    return (np.arange(len(groups)) * BLOCKS) // len(groups), f"{BLOCKS} blocks of contiguous pairs"
 
 
 def _bootstrap(sums: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:

@@ -72,6 +72,7 @@ def run_row(run_dir: Path) -> dict:
         "perplexity": _get(p2, "val", "perplexity"),
         **{c.column: _get(base, c.key, "val_perplexity") for c in CONTROLS},
         "against_control": _get(base, "untrained_network", "size"),
+        "control_converged": _get(base, "untrained_network", "solve", "converged"),
         "seconds": sum(seconds) if seconds else None,
     }
 
@@ -189,7 +190,10 @@ def to_markdown(result: dict) -> str:
             _num(r["tokens"], ","),
             conv,
             _num(r["rank_val"]),
-            *(_num(r.get(k)) for k in ("perplexity", *(c.column for c in CONTROLS))),
+            *(
+                _num(r.get(k)) + ("*" if k == "control" and r.get("control_converged") is False else "")
+                for k in ("perplexity", *(c.column for c in CONTROLS))
+            ),
             _num(r["seconds"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
