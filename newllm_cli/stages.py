@@ -29,7 +29,7 @@ from newllm_cli.model.head import Head
 from newllm_cli.model.network import ContextNetwork
 from newllm_cli.model.recurrence import embedding_table
 from newllm_cli.runtime import distributed, interrupt
-from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
+from newllm_cli.runtime.errors import GateRefused, RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, log_to, warn
 from newllm_cli.settings import PROBE_ROWS, Settings
 from newllm_cli.store import metrics, uptodate, validate
@@ -628,7 +628,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     problems = distributed.current().broadcast(analysis.gate(ana.get("train"), ana.get("val")))  # the leader's
     if problems:
         if not force:
-            raise RefusedError("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
+            raise GateRefused("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
     res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)

@@ -84,3 +84,23 @@ def test_replicate_runs_each_seed_as_a_run_and_pools_its_verdicts(cli, base_args
     assert {"untrained_network", "trigram_interpolated", "bigram_interpolated"} <= set(out["pooled"])
     assert (tmp_path / "ws" / "replicates" / "rep.json").exists() and "Over 2 seeds" in out["finding"]
     assert cli("replicate", "--seeds", "0", *base_args).code == 2
+
+
+def test_replicate_leaves_out_a_seed_the_gate_refuses_and_says_so(cli, base_args, monkeypatch):
+    from newllm_cli import stages
+    from newllm_cli.runtime.errors import GateRefused
+
+    fit = stages._fit_phase2
+
+    def gated(s, *a, **k):
+        if s.runtime.seed == 8:
+            raise GateRefused("Phase-1 gate: planted for seed 8 (--force to train anyway)")
+        return fit(s, *a, **k)
+
+    monkeypatch.setattr(stages, "_fit_phase2", gated)
+    r = cli("replicate", "--seeds", "3", "--seed", "7", *base_args, "--run", "g", "--probe-rows", "0", "--json")
+    assert r.code == 0, r.err
+    out = r.json()
+    assert out["seeds"] == [7, 9] and [x["seed"] for x in out["refused"]] == [8]
+    assert all(p["seeds"] == 2 for p in out["pooled"].values()) and "left out: seed 8" in out["finding"]
+    assert "seed 8: Phase-1 gate: planted" in r.err

@@ -14,8 +14,8 @@ from pathlib import Path
 from newllm_cli.evaluation.controls import CONTROLS, label
 from newllm_cli.evaluation.verdict import strongest_count_model
 from newllm_cli.runtime import locks
-from newllm_cli.runtime.errors import UsageError
-from newllm_cli.runtime.progress import info
+from newllm_cli.runtime.errors import GateRefused, RefusedError, UsageError
+from newllm_cli.runtime.progress import info, warn
 from newllm_cli.settings import PROBE_ROWS, Settings
 from newllm_cli.store.artifacts import write_json
 
@@ -33,12 +33,17 @@ def replicate(s: Settings, seeds: int = 4, force: bool = False, probe_rows: int 
 
     if seeds < 1:
         raise UsageError("--seeds must be at least 1")
-    rows, tables = [], []
+    rows, tables, refused = [], [], []
     for i in range(seeds):
         each = seed_settings(s, s.runtime.seed + i)
         info(f"replicate {s.runtime.run}: seed {each.runtime.seed} ({i + 1} of {seeds}) -> run {each.runtime.run}")
-        with locks.run(each.runtime.workspace, each.runtime.run):
-            out = stages.full(each, force=force, probe_rows=probe_rows)
+        try:
+            with locks.run(each.runtime.workspace, each.runtime.run):
+                out = stages.full(each, force=force, probe_rows=probe_rows)
+        except GateRefused as e:
+            warn(f"seed {each.runtime.seed}: {e}; the pooled verdicts leave it out")
+            refused.append({"seed": each.runtime.seed, "run": each.runtime.run, "problem": str(e)})
+            continue
         p2, table = out["phase2"], out["phase2"]["baselines"]
         tables.append(table)
         rows.append(
@@ -47,27 +52,36 @@ def replicate(s: Settings, seeds: int = 4, force: bool = False, probe_rows: int 
                 "run": each.runtime.run,
                 "perplexity": p2["val"]["perplexity"],
                 "control_converged": table.get("untrained_network", {}).get("solve", {}).get("converged"),
+                "gate_forced": bool(p2.get("gate", {}).get("forced")),
                 **{k: {f: v[f] for f in ("val_perplexity", "ratio", "verdict")} for k, v in table.items()},
             }
         )
+    if not tables:
+        raise RefusedError(f"the Phase-1 gate refused every seed ({refused[0]['problem']}); --force to fit anyway")
     keys = [c.key for c in CONTROLS if all(c.key in t for t in tables)]
     pooled = {
         k: verdict.pooled([t[k]["unit_sums"] for t in tables], tables[0][k]["unit_pairs"], seed=s.runtime.seed)
         for k in keys
     }
-    out = {"run": s.runtime.run, "seeds": [r["seed"] for r in rows], "runs": rows, "pooled": pooled}
-    out["finding"] = finding(pooled, strongest_count_model(tables[0]))  # count models do not depend on the seed
+    out = {"run": s.runtime.run, "seeds": [r["seed"] for r in rows], "runs": rows, "pooled": pooled, "refused": refused}
+    out["finding"] = finding(pooled, strongest_count_model(tables[0]), refused)  # count models: the same every seed
     path = Path(s.runtime.workspace) / "replicates" / f"{s.runtime.run}.json"
     out["path"] = str(write_json(path, out))
     return out
 
 
-def finding(pooled: dict, counts: str | None) -> str:
-    """One sentence on the pooled comparisons with the untrained control and the strongest count model."""
+def finding(pooled: dict, counts: str | None, refused: list[dict]) -> str:
+    """One sentence on the pooled comparisons with the untrained control and the strongest count model,
+    and the seeds the gate refused."""
     parts = []
     for key in ("untrained_network", counts or ""):
         if key in pooled:
             p = pooled[key]
             parts.append(f"against the {label(key)} it {p['size']} (the interval {p['covers']})")
     n = next(iter(pooled.values()))["seeds"] if pooled else 0
-    return f"Over {n} seed{'s' * (n != 1)}, the head on the Phase 1 contexts: " + "; ".join(parts) + "."
+    left = (
+        f" Refused by the Phase-1 gate, so left out: seed {', '.join(str(r['seed']) for r in refused)}."
+        if refused
+        else ""
+    )
+    return f"Over {n} seed{'s' * (n != 1)}, the head on the Phase 1 contexts: " + "; ".join(parts) + "." + left

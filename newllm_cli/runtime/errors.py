@@ -25,6 +25,10 @@ class RefusedError(NewLLMError):
     exit_code = 3
 
 
+class GateRefused(RefusedError):
+    """The Phase-1 gate refused the contexts (exit 3): a verdict of the run, not a broken input."""
+
+
 class NumericalError(NewLLMError):
     """A NaN or Inf appeared; nothing non-finite is saved (exit 4)."""
 
