@@ -59,6 +59,8 @@ def replicate(s: Settings, seeds: int = 4, force: bool = False, probe_rows: int 
     if not tables:
         raise RefusedError(f"the Phase-1 gate refused every seed ({refused[0]['problem']}); --force to fit anyway")
     keys = [c.key for c in CONTROLS if all(c.key in t for t in tables)]
+    if any(t[k]["unit_pairs"] != tables[0][k]["unit_pairs"] for t in tables for k in keys):
+        raise RefusedError("the seeds' runs were scored on different validation documents: pooling needs the same")
     pooled = {
         k: verdict.pooled([t[k]["unit_sums"] for t in tables], tables[0][k]["unit_pairs"], seed=s.runtime.seed)
         for k in keys
