@@ -4,7 +4,8 @@
 
 One row per seed and a pooled row per report: the head's val perplexity and its ratio (with the
 verdict) against the untrained control and the strongest count model, and whether the control's own
-solve converged; the pooled row gives the interval and whether it covers every seed's ratio.
+solve converged (a seed whose Phase 2 the gate refused and --force ran is marked); the pooled row
+gives the interval and whether it covers every seed's ratio.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
         for row in rep["runs"]:
             ctrl, cm = row["untrained_network"], row[counts]
             print(
-                f"| {rep['run']} | {row['seed']} | {row['perplexity']:.1f} | {ctrl['ratio']:.3f} {ctrl['verdict']} |"
+                f"| {rep['run']} | {row['seed']}{' (gate forced)' if row.get('gate_forced') else ''} | {row['perplexity']:.1f} | {ctrl['ratio']:.3f} {ctrl['verdict']} |"
                 f" {'yes' if row['control_converged'] else 'no'} | {cm['ratio']:.3f} {cm['verdict']} ({counts}) |"
             )
         pc, pn = rep["pooled"]["untrained_network"], rep["pooled"][counts]

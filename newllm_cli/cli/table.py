@@ -44,7 +44,7 @@ COMMANDS = [
     Command("full", "stages.full", report.full, key("run_dir"), FULL, **WRITER),
     Command("generate", "stages.generate", report.generate, key("text"), GENERATE, lock="read"),
     Command("config", "settings.effective", lambda result: None, key("toml")),
-    Command("replicate", "experiments.replicate.replicate", report.replicate, key("path"), REPLICATE, saved=False),
+    Command("replicate", "experiments.replicate.replicate", report.replicate, key("path"), REPLICATE),
     Command("sweep", "experiments.sweep.sweep", report.sweep, key("storage"), SWEEP, saved=False),
     Command("runs", "experiments.compare.runs", report.runs, report.run_names, CSV, ("runtime",), saved=False),
     Command(
