@@ -4,6 +4,7 @@ point is run again by the next sweep, a bad point fails alone; compare's fits ag
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -238,3 +239,18 @@ def test_two_sweep_processes_share_a_grid_on_postgresql(tmp_path, postgres):
     found = trials(postgres, "pg")
     completed_once(found, 4)
     assert len(found) == 4  # no point queued or run twice
+
+
+def test_a_point_under_several_seeds_is_replicated_and_compare_lists_every_seed(tmp_path, cli):
+    args = sweep_cmd(tmp_path, "sd", "--grid", "dist-reg-weight=0.1,0.3", "--seeds", "2", "--json")[3:]
+    r = cli(*args)
+    assert r.code == 0, r.err
+    trials = r.json()["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:  # each point's value: the geometric mean of its seeds' head perplexities
+        rep = json.loads((tmp_path / "ws" / "replicates" / f"{t['run']}.json").read_text())
+        assert [x["run"] for x in rep["runs"]] == [f"{t['run']}.seed-42", f"{t['run']}.seed-43"]
+        assert t["value"] == pytest.approx(math.exp(np.mean([math.log(x["perplexity"]) for x in rep["runs"]])))
+    shown = cli("compare", "--sweep", "sd", "--workspace", tmp_path / "ws", "--json")
+    assert shown.code == 0, shown.err
+    assert len(shown.json()["runs"]) == 4 and all(".seed-4" in row["run"] for row in shown.json()["runs"])

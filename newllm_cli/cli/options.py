@@ -190,6 +190,7 @@ SWEEP = [
         "postgresql+psycopg://user@host/db (default: sqlite WORKSPACE/sweeps.db).",
     ),
     extra("jobs", int, 1, "--jobs", "Local worker processes."),
+    extra("seeds", int, 1, "--seeds", "Seeds per point: runs POINT.seed-S, verdicts pooled (as `replicate`)."),
     extra(
         "probe_rows",
         int,

@@ -273,8 +273,9 @@ def sweep_runs(workspace: str, name: str, storage: str | None) -> list[str]:
         study = optuna.load_study(study_name=name, storage=open_storage(url, 10.0))
     except KeyError:
         raise UsageError(f"no sweep {name!r} in {url}") from None
-    return [
-        t.user_attrs["run"]
+    return [  # a point run under several seeds (--seeds) lists one run per seed
+        run
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if "run" in t.user_attrs
+        for run in t.user_attrs.get("runs", [t.user_attrs["run"]])
     ]

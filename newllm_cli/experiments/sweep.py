@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from newllm_cli.experiments.replicate import replicate
 from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import NewLLMError, UsageError, first_line
 from newllm_cli.runtime.progress import info, warn
@@ -211,7 +212,14 @@ def fill_queue(storage, study, grid: list[dict[str, str]]) -> int:
 
 
 def work(
-    s: Settings, study, axes: list[Axis], base: dict, search_trials: int | None, force: bool, probe_rows: int
+    s: Settings,
+    study,
+    axes: list[Axis],
+    base: dict,
+    search_trials: int | None,
+    force: bool,
+    probe_rows: int,
+    seeds: int = 1,
 ) -> None:
     """Take trials until the queue is empty (a grid) or the study holds `search_trials` (a search)."""
     import optuna
@@ -238,6 +246,11 @@ def work(
         info(f"sweep {trial.study.study_name}: trial {trial.number} -> run {run}")
         try:
             settings = trial_settings(base, axes, params, trial.study.study_name)
+            if seeds > 1:  # the point under several seeds: its value, the head's geometric mean perplexity
+                pooled = replicate(settings, seeds, force=force, probe_rows=probe_rows)
+                trial.set_user_attr("runs", [r["run"] for r in pooled["runs"]])
+                trial.set_user_attr("replicate", pooled["path"])
+                return math.exp(sum(math.log(r["perplexity"]) for r in pooled["runs"]) / len(pooled["runs"]))
             with locks.run(settings.runtime.workspace, run):
                 out = stages.full(settings, force=force, probe_rows=probe_rows)
         except Exception as e:
@@ -309,6 +322,7 @@ def sweep(
     probe_rows: int = PROBE_ROWS,
     heartbeat: float = 10.0,
     worker: bool = False,
+    seeds: int = 1,
 ) -> dict:
     """Run every point of a grid (or TRIALS points of a search) as ordinary runs named SWEEP.flag-value...,
     with N local workers, sharing the study with any other `newllm sweep` on the same --storage."""
@@ -316,8 +330,8 @@ def sweep(
         raise UsageError("--name must be letters, digits, '_' or '-'")
     if sampler not in SAMPLERS:
         raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-    if jobs < 1 or heartbeat <= 0 or (trials is not None and trials < 1):
-        raise UsageError("--jobs, --trials and --heartbeat must be positive")
+    if jobs < 1 or heartbeat <= 0 or seeds < 1 or (trials is not None and trials < 1):
+        raise UsageError("--jobs, --trials, --seeds and --heartbeat must be positive")
     axes = parse_axes(grid)
     if not axes:
         raise UsageError("give at least one --grid NAME=v1,v2,...")
@@ -342,5 +356,5 @@ def sweep(
         if jobs > 1:
             spawn_workers(list(current().argv), jobs, s.runtime.threads)  # copies of this very command
             return {**summary(study), "storage": url}
-    work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows)
+    work(s, study, axes, base, None if sampler == "grid" else trials, force, probe_rows, seeds)
     return {**summary(study), "storage": url}
