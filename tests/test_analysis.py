@@ -173,6 +173,13 @@ def test_gate_refuses_phase2_unless_forced(cli, base_args, monkeypatch):
     assert cli("phase2", *base_args, "--force").code == 0
 
 
+def test_an_untrained_network_fails_the_gate_end_to_end(cli, base_args):
+    """Two iterations end training before any Adam step: the saved contexts are the untrained
+    network's own, the control itself, and Phase 2 must refuse them."""
+    r = cli("full", *base_args, "--phase1-max-iterations", "2")
+    assert r.code == 3 and "took no optimizer step" in r.err and "stopped at its cap" in r.err
+
+
 def _naive_steps(x, offsets, lags=(1, 10, 100)):
     """Pair by pair inside documents: the definitions of the step statistics."""
     x = x.astype(np.float64)
