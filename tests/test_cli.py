@@ -106,8 +106,8 @@ def test_full_leaves_every_artifact(cli, base_args):
     assert set(out["analysis"]["train"]["steps"]["autocorrelation"]) == {"lag_1", "lag_10", "lag_100"}
     for b in report["baselines"].values():  # every comparison carries its interval and its verdict
         assert b["verdict"] in ("beats", "ties", "loses to") and b["ratio_low"] <= b["ratio"] <= b["ratio_high"]
-    base = report["baselines"]  # every top-1 figure filled; interpolated n-grams have none (no argmax computed)
-    assert all(0 <= base[k]["accuracy"] <= 1 for k in ("unigram_add_one", "bigram_add_k", "untrained_network"))
+    base = report["baselines"]
+    assert all(0 <= b["accuracy"] <= 1 for b in base.values())  # every figure filled
     assert {"bigram_interpolated", "trigram_interpolated"} <= set(base) and "lambdas" in base["trigram_interpolated"]
     assert all(
         b["size"].startswith(b["verdict"].split()[0]) and "%" in b["size"] or "x (" in b["size"]

@@ -131,6 +131,16 @@ def test_interpolated_ngrams_equal_a_naive_computation_and_never_see_val():
         assert best == lambdas
         other = baselines.interpolated(tt, to, (vt + 1) % 5, vo, 5, order)  # another val set: same weights
         assert other["lambdas"] == got["lambdas"]
+        # top-1: the predicted token is a most likely one under the naive distribution of each pair
+        pred = baselines.Interpolated(tt, to, 5, order).predict(vt, vo, lambdas, chunk=7)
+        i, hits = 0, []
+        for doc in val:
+            for p in range(len(doc) - 1):
+                probs = [naive_interpolated(docs, [doc[max(0, p - 1) : p + 1] + [w]], 5, lambdas)[-1] for w in range(5)]
+                assert probs[pred[i]] >= max(probs) - 1e-12, (doc, p, probs, pred[i])
+                hits.append(pred[i] == doc[p + 1])
+                i += 1
+        assert i == len(pred) and got["accuracy"] == pytest.approx(np.mean(hits))
     # hand case: train "0 1 0 1 2", bigram with lam = 0.5: p(1 | 0) = 0.5 * 2/2 + 0.5 * 3/8
     one = baselines.Interpolated(np.array([0, 1, 0, 1, 2]), np.array([0, 5]), 3, 2)
     base, parts = one.parts(np.array([0, 1]), np.array([0, 2]))

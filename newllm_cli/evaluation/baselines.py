@@ -98,7 +98,7 @@ def bigram_perplexity(
     }
 
 
-LAMBDAS = tuple(round(x, 2) for x in np.arange(0.0, 1.0, 0.01))  # the interpolation weights tried
+LAMBDAS = tuple(round(float(x), 2) for x in np.arange(0.0, 1.0, 0.01))  # the interpolation weights tried
 
 
 def held_out(
@@ -167,6 +167,28 @@ class Interpolated:
             out[n] = (ml, seen > 0)
         return self.unigram[target], out
 
+    def predict(self, tokens: np.ndarray, offsets: np.ndarray, lambdas: dict, chunk: int = 128) -> np.ndarray:
+        """The most likely next token of every pair (the smallest id among ties, as argmax): p(. | h)
+        over the whole vocabulary, `chunk` pairs at a time (chunk x V floats in memory)."""
+        hists = {n: _histories(tokens, offsets, n, self.vocab) for n in self.tables}
+        count = len(next(iter(hists.values()))[0]) if hists else 0
+        out = np.empty(count, np.int64)
+        for s in range(0, count, chunk):
+            p = np.tile(self.unigram, (min(chunk, count - s), 1))
+            for n in sorted(self.tables):
+                (keys, counts), marginal = self.tables[n]
+                hist, _, valid = (a[s : s + chunk] for a in hists[n])
+                seen = _lookup(marginal, hist) * valid
+                rows = np.flatnonzero(seen > 0)
+                p[rows] *= 1 - lambdas[n]
+                lo = np.searchsorted(keys, hist[rows] * self.vocab)
+                size = np.searchsorted(keys, (hist[rows] + 1) * self.vocab) - lo
+                at = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size) + np.repeat(lo, size)
+                row = np.repeat(rows, size)  # each (row, successor) once: a plain += is exact
+                p[row, keys[at] % self.vocab] += lambdas[n] * counts[at] / seen[row]
+            out[s : s + len(p)] = p.argmax(1)
+        return out
+
     @staticmethod
     def mix(base: np.ndarray, parts: dict, lambdas: dict) -> np.ndarray:
         p = base
@@ -191,6 +213,13 @@ def interpolated(train_tokens, train_offsets, val_tokens, val_offsets, vocab: in
             )
     else:
         lambdas = dict.fromkeys(range(2, order + 1), 0.5)
-    base, parts = Interpolated(train_tokens, train_offsets, vocab, order).parts(val_tokens, val_offsets)
+    model = Interpolated(train_tokens, train_offsets, vocab, order)
+    base, parts = model.parts(val_tokens, val_offsets)
     log_probs = np.log(Interpolated.mix(base, parts, lambdas))
-    return {"lambdas": {str(n): lam for n, lam in lambdas.items()}, "log_probs": log_probs}
+    targets = _histories(val_tokens, val_offsets, 2, vocab)[1]
+    hits = model.predict(val_tokens, val_offsets, lambdas) == targets
+    return {
+        "lambdas": {str(n): lam for n, lam in lambdas.items()},
+        "log_probs": log_probs,
+        "accuracy": float(hits.mean()) if len(hits) else 0.0,
+    }

@@ -86,7 +86,7 @@ def _interpolated(order: int) -> Callable[[Bench], Outcome]:
         from newllm_cli.evaluation.baselines import interpolated
 
         found = interpolated(b.train_tokens, b.train_offsets, b.val_tokens, b.val_offsets, b.vocab, order)
-        return Outcome(-found["log_probs"], {"lambdas": found["lambdas"]})
+        return Outcome(-found["log_probs"], {"lambdas": found["lambdas"], "accuracy": found["accuracy"]})
 
     return run
 
