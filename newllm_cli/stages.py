@@ -637,12 +637,15 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
     targets = np.asarray(val_tokens)[p2.pair_positions(val_offsets) + 1]
 
+    held: dict[str, np.ndarray] = {}  # the control's val contexts, once fitted: for its memory share
+
     def fit_untrained():
         untrained = untrained_network(s, vocab, device)
         control = {
             split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
             for split, (_, tok, off) in splits.items()
         }
+        held["val"] = control["val"][0]
         fit, _, blocks = fit_head_on(
             untrained, control, s, vocab, device, label="untrained contexts", ws=ws, network=model_id(untrained)
         )
@@ -663,8 +666,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         entry["val_perplexity"] = float(np.exp(np.mean(losses[key])))
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
     if "untrained_network" in table:
-        theirs = control_contexts(ws, s, meta, "val", untrained_network(s, vocab, device), device)  # on disk now
-        table["untrained_network"]["memory"] = memory.token_share(theirs, val_tokens)
+        table["untrained_network"]["memory"] = memory.token_share(held["val"], val_tokens)
         less = analysis.remembers_less(ana.get("val"), table["untrained_network"])
         if less:
             warnings.append(less)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from newllm_cli.evaluation.controls import CONTROLS, label  # numpy only: help stays fast
+from newllm_cli.evaluation.controls import CONTROLS, label, unconverged_mark  # numpy only: help stays fast
 from newllm_cli.runtime.progress import console
 
 
@@ -264,7 +264,7 @@ def runs(r: dict, title: str = "runs") -> None:
             _count(row["tokens"]),
             conv,
             _fmt(row["rank_val"], ".1f"),
-            *(_ppl(row.get(k)) + _unsolved(row, k) for k in ("perplexity", *(c.column for c in CONTROLS))),
+            *(_ppl(row.get(k)) + unconverged_mark(row, k) for k in ("perplexity", *(c.column for c in CONTROLS))),
             "-" if row["seconds"] is None else f"{row['seconds']:.0f}s",
         )
     t.caption = (
@@ -277,11 +277,6 @@ def runs(r: dict, title: str = "runs") -> None:
 def _ppl(value) -> str:
     """A perplexity in a narrow column: one decimal below 100 (the CSV and JSON keep every digit)."""
     return _fmt(value, ".1f" if value is not None and value < 100 else ".0f")
-
-
-def _unsolved(row: dict, column: str) -> str:
-    """The "control not converged" mark of a table cell."""
-    return "*" if column == "control" and row.get("control_converged") is False else ""
 
 
 def compare(r: dict) -> None:

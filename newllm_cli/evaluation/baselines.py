@@ -148,7 +148,7 @@ class Interpolated:
     h the n - 1 previous tokens inside the document, h' its last n - 2. Counts over training pairs."""
 
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, vocab: int, order: int):
-        self.vocab, self.order = vocab, order
+        self.vocab = vocab
         self.unigram = np.exp(unigram_log_probs(tokens, vocab))
         self.tables = {}
         for n in range(2, order + 1):

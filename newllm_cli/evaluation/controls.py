@@ -60,6 +60,11 @@ def register(control: Control) -> Control:
     return control
 
 
+def unconverged_mark(row: dict[str, Any], column: str) -> str:
+    """The mark of a table cell whose control's own solve did not converge (a runs/compare row)."""
+    return "*" if column == "control" and row.get("control_converged") is False else ""
+
+
 def label(key: str) -> str:
     """A control's name in words (the key itself for one no longer registered)."""
     return next((c.label for c in CONTROLS if c.key == key), key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from newllm_cli.evaluation.controls import CONTROLS
+from newllm_cli.evaluation.controls import CONTROLS, unconverged_mark
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
@@ -190,10 +190,7 @@ def to_markdown(result: dict) -> str:
             _num(r["tokens"], ","),
             conv,
             _num(r["rank_val"]),
-            *(
-                _num(r.get(k)) + ("*" if k == "control" and r.get("control_converged") is False else "")
-                for k in ("perplexity", *(c.column for c in CONTROLS))
-            ),
+            *(_num(r.get(k)) + unconverged_mark(r, k) for k in ("perplexity", *(c.column for c in CONTROLS))),
             _num(r["seconds"], ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -296,20 +296,20 @@ class Solver:
         total = max(self.shard.total, 1)
         ends: list[np.ndarray] = []
         sizes: list[float | None] = [None, None]  # the last pass's RMS carry-over per element, and relative to |c_N|
+        cells = self.group.sum(state.last.size)  # every rank's documents x C
 
         def one_pass(c0: np.ndarray) -> np.ndarray:
             start = time.perf_counter()
             k = len(state.history)
             with progress(f"{self.label} pass {k + 1}", self.rows, "tok") as advance:
                 last = recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, state.q, p.window, advance)
-            gap = np.asarray(last, np.float64) - c0
-            rel = np.linalg.norm(gap, axis=1) / np.maximum(np.linalg.norm(last, axis=1), 1e-12)
+            end = np.asarray(last, np.float64)
+            gap = end - c0
+            rel = np.linalg.norm(gap, axis=1) / np.maximum(np.linalg.norm(end, axis=1), 1e-12)
             within = self.group.sum(int(lengths[rel <= cfg.fixed_point_tol / 2].sum()))
             worst = max(self.group.gather(float(rel.max()) if len(rel) else 0.0))
-            sq, norm = (
-                float(self.group.sum(float(v))) for v in ((gap**2).sum(), (np.asarray(last, np.float64) ** 2).sum())
-            )
-            sizes[:] = [math.sqrt(sq / max(self.group.sum(gap.size), 1)), math.sqrt(sq / norm) if norm > 0 else None]
+            sq, norm = (float(self.group.sum(float(v))) for v in ((gap**2).sum(), (end**2).sum()))
+            sizes[:] = [math.sqrt(sq / max(cells, 1)), math.sqrt(sq / norm) if norm > 0 else None]
             record = _record(k, converged_ratio=within / total, residual=worst)
             record["seconds"] = time.perf_counter() - start
             state.history.append(record)
@@ -348,7 +348,11 @@ class Solver:
         store, and compare each document's c_0 with `found`: several fixed points show up as
         documents whose two solutions lie apart."""
         p, cfg = self.problem, self.cfg
-        other = np.random.default_rng(0).normal(size=start.shape).astype(np.float32) if not start.any() else 0 * start
+        other = (
+            np.random.default_rng(0).normal(size=start.shape).astype(np.float32)
+            if not start.any()
+            else np.zeros_like(start)
+        )
         with self.store() as scratch:
 
             def one_pass(c0: np.ndarray) -> np.ndarray:
