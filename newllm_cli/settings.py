@@ -48,7 +48,27 @@ class ModelSettings(Section):
     context_dim: int = opt(16, "Context vector size C.", gt=0, le=4096)
     embed_dim: int = opt(16, "Token embedding size E.", gt=0, le=4096)
     num_layers: int = opt(2, "Number of context blocks L.", gt=0, le=64)
-    layers_per_block: int = opt(1, "Linear+ReLU layers inside each block.", gt=0, le=16)
+    layers_per_block: int = opt(1, "Linear+ReLU layers inside each block (residual).", gt=0, le=16)
+    architecture: Literal["residual", "context"] = opt(
+        "residual",
+        "Context network: residual (blocks updating context and token) or context (ContextLayers "
+        "c' = LN(c + phi(W (c, X) + b)) updating the context only; --num-layers of them).",
+    )
+    token_input: Literal["every", "first"] = opt(
+        "every", "context: the token input goes to every layer, or to the first only (widths shrink to C)."
+    )
+    input_tokens: int = opt(1, "context: k tokens X_{t-k+1}..X_t as input, zero before a start.", ge=1, le=16)
+    activation: Literal["relu", "gelu"] = opt("relu", "context: phi.")
+    init_std: float = opt(0.02, "Std of the initial Linear and Embedding weights (their recipe: 0.1).", gt=0)
+    init_bias_std: float = opt(0.0, "Std of the initial Linear biases (their recipe: 0.01).", ge=0)
+    context_blocks: int = opt(
+        1, "Context networks side by side, block b trained on the b-th share of the training stream.", ge=1, le=16
+    )
+
+    @property
+    def context_width(self) -> int:
+        """Width of the saved contexts: C per side-by-side network."""
+        return self.context_dim * self.context_blocks
 
 
 TrainSource = Literal["sample", "ultrachat", "text_file", "text_dir"]
@@ -126,6 +146,25 @@ class Phase1Settings(Section):
         True, "Use the distribution regularizer.", cli="dist-reg", aliases=("use-distribution-reg",)
     )
     scheme: Literal["sequential", "parallel"] = opt("sequential", "sequential (Gauss-Seidel) or parallel (Jacobi).")
+    diversity: Literal["none", "mcdl", "oacd", "odcm", "sdl", "nuc"] = opt(
+        "none", "Diversity term D of the loss (1 - w) CVFP-and-regularizer + w D.", cli="phase1-diversity"
+    )
+    diversity_weight: float = opt(0.9, "Its weight w (1: diversity only).", ge=0, le=1)
+    centroid_weight: float = opt(0.1, "oacd: weight of |mean_t Q|^2.", ge=0, cli="oacd-centroid-weight")
+    diversity_batch: int = opt(0, "Define D per batch of B tokens of the stream, averaged (0: over all tokens).", ge=0)
+    start: Literal["carry", "zero"] = opt(
+        "carry",
+        "Each document's start context: the carry-over c_N of the last iteration, or zero (then the saved "
+        "contexts are one pass from zero).",
+        cli="phase1-start",
+    )
+    first_iteration: Literal["sequential", "random"] = opt(
+        "sequential", "Training's iteration 0: a sequential pass, or sigma0 * randn.", cli="phase1-iteration0"
+    )
+    first_sigma: float = opt(0.01, "sigma0 of a random iteration 0.", gt=0, cli="phase1-sigma0")
+    noise: float = opt(0.0, "Std of Gaussian noise on the incoming contexts of training steps (parallel).", ge=0,
+                       cli="phase1-noise")  # fmt: skip
+    grad_clip: float = opt(0.0, "Clip the gradient's norm to this (0: no clipping).", ge=0, cli="phase1-grad-clip")
     concat: bool = opt(False, "Treat all documents as one stream, like the original program.")
     # anderson by default (docs/EXPERIMENTS.md): the saved contexts are fixed points to a stated
     # tolerance, not wherever the iterate stopped moving; iterate is the seed's rule, for comparison
@@ -217,6 +256,13 @@ class Settings(Section):
             raise ValueError(f"--source {d.source} needs --path (the file or directory to read)")
         if d.val_source in ("manual", "text_file", "text_dir") and not d.val_path:
             raise ValueError(f"--val-source {d.val_source} needs --val-path (the file or directory to read)")
+        m, p1 = self.model, self.phase1
+        if m.architecture == "residual":
+            for name in ("token_input", "input_tokens", "activation"):
+                if getattr(m, name) != _default("model", name):
+                    raise ValueError(f"--{cli_name('model', name)} is an option of --architecture context")
+        if p1.noise > 0 and p1.scheme != "parallel":
+            raise ValueError("--phase1-noise perturbs the parallel scheme's incoming contexts: add --scheme parallel")
         return self
 
 
@@ -329,8 +375,9 @@ def _one_line(e: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
-    """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json.
+def resolve(options: dict, config: Path | None, saved_path_for, preset: str | None = None) -> Settings:
+    """Apply the precedence rules. `saved_path_for(workspace, run)` locates a run's settings.json;
+    a `preset` (presets.py) sits between the saved settings and --config.
 
     A run's saved data settings describe what it was made of: when this command names another
     source (or validation source, path or pattern), none of them is carried into the new one, and
@@ -360,8 +407,11 @@ def resolve(options: dict, config: Path | None, saved_path_for) -> Settings:
                 "its saved data settings are not carried over"
             )
             saved.pop("data", None)
-    settings = validate(merge(saved, file_layer, options))
-    _say_inherited(saved, [file_layer, options], runtime.run)
+    from newllm_cli import presets
+
+    recipe = presets.layer(preset, _default)
+    settings = validate(merge(saved, recipe, file_layer, options))
+    _say_inherited(saved, [recipe, file_layer, options], runtime.run)
     return settings
 
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ from newllm_cli.model import generate as gen
 from newllm_cli.model.head import Head
 from newllm_cli.model.network import ContextNetwork
 from newllm_cli.model.recurrence import embedding_table
+from newllm_cli.model.side_by_side import SideBySide
 from newllm_cli.runtime import distributed, interrupt
 from newllm_cli.runtime.errors import GateRefused, RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, log_to, warn
-from newllm_cli.settings import PROBE_ROWS, Settings
+from newllm_cli.settings import PROBE_ROWS, ModelSettings, Settings
 from newllm_cli.store import metrics, uptodate, validate
 from newllm_cli.store.artifacts import (
     Resumable,
@@ -45,6 +47,8 @@ from newllm_cli.store.artifacts import (
 )
 from newllm_cli.training import fixed_point, head_fit, predictors
 from newllm_cli.training import pairs as p2
+from newllm_cli.training.blocks import run_side_by_side
+from newllm_cli.training.objectives import objective_weights
 from newllm_cli.training.phase1 import prompt_context, run_cvfp
 
 SPLITS = ("train", "val")
@@ -110,15 +114,18 @@ def board(ws: Workspace, s: Settings) -> Path | None:
 
 
 def build_model(s: Settings, vocab_size: int) -> ContextNetwork:
-    return architectures.build(architectures.DEFAULT, vocab_size, s.model)
+    return architectures.build(s.model.architecture, vocab_size, s.model)
 
 
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[ContextNetwork, dict]:
     fix = "newllm phase1 --split train"
     ckpt = read_checkpoint(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
+    made = ckpt["provenance"].get("model")
+    if isinstance(made, dict):  # a checkpoint from before a model setting existed was made at its default
+        made = {**ModelSettings().model_dump(), **made}
     check_same(
         {"dataset": meta["key"], "model": s.model.model_dump()},
-        {k: ckpt["provenance"].get(k) for k in ("dataset", "model")},
+        {"dataset": ckpt["provenance"].get("dataset"), "model": made},
         "the Phase 1 checkpoint",
     )
     model = build_model(s, meta["vocab_size"])
@@ -227,8 +234,9 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
                 f"relative carry-over {r['residual']:.2g}  {r['seconds']:.2f}s"
             )
         else:
+            terms = "  ".join(f"{k[:-5]} {v:.5g}" for k, v in r.items() if k.endswith("_loss") and v is not None)
             info(
-                f"  iteration {r['iteration']:>2}: cvfp {r['cvfp_loss']:.5f}  dist {r['dist_loss']:.4f}  "
+                f"  iteration {r['iteration']:>2}: {terms}  "
                 f"converged {r['converged_ratio']:6.1%}  lr {r['lr'] or 0:.0e}  {r['seconds']:.2f}s"
             )
 
@@ -245,13 +253,15 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
         },
     )
     group = distributed.current()
+    side_by_side = train and isinstance(model, SideBySide)
+    run: Callable[..., Any] = run_side_by_side if side_by_side else run_cvfp
+    parts: list[dict] | None = None
     with interrupt.safe_points():
-        res = run_cvfp(
+        res = run(
             model,
             tokens,
             offsets,
             cfg,
-            train=train,
             device=device,
             on_iteration=show,
             label=f"phase1 {split}",
@@ -259,8 +269,12 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
             save_resume=resumable.save,
             group=group,
             save_every=s.runtime.save_every,
+            seed=s.runtime.seed,
             **budget(ws, s),
+            **({} if side_by_side else {"train": train}),
         )
+    if side_by_side:
+        res, parts = res
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
@@ -285,6 +299,8 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     iterations = len(res.history) + len(res.solve)
     report = {
         "split": split,
+        "architecture": s.model.architecture,
+        "objective": objective_weights(cfg),
         "tokens": int(len(tokens)),
         "documents": int(len(offsets) - 1),
         "iterations": iterations,
@@ -299,6 +315,7 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
         "seconds": seconds,
         "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
         "history": res.history,
+        **({"blocks": parts} if parts is not None else {}),
         "contexts": str(ws.contexts(split)),
         "provenance": {
             "dataset": meta["key"],
@@ -310,6 +327,8 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     write_json(ws.phase1_report(split), report)
     metrics.record(ws.metrics(), "phase1", split, res.history, events)
     metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
+    for part in parts or []:
+        metrics.record(ws.metrics(), f"phase1_block{part['block']}", split, part["history"], events)
     resumable.clear()
     finish_stage(ws, s)
     return report
@@ -388,7 +407,7 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
     for split in SPLITS:
         if not ws.phase1_report(split).exists():
             continue
-        ctx, rep = load_contexts(ws, split, meta, s.model.context_dim)
+        ctx, rep = load_contexts(ws, split, meta, s.model.context_width)
         toks, offs = dataset.load_split(ws, split, meta)
         reports[split] = analysis.analyze_contexts(
             ctx, seed=s.runtime.seed, tokens=toks, decode=tok.decode, offsets=offs
@@ -412,6 +431,8 @@ def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, prob
     out: dict[str, Any] = {
         **reports,
         "gate": {"passed": not gate, "problems": gate},
+        "architecture": s.model.architecture,
+        "objective": objective_weights(s.phase1),
         "provenance": {"dataset": meta["key"], "model_id": next(iter(ids.values()))},
         "path": str(ws.analysis()),
     }
@@ -609,7 +630,7 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     mid = ckpt["model_id"]
     splits = {}
     for split in SPLITS:
-        ctx, _ = load_contexts(ws, split, meta, s.model.context_dim, expected_model=mid)
+        ctx, _ = load_contexts(ws, split, meta, s.model.context_width, expected_model=mid)
         tokens, offsets = dataset.load_split(ws, split, meta)
         splits[split] = (ctx, tokens, offsets)
     try:
@@ -860,7 +881,7 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     head_input = head_ckpt["provenance"].get("head_input")
     if head_input not in ("context", "context+token"):
         raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")
-    in_dim = s.model.context_dim + (s.model.embed_dim if head_input == "context+token" else 0)
+    in_dim = model.context_dim + (model.embed_dim if head_input == "context+token" else 0)
     head = Head(in_dim, meta["vocab_size"])
     validate.state(head, head_ckpt, head_path, "newllm phase2")
     head = head.to(device)
@@ -880,6 +901,7 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
         top_k=top_k,
         seed=s.runtime.seed,
         device=device,
+        context_ids=ids.tolist(),
     )
     return {
         "prompt": prompt,

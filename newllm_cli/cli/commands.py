@@ -75,10 +75,12 @@ def register(app: typer.Typer, command: Command) -> None:
         if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
             signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
         options, rest = split_kwargs(kwargs)
-        config, as_json = rest.pop("config"), rest.pop("json_output")
+        config, as_json, preset = rest.pop("config"), rest.pop("json_output"), rest.pop("preset")
         set_quiet(rest.pop("quiet"))
         saved = command.saved
-        settings = resolve(options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None)
+        settings = resolve(
+            options, config, lambda ws, run_name: Workspace(ws, run_name).settings() if saved else None, preset
+        )
         rt = settings.runtime
         group = join(command.name, rt.device, command.parallel)
         try:

@@ -79,6 +79,14 @@ def extra(name: str, annotation, default, flag: str, help: str, *short: str) -> 
 
 COMMON = [
     extra("config", Path | None, None, "--config", "Settings file (JSON or TOML), by section."),
+    extra(
+        "preset",
+        str | None,
+        None,
+        "--preset",
+        "Named recipe: seed, oacd, oacd-dual or mcdl (`newllm config --preset NAME` prints it); options and "
+        "--config override it.",
+    ),
     extra("json_output", bool, False, "--json", "Print the result as JSON on stdout."),
     extra(
         "quiet",

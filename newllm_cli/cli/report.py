@@ -236,6 +236,12 @@ def _setup(settings: dict) -> str:
     g = settings.get
     size = f"/{g('data.num_samples')}" if g("data.num_samples") else ""
     model = f"C{g('model.context_dim')} L{g('model.num_layers')}"
+    if (g("model.context_blocks") or 1) > 1:
+        model = f"{g('model.context_blocks')}x{model}"
+    if g("model.architecture") not in (None, "residual"):
+        model += f" {g('model.architecture')}"
+    if g("phase1.diversity") not in (None, "none"):
+        model += f" {g('phase1.diversity')}{g('phase1.diversity_weight')}"
     return f"{model} {g('data.source')}{size} w{g('phase1.dist_reg_weight')} {g('data.tokenizer')}"
 
 

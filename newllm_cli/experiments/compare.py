@@ -18,8 +18,11 @@ from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
 KEY_SETTINGS = (
+    "model.architecture",
     "model.context_dim",
     "model.num_layers",
+    "model.context_blocks",
+    "phase1.diversity",
     "data.source",
     "data.num_samples",
     "phase1.dist_reg_weight",

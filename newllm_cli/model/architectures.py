@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from newllm_cli.model.context_layers import ContextLayerNetwork
 from newllm_cli.model.network import ContextNetwork, NewLLM
+from newllm_cli.model.side_by_side import SideBySide
 from newllm_cli.settings import ModelSettings
 
 
@@ -32,7 +34,10 @@ def register(architecture: Architecture) -> Architecture:
 
 
 def build(name: str, vocab_size: int, cfg: ModelSettings) -> ContextNetwork:
-    return ARCHITECTURES[name].build(vocab_size, cfg)
+    """The network; with --context-blocks B > 1, B of them side by side, built one after another."""
+    if cfg.context_blocks == 1:
+        return ARCHITECTURES[name].build(vocab_size, cfg)
+    return SideBySide([ARCHITECTURES[name].build(vocab_size, cfg) for _ in range(cfg.context_blocks)])
 
 
 def compiled(model: ContextNetwork) -> bool:
@@ -43,6 +48,25 @@ def compiled(model: ContextNetwork) -> bool:
 register(
     Architecture(
         DEFAULT,
-        lambda vocab, m: NewLLM(vocab, m.context_dim, m.embed_dim, m.num_layers, m.layers_per_block),
+        lambda vocab, m: NewLLM(
+            vocab, m.context_dim, m.embed_dim, m.num_layers, m.layers_per_block, m.init_std, m.init_bias_std
+        ),
+    )
+)
+# the research's later network (docs/ARCHITECTURE.md): ContextLayers, the token read by every layer or the first
+register(
+    Architecture(
+        "context",
+        lambda vocab, m: ContextLayerNetwork(
+            vocab,
+            m.context_dim,
+            m.embed_dim,
+            m.num_layers,
+            token_input=m.token_input,
+            input_tokens=m.input_tokens,
+            activation=m.activation,
+            init_std=m.init_std,
+            init_bias_std=m.init_bias_std,
+        ),  # fmt: skip
     )
 )

@@ -26,11 +26,13 @@ def sample(
     top_k: int,
     seed: int,
     device: torch.device,
+    context_ids: list[int] | None = None,
 ) -> list[int]:
     """Sampled token ids, from the prompt's fixed context `start` (training.phase1.prompt_context)
-    after its last token `last`. temperature 0 means greedy."""
+    after its last token `last` (`context_ids`: the prompt's ids, which a network reading k tokens
+    needs). temperature 0 means greedy."""
     gen = torch.Generator().manual_seed(seed)
-    ctx, out = start, []
+    ctx, out, recent = start, [], list(context_ids or [last])[-model.input_tokens :]
     with torch.no_grad():
         for _ in range(max_new_tokens):
             feats = ctx
@@ -46,6 +48,14 @@ def sample(
                     logits = logits.masked_fill(logits < cutoff, float("-inf"))
                 nxt = int(torch.multinomial(torch.softmax(logits, dim=0), 1, generator=gen))
             out.append(nxt)
-            ctx = model.step(model.embed_tokens(torch.tensor([nxt], device=device))[0], ctx)
+            recent = (recent + [nxt])[-model.input_tokens :]
+            ctx = model.step(_token_input(model, recent, device), ctx)
             last = nxt
     return out
+
+
+def _token_input(model: ContextNetwork, recent: list[int], device: torch.device) -> torch.Tensor:
+    """[X_{t-k+1}, ..., X_t] of the newest tokens, zeros where the text is shorter than k."""
+    x = model.embed_tokens(torch.tensor(recent, device=device))
+    pad = torch.zeros(model.input_tokens - len(recent), x.shape[1], dtype=x.dtype, device=device)
+    return torch.cat([pad, x]).reshape(-1)

@@ -15,6 +15,7 @@ class ContextNetwork(nn.Module):
     embed_dim: int
     embed: nn.Embedding
     blocks: nn.ModuleList
+    input_tokens: int = 1  # k: step reads [X_{t-k+1}, ..., X_t] (model/recurrence.py's token_input)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -48,13 +49,14 @@ class ContextBlock(nn.Module):
 class NewLLM(ContextNetwork):
     """Embedding + context blocks. The next-token head is model/head.py, fitted in Phase 2."""
 
-    def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int, layers_per_block: int = 1):
+    def __init__(self, vocab_size: int, context_dim: int, embed_dim: int, num_layers: int, layers_per_block: int = 1,
+                 init_std: float = 0.02, init_bias_std: float = 0.0):  # fmt: skip
         super().__init__()
         self.context_dim, self.embed_dim = context_dim, embed_dim
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.blocks = nn.ModuleList(ContextBlock(context_dim, embed_dim, layers_per_block) for _ in range(num_layers))
-        self.apply(init_weights)
+        self.apply(lambda m: init_weights(m, init_std, init_bias_std))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """LayerNorm(Embedding(x)): context-independent, so Phase 1 computes it once per run."""
@@ -67,9 +69,10 @@ class NewLLM(ContextNetwork):
         return ctx
 
 
-def init_weights(module: nn.Module) -> None:
-    """Init as in docs/ARCHITECTURE.md: every Linear and Embedding weight N(0, 0.02), biases 0."""
+def init_weights(module: nn.Module, std: float = 0.02, bias_std: float = 0.0) -> None:
+    """Init as in docs/ARCHITECTURE.md: every Linear and Embedding weight N(0, std^2), Linear biases
+    N(0, bias_std^2) (0 by default: zeros, drawing nothing)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:
-        nn.init.zeros_(module.bias)
+        nn.init.zeros_(module.bias) if bias_std == 0 else nn.init.normal_(module.bias, mean=0.0, std=bias_std)

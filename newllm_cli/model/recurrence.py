@@ -39,6 +39,26 @@ def embedding_table(model: ContextNetwork, device: torch.device) -> torch.Tensor
         return model.embed_tokens(torch.arange(model.embed.num_embeddings, device=device))
 
 
+def token_input(
+    table: torch.Tensor, tokens: np.ndarray, offsets: np.ndarray, rows: np.ndarray, k: int = 1
+) -> torch.Tensor:
+    """The token input X of the given rows (indices into `tokens`, whose documents `offsets` bound):
+    table[x_t] for k = 1; for k > 1 the k rows [X_{t-k+1}, ..., X_t] side by side, zeros for the
+    positions before the row's document start (model/context_layers.py)."""
+    rows = np.asarray(rows, np.int64)
+    if k == 1:
+        return table[torch.as_tensor(np.asarray(tokens[rows], dtype=np.int64), device=table.device)]
+    starts = np.asarray(offsets, np.int64)[np.searchsorted(offsets, rows, side="right") - 1]
+    parts = []
+    zero = torch.zeros((), dtype=table.dtype, device=table.device)
+    for back in range(k - 1, -1, -1):
+        inside = rows - back >= starts
+        ids = np.asarray(tokens[np.where(inside, rows - back, rows)], np.int64)
+        x = table[torch.as_tensor(ids, device=table.device)]
+        parts.append(torch.where(torch.as_tensor(inside, device=table.device)[:, None], x, zero))
+    return torch.cat(parts, dim=-1)
+
+
 def shifted(traj: np.ndarray, before: np.ndarray | None, starts: np.ndarray, c0: np.ndarray) -> np.ndarray:
     """Incoming contexts of rows s..e: the row before each (`before` = row s-1, when it exists)
     and c0 of the document at every document start (`starts` are local row indices)."""
@@ -212,9 +232,13 @@ def recur(
             seg = np.minimum(lengths[group] - t0, span)
             local = np.concatenate([[0], np.cumsum(seg)])
             rows = np.repeat(starts[group] + t0 - local[:-1], seg) + np.arange(local[-1])
-            ids = torch.as_tensor(np.asarray(tokens[rows], dtype=np.int64), device=device)
             state = np.empty((len(group), carry.shape[1]), np.float64)
-            q = fn(model, table, ids, local, torch.as_tensor(carry[group], device=device), state).cpu().numpy()
+            if model.input_tokens == 1:
+                inputs, ids = table, torch.as_tensor(np.asarray(tokens[rows], dtype=np.int64), device=device)
+            else:  # each row's k-token input, gathered by row number (the windows may cut a document)
+                inputs = token_input(table, tokens, offsets, rows, model.input_tokens)
+                ids = torch.arange(len(rows), device=device)
+            q = fn(model, inputs, ids, local, torch.as_tensor(carry[group], device=device), state).cpu().numpy()
             carry[group] = state
             _write_segments(out, starts[group] + t0, local, q)
             advance(len(q))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from newllm_cli.model.recurrence import token_input
 from newllm_cli.training.schemes import incoming_rows
 
 Pass = Callable[[np.ndarray], np.ndarray]  # c_0 of every document (D x C, float32) -> each one's c_N
@@ -164,6 +165,19 @@ def anderson(
     return x, SolveReport(passes, done, residual, frozen, period, solved_at)
 
 
+def from_zero(
+    F: Pass, x0: np.ndarray, tol: float, max_passes: int, everywhere: Callable[[bool], bool] = _alone
+) -> tuple[np.ndarray, SolveReport]:
+    """Every document starts from c_0 = 0 (--phase1-start zero): its contexts are one pass from
+    zeros, exactly, so there is nothing to iterate."""
+    x = np.zeros_like(np.asarray(x0, np.float32))
+    F(x)
+    n = len(x)
+    return x, SolveReport(
+        1, np.ones(n, bool), np.zeros(n), np.zeros(n, bool), np.zeros(n, np.int64), np.ones(n, np.int64)
+    )
+
+
 SOLVERS: dict[str, Callable[..., tuple[np.ndarray, SolveReport]]] = {"plain": plain, "anderson": anderson}
 
 
@@ -175,21 +189,25 @@ class Check:
 
 
 def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: torch.Tensor, tokens: np.ndarray,
-          offsets: np.ndarray, contexts, chunk: int = 1 << 16) -> Check:  # fmt: skip
+          offsets: np.ndarray, contexts, spans=None, k: int = 1,
+          zero_start: bool = False) -> Check:  # fmt: skip
     """Both conditions on saved contexts Q, recomputed by one batched f: the carry-over residual
-    |f(x_0, Q_N) - Q_0| at each document's start (Q_N: its own last row), the interior one
-    |f(x_t, Q_{t-1}) - Q_t| elsewhere."""
+    |f(x_0, Q_N) - Q_0| at each document's start (Q_N: its own last row; 0 with `zero_start`), the
+    interior one |f(x_t, Q_{t-1}) - Q_t| elsewhere."""
     offsets = np.asarray(offsets, np.int64)
     starts = offsets[:-1][np.diff(offsets) > 0]
-    c0 = contexts.gather(np.maximum(offsets[1:] - 1, 0)) if len(offsets) > 1 else np.zeros((0, contexts.shape[1]))
+    c0 = (
+        contexts.gather(np.maximum(offsets[1:] - 1, 0))
+        if len(offsets) > 1 and not zero_start
+        else np.zeros((max(len(offsets) - 1, 0), contexts.shape[1]), np.float32)
+    )
     carry_abs, carry_rel, interior = [0.0], [], 0.0
     with torch.no_grad():
-        for s in range(0, len(tokens), chunk):
-            e = min(s + chunk, len(tokens))
+        whole = [(a, min(a + (1 << 16), len(tokens))) for a in range(0, len(tokens), 1 << 16)]
+        for s, e in whole if spans is None else spans:
             q = contexts.read(s, e)
-            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=table.device)
             inc = torch.from_numpy(incoming_rows(contexts, s, e, offsets, c0)).to(table.device)
-            r = step(table[ids], inc).cpu().numpy().astype(np.float64) - q
+            r = step(token_input(table, tokens, offsets, np.arange(s, e), k), inc).cpu().numpy().astype(np.float64) - q
             first = np.isin(np.arange(s, e), starts)
             if first.any():
                 carry_abs.append(float(np.abs(r[first]).max()))
@@ -297,7 +315,7 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
         return torch.from_numpy(np.concatenate([rows[-1:], rows[:-1]])).to(table.device)
 
     def embedded(a: int, b: int) -> torch.Tensor:
-        return table[torch.as_tensor(np.asarray(tokens[a:b], dtype=np.int64), device=table.device)]
+        return token_input(table, tokens, offsets, np.arange(a, b), model.input_tokens)
 
     step = model.step
     radius, norm = [], []
@@ -325,7 +343,7 @@ def contraction(model, table: torch.Tensor, tokens: np.ndarray, offsets: np.ndar
         prev = np.where(np.isin(picks, offsets[:-1]), ends, picks - 1)
         rows = np.stack([np.asarray(contexts[r : r + 1][0], np.float32) for r in prev])
         ctx = torch.from_numpy(rows).to(table.device)
-        tok = table[torch.as_tensor(np.asarray(tokens, dtype=np.int64)[picks], device=table.device)]
+        tok = token_input(table, tokens, offsets, picks, model.input_tokens)
         if exact:
             jacs = _step_jacobians(step, tok, ctx)
             steps = torch.linalg.matrix_norm(jacs[torch.isfinite(jacs).flatten(1).all(1)], ord=2)

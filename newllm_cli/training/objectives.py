@@ -1,19 +1,23 @@
 """Phase 1's objective: named terms of this iteration's contexts Q against the previous ones P.
 
 loss = sum of weight(settings) * term over the registered terms. Each term gives three things:
-- `value`: its value from whole-corpus statistics (Comparison: per-dimension mean and variance of Q,
-  the sum of squared changes), so one pass over the corpus gives every loss;
+- `value`: its value from corpus statistics (Comparison: per-dimension mean and variance of Q, the
+  sum of squared changes, and for some terms the C x C scatter of Q), so one pass gives every loss;
 - `gradient`: d term / dQ for some rows of Q in closed form from the same statistics, so training
   back-propagates chunk by chunk and memory stays bounded at any corpus size;
 - `reference`: the definition on whole tensors, which tests differentiate with autograd to check
   `gradient`.
-A term whose weight is 0 costs nothing in training. A new term is one `register(Term(...))` here.
+A `batched` term (the diversity terms) is taken over all tokens of an iteration, or with
+--diversity-batch B over each batch of B consecutive rows of the stream and averaged over batches:
+then its statistics are kept per batch (Comparison.batches) and each row's gradient reads its
+batch's. A term whose weight is 0 costs nothing. A new term is one `register(Term(...))` here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ import torch
 from newllm_cli.runtime.distributed import Group
 from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.training import diversity
 
 
 @dataclass
@@ -34,11 +39,18 @@ class Comparison:
     mean: np.ndarray | None = None
     m2: np.ndarray | None = None
     finite: bool = True
+    scatter: np.ndarray | None = None  # sum of (q - mean)(q - mean)^T, when a weighted term needs it
+    batches: dict[int, Comparison] | None = None  # per batch of `batch_rows` rows of the stream
+    batch_rows: int = 0
+    cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # what terms derive (eigenvectors)
 
-    def add(self, q: np.ndarray, p: np.ndarray | None, threshold: float) -> None:
+    def add(self, q: np.ndarray, p: np.ndarray | None, threshold: float, scatter: bool = False) -> None:
         """Element-wise work in float32 (torch, all cores), every sum accumulated in float64."""
         qt = torch.from_numpy(np.ascontiguousarray(q))
         chunk = Comparison(rows=len(qt))
+        if scatter:
+            centred = qt.double() - qt.double().mean(dim=0)
+            chunk.scatter = (centred.T @ centred).numpy()
         if p is not None:
             per_token = (qt - torch.from_numpy(np.ascontiguousarray(p))).square_().mean(dim=1)
             chunk.sq = float(per_token.sum(dtype=torch.float64)) * q.shape[1]
@@ -50,6 +62,14 @@ class Comparison:
         chunk.finite = bool(np.isfinite(chunk.m2).all())  # a NaN or inf anywhere in q makes its sums so
         self.merge(chunk)
 
+    def add_batches(self, q: np.ndarray, first_row: int, batch_rows: int, scatter: bool = False) -> None:
+        """Q's moments per batch of the stream: rows first_row.. (global) cut at multiples of batch_rows."""
+        self.batch_rows, self.batches = batch_rows, {} if self.batches is None else self.batches
+        for s, e, b in batch_pieces(first_row, len(q), batch_rows):
+            part = Comparison()
+            part.add(q[s:e], None, 0.0, scatter)
+            self.batches.setdefault(b, Comparison()).merge(part)
+
     def merge(self, other: Comparison) -> None:
         """Add another set of rows (a chunk, or another rank's rows)."""
         self.sq += other.sq
@@ -57,7 +77,15 @@ class Comparison:
         self.finite &= other.finite
         if other.mean is not None:
             seen = None if self.mean is None else (self.rows, self.mean, self.m2)
+            if other.scatter is not None:
+                before = None if self.scatter is None else (self.rows, self.mean, self.scatter)
+                self.scatter = merge_moments(before, other.rows, other.mean, other.scatter)[2]
             self.rows, self.mean, self.m2 = merge_moments(seen, other.rows, other.mean, other.m2)
+        if other.batches is not None:
+            self.batch_rows, self.batches = other.batch_rows, {} if self.batches is None else self.batches
+            for b, part in sorted(other.batches.items()):
+                self.batches.setdefault(b, Comparison()).merge(part)
+            self.finite &= all(part.finite for part in other.batches.values())
 
     def combined(self, group: Group) -> Comparison:
         """Over every rank's rows: each rank merges all parts in rank order, so all hold the same."""
@@ -74,10 +102,29 @@ class Comparison:
         assert self.m2 is not None
         return self.m2 / self.rows
 
-    def losses(self, cfg: Phase1Settings) -> dict[str, float]:
-        """Every term's value (`NAME_loss`) and their weighted sum (`loss`)."""
-        values = {f"{t.name}_loss": t.value(self) for t in TERMS.values()}
-        return {**values, "loss": _weighted(cfg, {t.name: values[f"{t.name}_loss"] for t in TERMS.values()})}
+    def losses(self, cfg: Phase1Settings) -> dict[str, float | None]:
+        """Every term's value (`NAME_loss`; None for an optional term of weight 0) and their weighted
+        sum (`loss`)."""
+        values: dict[str, float | None] = {}
+        for t in TERMS.values():
+            if t.optional and t.weight(cfg) == 0:
+                values[f"{t.name}_loss"] = None
+            elif t.batched and self.batches:  # the mean over batches, in stream order
+                values[f"{t.name}_loss"] = float(np.mean([t.value(self.batches[b]) for b in sorted(self.batches)]))
+            else:
+                values[f"{t.name}_loss"] = t.value(self)
+        used = {t.name: values[f"{t.name}_loss"] for t in TERMS.values() if values[f"{t.name}_loss"] is not None}
+        return {**values, "loss": _weighted(cfg, used)}  # type: ignore[arg-type]
+
+
+def batch_pieces(first_row: int, rows: int, batch_rows: int) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, batch) of the local rows 0..rows-1, global rows first_row.., cut at batch bounds."""
+    s = 0
+    while s < rows:
+        b = (first_row + s) // batch_rows
+        e = min(rows, (b + 1) * batch_rows - first_row)
+        yield s, e, b
+        s = e
 
 
 @dataclass(frozen=True)
@@ -89,6 +136,9 @@ class Term:
     value: Callable[[Comparison], float]
     gradient: Callable[[torch.Tensor, torch.Tensor, Comparison], torch.Tensor]
     reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optional: bool = False  # reported as None (not computed) while its weight is 0
+    batched: bool = False  # per batch of --diversity-batch rows when that is set
+    scatter: bool = False  # needs the C x C scatter of Q
 
 
 TERMS: dict[str, Term] = {}
@@ -109,24 +159,56 @@ def _weighted(cfg: Phase1Settings, parts: dict[str, float]) -> float:
 
 def reference_losses(q: torch.Tensor, p: torch.Tensor, cfg: Phase1Settings) -> dict[str, torch.Tensor]:
     """The definition on whole tensors (differentiable); training uses Comparison and loss_gradient."""
-    values = {f"{t.name}_loss": t.reference(q, p) for t in TERMS.values()}
+    used = [t for t in TERMS.values() if not (t.optional and t.weight(cfg) == 0)]
+    B = cfg.diversity_batch
+    values = {
+        f"{t.name}_loss": torch.stack([t.reference(q[s : s + B], p[s : s + B]) for s in range(0, len(q), B)]).mean()
+        if t.batched and B
+        else t.reference(q, p)
+        for t in used
+    }
     total: torch.Tensor | None = None
-    for t in TERMS.values():
+    for t in used:
         part = t.weight(cfg) * values[f"{t.name}_loss"]
         total = part if total is None else total + part
     return {**values, "loss": torch.zeros(()) if total is None else total}
 
 
-def loss_gradient(q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phase1Settings) -> torch.Tensor:
-    """d loss / dQ for rows of Q from the whole-corpus statistics (terms of weight 0 skipped)."""
+def loss_gradient(
+    q: torch.Tensor, p: torch.Tensor, stats: Comparison, cfg: Phase1Settings, first_row: int = 0
+) -> torch.Tensor:
+    """d loss / dQ for rows of Q (global rows first_row..) from the statistics (terms of weight 0
+    skipped); a batched term's rows read their batch's statistics, divided by the number of batches."""
     total: torch.Tensor | None = None
     for t in TERMS.values():
         w = t.weight(cfg)
         if w == 0:
             continue
-        part = w * t.gradient(q, p, stats)
+        if t.batched and stats.batches:
+            part = torch.empty_like(q)
+            for s, e, b in batch_pieces(first_row, len(q), stats.batch_rows):
+                part[s:e] = t.gradient(q[s:e], p[s:e], stats.batches[b]) / len(stats.batches)
+            part *= w
+        else:
+            part = w * t.gradient(q, p, stats)
         total = part if total is None else total + part
     return torch.zeros_like(q) if total is None else total
+
+
+def needs_scatter(cfg: Phase1Settings) -> bool:
+    """Whether a weighted term reads the C x C scatter of Q."""
+    return any(t.scatter and t.weight(cfg) != 0 for t in TERMS.values())
+
+
+def diversity_weight(cfg: Phase1Settings) -> float:
+    """w of (1 - w) (CVFP and regularizer) + w D; 0 without a diversity term."""
+    return 0.0 if cfg.diversity == "none" else cfg.diversity_weight
+
+
+def _kept(cfg: Phase1Settings, weight: float) -> float:
+    """A CVFP-side weight scaled by 1 - w (unchanged, bit for bit, without a diversity term)."""
+    w = diversity_weight(cfg)
+    return weight if w == 0 else (1.0 - w) * weight
 
 
 def dist_weight(cfg: Phase1Settings) -> float:
@@ -168,7 +250,7 @@ def _dist_value(stats: Comparison) -> float:
 register(
     Term(
         name="cvfp",
-        weight=lambda cfg: 1.0 - dist_weight(cfg),
+        weight=lambda cfg: _kept(cfg, 1.0 - dist_weight(cfg)),
         value=_cvfp_value,
         gradient=_cvfp_gradient,
         reference=lambda q, p: torch.mean((q - p) ** 2),
@@ -177,6 +259,52 @@ register(
 # the distribution regularizer: each dimension's mean 0 and variance 1 over the corpus (no collapse)
 register(
     Term(
-        name="dist", weight=dist_weight, value=_dist_value, gradient=_dist_gradient, reference=lambda q, p: dist_loss(q)
+        name="dist",
+        weight=lambda cfg: _kept(cfg, dist_weight(cfg)),
+        value=_dist_value,
+        gradient=_dist_gradient,
+        reference=lambda q, p: dist_loss(q),
     )
 )
+
+
+def _diversity(
+    *names: str, factor: Callable[[Phase1Settings], float] = lambda cfg: 1.0
+) -> Callable[[Phase1Settings], float]:
+    """The weight of a diversity term: w (times `factor`) while --phase1-diversity is one of `names`."""
+    return lambda cfg: diversity_weight(cfg) * factor(cfg) if cfg.diversity in names else 0.0
+
+
+def _rows(
+    gradient: Callable[[torch.Tensor, Comparison], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor, Comparison], torch.Tensor]:
+    return lambda q, p, stats: gradient(q, stats)
+
+
+# the diversity losses (training/diversity.py), each over all tokens or per batch; OACD is mcdl + centroid
+for _name, _weight, _scatter in (
+    ("mcdl", _diversity("mcdl", "oacd"), False),
+    ("centroid", _diversity("oacd", factor=lambda cfg: cfg.centroid_weight), False),
+    ("odcm", _diversity("odcm"), True),
+    ("sdl", _diversity("sdl"), True),
+    ("nuc", _diversity("nuc"), True),
+):
+    register(
+        Term(
+            name=_name,
+            weight=_weight,
+            value=getattr(diversity, f"{_name}_value"),
+            gradient=_rows(getattr(diversity, f"{_name}_gradient")),
+            reference=(lambda ref: lambda q, p: ref(q))(getattr(diversity, f"{_name}_reference")),
+            optional=True,
+            batched=True,
+            scatter=_scatter,
+        )
+    )
+
+
+def objective_weights(cfg: Phase1Settings) -> dict[str, Any]:
+    """The terms in force and their weights, and how batched terms are taken (for reports)."""
+    weights = {t.name: t.weight(cfg) for t in TERMS.values() if t.weight(cfg) != 0}
+    batched = any(t.batched for t in TERMS.values() if t.name in weights)
+    return {"weights": weights, "batch": cfg.diversity_batch if batched and cfg.diversity_batch else "all tokens"}

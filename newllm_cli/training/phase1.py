@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypedDict
 
@@ -30,17 +30,17 @@ import torch
 
 from newllm_cli.model.architectures import compiled
 from newllm_cli.model.network import ContextNetwork
-from newllm_cli.model.recurrence import choose_kernel, embedding_table, recur
+from newllm_cli.model.recurrence import choose_kernel, embedding_table, token_input
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group, Shard
-from newllm_cli.runtime.errors import Interrupted, NumericalError
+from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
 from newllm_cli.store.rowstore import Part, RowStore, save_rows
 from newllm_cli.training import fixed_point
 from newllm_cli.training.adam import Adam
-from newllm_cli.training.objectives import TERMS, Comparison, loss_gradient
-from newllm_cli.training.schemes import SCHEMES, Problem, incoming_rows
+from newllm_cli.training.objectives import TERMS, Comparison, diversity_weight, loss_gradient, needs_scatter
+from newllm_cli.training.schemes import SCHEMES, Noise, Problem, block_chunks, gaussian_rows, incoming_rows
 
 CHUNK = 65536  # most rows per statistics / gradient chunk: larger ones gain nothing measurable
 
@@ -83,15 +83,6 @@ def plan_memory(tokens: int, model: ContextNetwork, budget: int) -> MemoryPlan:
     )
 
 
-def block_chunks(bounds, chunk: int):
-    """(start, stop) of chunks of at most `chunk` rows from each block's start, none across a bound.
-    The blocks and the chunk size depend on the corpus alone, so every world size (distributed.py)
-    takes the same float32 partial sums; one process with the same --threads gets identical bits."""
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        for s in range(int(a), int(b), chunk):
-            yield s, min(s + chunk, int(b))
-
-
 def accumulate_gradient(
     model: ContextNetwork,
     table: torch.Tensor,
@@ -106,24 +97,29 @@ def accumulate_gradient(
     chunk: int,
     advance: Callable[[int], None] = lambda n: None,
     blocks: np.ndarray | None = None,
+    first_row: int = 0,
+    perturb: Noise | None = None,
 ) -> dict[str, torch.Tensor]:
     """d loss(Q, P) / d weights over these rows, per parameter name, in float64: Q = f(x, incoming.detach())
     recomputed chunk by chunk, each chunk back-propagating its rows of the closed-form dL/dQ. Rows
     go in `blocks` (row bounds; one block when None): float32 sums inside a block, float64 across
-    blocks, so ranks cut between blocks add up to what one process gets (set_gradients)."""
+    blocks, so ranks cut between blocks add up to what one process gets (set_gradients).
+    `first_row`: the global index of row 0 (batched terms); `perturb`: the noise the pass that
+    computed Q added to the incoming contexts."""
     device = table.device
     bounds = np.array([0, len(q)]) if blocks is None else blocks
     sums: dict[str, torch.Tensor] = {}
     for block in zip(bounds[:-1], bounds[1:]):
         for s, e in block_chunks(block, chunk):
-            ids = torch.as_tensor(np.asarray(tokens[s:e], dtype=np.int64), device=device)
+            x = token_input(table, tokens, offsets, np.arange(s, e), model.input_tokens)
             inc = torch.from_numpy(incoming_rows(traj, s, e, offsets, c0)).to(device)
-            grad = loss_gradient(
-                torch.from_numpy(q.read(s, e)).to(device), torch.from_numpy(p.read(s, e)).to(device), stats, cfg
-            )
+            if perturb is not None:
+                inc = perturb(s, e, inc)
+            q_rows, p_rows = (torch.from_numpy(store.read(s, e)).to(device) for store in (q, p))
+            grad = loss_gradient(q_rows, p_rows, stats, cfg, first_row + s)
             # sum(f * g) has gradient g with respect to f exactly; backward(g) would be the same but
             # imports torch's symbolic-shapes machinery (sympy) on first use, 0.5 s per command
-            (model.step(table[ids], inc) * grad).sum().backward()
+            (model.step(x, inc) * grad).sum().backward()
             advance(e - s)
         for name, prm in model.named_parameters():
             if prm.grad is not None:
@@ -256,6 +252,7 @@ class Solver:
     save_resume: Callable[[dict, str], None] | None = None
     save_every: float = 0.0
     report: dict = field(default_factory=dict)  # of a solve to --fixed-point-tol
+    seed: int = 0  # of a random iteration 0 and of the noise
 
     @property
     def rows(self) -> int:
@@ -302,7 +299,7 @@ class Solver:
             start = time.perf_counter()
             k = len(state.history)
             with progress(f"{self.label} pass {k + 1}", self.rows, "tok") as advance:
-                last = recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, state.q, p.window, advance)
+                last = p.recur(c0, state.q, advance)
             end = np.asarray(last, np.float64)
             gap = end - c0
             rel = np.linalg.norm(gap, axis=1) / np.maximum(np.linalg.norm(end, axis=1), 1e-12)
@@ -322,15 +319,14 @@ class Solver:
         # rather than from the c_0 the pass started at, one more step of f, and must land within it
         target = cfg.fixed_point_tol / 2
         start = state.last.copy()
-        solved, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
-            one_pass, start, target, cfg.max_iterations, everywhere=self.everywhere
-        )
+        solve = fixed_point.from_zero if cfg.start == "zero" else fixed_point.SOLVERS[cfg.fixed_point_solver]
+        solved, report = solve(one_pass, start, target, cfg.max_iterations, everywhere=self.everywhere)
         parts = (report.converged, report.residual, report.stalled, report.period, report.solved_at)
         counts = self.group.gather(parts)
         self.report = fixed_point.SolveReport(
             report.passes, *(np.concatenate([c[i] for c in counts]) for i in range(len(parts)))
         ).as_dict(target)
-        if cfg.fixed_point_unique:
+        if cfg.fixed_point_unique and cfg.start != "zero":  # from zero there is one solution
             self.report["unique"] = self.uniqueness(start, solved, target)
         state.stopped_by = "converged" if self.report["failing"] == 0 else "max_iterations"
         state.next = len(state.history)
@@ -357,7 +353,7 @@ class Solver:
 
             def one_pass(c0: np.ndarray) -> np.ndarray:
                 with progress(f"{self.label} second start", self.rows, "tok") as advance:
-                    return recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, scratch, p.window, advance)
+                    return p.recur(c0, scratch, advance)
 
             again, report = fixed_point.SOLVERS[cfg.fixed_point_solver](
                 one_pass, other, target, cfg.max_iterations, everywhere=self.everywhere
@@ -376,15 +372,27 @@ class Solver:
     def iteration(self, k: int, state: SolveState) -> tuple[dict, str | None]:
         """Iteration k: Q from P by the scheme, Q against P, the stop rule, and (training, not
         stopping) one optimizer step. Returns its record and the stop reason (None: go on)."""
-        cfg, p, prev, c0 = self.cfg, self.problem, state.prev, state.last
+        cfg, p, prev = self.cfg, self.problem, state.prev
+        c0 = np.zeros_like(state.last) if cfg.start == "zero" else state.last
         train = self.optimizer is not None
+        noise = Noise(cfg.noise, self.seed, k, self.shard.start) if train and cfg.noise > 0 else None
         q = state.q
         passes = 3 if train and prev is not None else 2  # recurrence, comparison, gradient
+        scatter, batch = needs_scatter(cfg), cfg.diversity_batch if diversity_weight(cfg) > 0 else 0
         with progress(f"{self.label} iteration {k + 1}", passes * self.rows, "tok") as advance:
-            last, traj = SCHEMES[cfg.scheme](p, prev, c0, q, advance)
+            if train and k == 0 and prev is None and cfg.first_iteration == "random":
+                last, traj = self.random_start(q), None
+                advance(self.rows)
+            else:
+                last, traj = SCHEMES[cfg.scheme](replace(p, perturb=noise), prev, c0, q, advance)
             stats = Comparison()
             for s, e in block_chunks(self.shard.blocks, p.chunk):
-                stats.add(q.read(s, e), None if prev is None else prev.read(s, e), cfg.convergence_threshold)
+                rows = q.read(s, e)
+                stats.add(
+                    rows, None if prev is None else prev.read(s, e), cfg.convergence_threshold, scatter and not batch
+                )
+                if batch:
+                    stats.add_batches(rows, self.shard.start + s, batch, scatter)
                 advance(e - s)
             stats = stats.combined(self.group)
             if not stats.finite:
@@ -396,7 +404,7 @@ class Solver:
                 losses = stats.losses(cfg)
                 ratio = stats.converged / total
                 record.update(losses, converged_ratio=ratio, residual=stats.sq / (total * width))
-                if not all(np.isfinite(v) for v in losses.values()):
+                if not all(np.isfinite(v) for v in losses.values() if v is not None):
                     raise NumericalError(
                         f"non-finite Phase 1 loss at iteration {k + 1} "
                         f"(learning rate {learning_rate(k, cfg)} may be too high)"
@@ -406,13 +414,25 @@ class Solver:
             if k == cfg.max_iterations - 1 and reason != "converged":
                 reason = "max_iterations"
             if prev is not None and self.optimizer is not None and reason is None:
-                record["lr"] = self.step(k, traj, c0, q, prev, stats, advance)
+                record["lr"] = self.step(k, traj, c0, q, prev, stats, advance, noise)
                 state.optimizer_steps += 1
         state.swap(last, prev if prev is not None else self.store())
         return record, reason
 
-    def step(self, k, traj, c0, q, prev, stats, advance) -> float:
-        """One Adam step on the objective's gradient, summed over every rank's rows."""
+    def random_start(self, q: RowStore) -> np.ndarray:
+        """Iteration 0 as sigma0 * N(0, 1) rows (--phase1-iteration0 random), seeded per global row;
+        returns each document's last row."""
+        C, first = q.shape[1], self.shard.start
+        for s, e in block_chunks(self.shard.blocks, self.problem.chunk):
+            q.write(s, self.cfg.first_sigma * gaussian_rows((self.seed, 1), first + s, first + e, C))
+        ends = self.problem.offsets[1:] - 1
+        last = q.gather(np.maximum(ends, 0))
+        last[ends < self.problem.offsets[:-1]] = 0.0  # an empty document keeps c_0 = 0
+        return last
+
+    def step(self, k, traj, c0, q, prev, stats, advance, noise=None) -> float:
+        """One Adam step on the objective's gradient, summed over every rank's rows (its norm clipped
+        to --phase1-grad-clip when set: the same on every rank, whose gradients are equal)."""
         p, optimizer = self.problem, self.optimizer
         assert optimizer is not None
         lr = learning_rate(k, self.cfg)
@@ -432,8 +452,12 @@ class Solver:
             p.chunk,
             advance,
             self.shard.blocks,
+            self.shard.start,
+            noise,
         )
         set_gradients(p.model, sums, self.group)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([q for b in p.model.blocks for q in b.parameters()], self.cfg.grad_clip)
         optimizer.step()
         return lr
 
@@ -490,6 +514,7 @@ def run_cvfp(
     label: str = "phase1",
     group: Group = SOLO,
     save_every: float = 0.0,
+    seed: int = 0,
 ) -> CVFPResult:
     """Iterate to the fixed point; train=True also updates the context blocks (only them).
 
@@ -509,6 +534,7 @@ def run_cvfp(
     shard = group.shard(offsets)
     tokens, offsets = shard.local(tokens, offsets)
     plan = plan_memory(len(tokens), model, memory_budget)
+    _check_batches(cfg, shard.total, C, memory_budget)
     directory = None if plan.in_memory else Path(scratch or tempfile.gettempdir())
     optimizer = Adam([p for b in model.blocks for p in b.parameters()], lr=cfg.lr_warmup) if train else None
     result = CVFPResult(contexts=RowStore(0, C), shard=shard, group=group)
@@ -529,8 +555,12 @@ def run_cvfp(
             resume["optimizer_steps"],
             resume["next"],
         )
-    problem = Problem(model, kernel, embedding_table(model, device), tokens, offsets, plan.window, plan.chunk)
-    solver = Solver(problem, cfg, shard, group, directory, optimizer, label, on_iteration, save_resume, save_every)
+    problem = Problem(
+        model, kernel, embedding_table(model, device), tokens, offsets, plan.window, plan.chunk, blocks=shard.blocks
+    )
+    solver = Solver(
+        problem, cfg, shard, group, directory, optimizer, label, on_iteration, save_resume, save_every, seed=seed
+    )
     with state:
         solver.run(state) if train or cfg.fixed_point_solver == "iterate" else solver.solve_to_tolerance(state)
     result.solve_report = solver.report
@@ -572,7 +602,7 @@ def run_cvfp(
             "Phase 1 stopped before any optimizer step: the contexts are those of "
             "the untrained network (raise --phase1-min-iterations)"
         )
-    result.fixed_point = carry_over(problem, result.contexts, group, cfg.fixed_point_tol)
+    result.fixed_point = carry_over(problem, result.contexts, group, cfg.fixed_point_tol, cfg.start == "zero")
     if tolerance and result.solve_report.get("failing"):
         r = result.solve_report
         result.warnings.append(
@@ -583,11 +613,11 @@ def run_cvfp(
     return result
 
 
-def carry_over(problem: Problem, contexts: RowStore, group: Group, tol: float) -> dict:
+def carry_over(problem: Problem, contexts: RowStore, group: Group, tol: float, zero_start: bool = False) -> dict:
     """Both fixed-point conditions checked on the saved contexts with their own weights, over every
     rank's documents: the share of documents whose relative carry-over residual is within `tol`."""
     found = fixed_point.check(problem.model.step, problem.table, problem.tokens, problem.offsets, contexts,
-                              problem.chunk)  # fmt: skip
+                              problem.spans(), problem.model.input_tokens, zero_start)  # fmt: skip
     parts = group.gather((found.relative, found.carry_max_abs, found.interior_max_abs))
     rel = np.concatenate([p[0] for p in parts])
     return {
@@ -599,6 +629,19 @@ def carry_over(problem: Problem, contexts: RowStore, group: Group, tol: float) -
         "carry_over_max_abs": max(p[1] for p in parts),
         "interior_max_abs": max(p[2] for p in parts),
     }
+
+
+def _check_batches(cfg: Phase1Settings, rows: int, width: int, budget: int) -> None:
+    """A term that reads the C x C scatter, taken per batch, keeps one such matrix per batch."""
+    if not (needs_scatter(cfg) and cfg.diversity_batch and diversity_weight(cfg) > 0):
+        return
+    need = -(-rows // cfg.diversity_batch) * width * width * 8
+    if need > budget // 2:
+        raise UsageError(
+            f"--phase1-diversity {cfg.diversity} per batch keeps a {width} x {width} matrix for each of "
+            f"{-(-rows // cfg.diversity_batch):,} batches ({need / 2**30:.1f} GiB, over half of --memory-budget): "
+            "raise --diversity-batch, set it to 0 (over all tokens) or raise --memory-budget"
+        )
 
 
 def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk: int) -> RowStore | None:

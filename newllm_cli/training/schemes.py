@@ -13,15 +13,43 @@ A new scheme is one `SCHEMES[name] = function` here (and the name in Phase1Setti
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from newllm_cli.model.network import ContextNetwork
-from newllm_cli.model.recurrence import recur, shifted
+from newllm_cli.model.recurrence import recur, shifted, token_input
 from newllm_cli.store.rowstore import RowStore
+
+NOISE_ROWS = 4096  # rows per seeded block of Gaussian rows: any chunking or world size reads the same
+
+
+def gaussian_rows(key: tuple[int, ...], first: int, stop: int, width: int) -> np.ndarray:
+    """Standard normal rows first..stop-1 (global) of an endless array seeded by `key`: drawn in
+    blocks of NOISE_ROWS rows, each from its own seed, so a row's value depends on its index only."""
+    parts = []
+    for j in range(first // NOISE_ROWS, -(-stop // NOISE_ROWS)):
+        block = np.random.default_rng([*key, j]).standard_normal((NOISE_ROWS, width), dtype=np.float32)
+        a, b = max(first - j * NOISE_ROWS, 0), min(stop - j * NOISE_ROWS, NOISE_ROWS)
+        parts.append(block[a:b])
+    return np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+
+
+@dataclass(frozen=True)
+class Noise:
+    """sigma * N(0, 1) added to the incoming contexts of training iteration `iteration` (both its
+    passes read the same): a function of the seed, the iteration and the global row only."""
+
+    sigma: float
+    seed: int
+    iteration: int
+    first_row: int  # this rank's first global row
+
+    def __call__(self, s: int, e: int, inc: torch.Tensor) -> torch.Tensor:
+        rows = gaussian_rows((self.seed, 2, self.iteration), self.first_row + s, self.first_row + e, inc.shape[1])
+        return inc + self.sigma * torch.from_numpy(rows).to(inc)
 
 
 @dataclass(frozen=True)
@@ -35,9 +63,34 @@ class Problem:
     offsets: np.ndarray  # document bounds, local to this rank
     window: int  # rows per recurrence window
     chunk: int  # rows per batched chunk
+    perturb: Noise | None = None  # on the incoming contexts of a training iteration (parallel scheme)
+    blocks: np.ndarray | None = None  # row bounds of the corpus's blocks here (distributed.py; None: one)
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        """(start, stop) of the row-wise chunks: within the corpus's blocks, so alike on every world size."""
+        return block_chunks(np.array([0, len(self.tokens)]) if self.blocks is None else self.blocks, self.chunk)
+
+    def recur(self, c0: np.ndarray, out: RowStore, advance: Advance) -> np.ndarray:
+        """The recurrence over every document from c0 into `out`; each document's last context."""
+        return recur(self.model, self.kernel, self.table, self.tokens, self.offsets, c0, out, self.window, advance)
+
+    def inputs(self, s: int, e: int) -> torch.Tensor:
+        """The token input of rows s..e (k tokens for a network that reads k)."""
+        return token_input(self.table, self.tokens, self.offsets, np.arange(s, e), self.model.input_tokens)
 
 
 Advance = Callable[[int], None]
+
+
+def block_chunks(bounds: Sequence[int] | np.ndarray, chunk: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) of chunks of at most `chunk` rows from each block's start, none across a bound.
+    The blocks and the chunk size depend on the corpus alone, so every world size (distributed.py)
+    takes the same float32 partial sums; one process with the same --threads gets identical bits."""
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        for s in range(int(a), int(b), chunk):
+            yield s, min(s + chunk, int(b))
+
+
 Scheme = Callable[[Problem, RowStore | None, np.ndarray, RowStore, Advance], tuple[np.ndarray, RowStore | None]]
 
 
@@ -54,9 +107,7 @@ def incoming_rows(traj: RowStore | None, s: int, e: int, offsets: np.ndarray, c0
 def sequential(
     problem: Problem, prev: RowStore | None, c0: np.ndarray, out: RowStore, advance: Advance
 ) -> tuple[np.ndarray, RowStore | None]:
-    p = problem
-    last = recur(p.model, p.kernel, p.table, p.tokens, p.offsets, c0, out, p.window, advance)
-    return last, out
+    return problem.recur(c0, out, advance), out
 
 
 def parallel(
@@ -64,10 +115,11 @@ def parallel(
 ) -> tuple[np.ndarray, RowStore | None]:
     p, device = problem, problem.table.device
     with torch.no_grad():
-        for s, e in out.chunks(p.chunk):
-            ids = torch.as_tensor(np.asarray(p.tokens[s:e], dtype=np.int64), device=device)
+        for s, e in p.spans():
             inc = torch.from_numpy(incoming_rows(prev, s, e, p.offsets, c0)).to(device)
-            out.write(s, p.model.step(p.table[ids], inc).cpu().numpy())
+            if p.perturb is not None:
+                inc = p.perturb(s, e, inc)
+            out.write(s, p.model.step(p.inputs(s, e), inc).cpu().numpy())
             advance(e - s)
     return out.gather(p.offsets[1:] - 1), prev
 
