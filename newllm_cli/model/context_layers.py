@@ -59,9 +59,6 @@ class ContextLayerNetwork(ContextNetwork):
         self.blocks = nn.ModuleList(ContextLayer(w[i], w[i + 1], x if every else 0, activation) for i in range(layers))
         self.apply(lambda m: init_weights(m, init_std, init_bias_std))
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_norm(self.embed(ids))
-
     def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         if self.token_input == "first":  # the first layer's state is [c, X]; no later layer reads X
             ctx = torch.cat([ctx, tok], dim=-1)

@@ -17,8 +17,11 @@ class ContextNetwork(nn.Module):
     blocks: nn.ModuleList
     input_tokens: int = 1  # k: step reads [X_{t-k+1}, ..., X_t] (model/recurrence.py's token_input)
 
+    embed_norm: nn.Module
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """LayerNorm(Embedding(x)): context-independent, so Phase 1 computes it once per run."""
+        return self.embed_norm(self.embed(ids))
 
     def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -57,10 +60,6 @@ class NewLLM(ContextNetwork):
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.blocks = nn.ModuleList(ContextBlock(context_dim, embed_dim, layers_per_block) for _ in range(num_layers))
         self.apply(lambda m: init_weights(m, init_std, init_bias_std))
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(Embedding(x)): context-independent, so Phase 1 computes it once per run."""
-        return self.embed_norm(self.embed(ids))
 
     def step(self, tok: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """f(x_t, c_{t-1}) -> c_t on already-embedded tokens; works on any batch shape."""

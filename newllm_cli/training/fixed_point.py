@@ -203,8 +203,9 @@ def check(step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], table: tor
     )
     carry_abs, carry_rel, interior = [0.0], [], 0.0
     with torch.no_grad():
-        whole = [(a, min(a + (1 << 16), len(tokens))) for a in range(0, len(tokens), 1 << 16)]
-        for s, e in whole if spans is None else spans:
+        if spans is None:
+            spans = [(a, min(a + (1 << 16), len(tokens))) for a in range(0, len(tokens), 1 << 16)]
+        for s, e in spans:
             q = contexts.read(s, e)
             inc = torch.from_numpy(incoming_rows(contexts, s, e, offsets, c0)).to(table.device)
             r = step(token_input(table, tokens, offsets, np.arange(s, e), k), inc).cpu().numpy().astype(np.float64) - q

@@ -49,7 +49,8 @@ class Comparison:
         qt = torch.from_numpy(np.ascontiguousarray(q))
         chunk = Comparison(rows=len(qt))
         if scatter:
-            centred = qt.double() - qt.double().mean(dim=0)
+            wide = qt.double()
+            centred = wide - wide.mean(dim=0)
             chunk.scatter = (centred.T @ centred).numpy()
         if p is not None:
             per_token = (qt - torch.from_numpy(np.ascontiguousarray(p))).square_().mean(dim=1)
