@@ -45,20 +45,24 @@ def cells(run: Path) -> list[str]:
     ]
 
 
-def main() -> None:
-    root = Path(sys.argv[1])
+def table(header: list[str], cells_of, argv: list[str]) -> None:
+    """Print the table: one row per corpus and preset of the runs `argv[1:]` under workspace `argv[0]`,
+    each cell its seeds' values joined by ' ; '."""
+    root = Path(argv[0])
     groups: dict[tuple[str, str], list[list[str]]] = {}
-    for name in sys.argv[2:]:
+    for name in argv[1:]:
         corpus, preset, _ = name.split(".", 2)
-        groups.setdefault((corpus, preset), []).append(cells(root / "runs" / name))
-    print(
-        "| corpus | preset | Phase 1 iterations | converged | Phase 1 s | centred rank train/val "
-        "| head ppl | vs unigram | vs bigram | vs untrained |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        groups.setdefault((corpus, preset), []).append(cells_of(root / "runs" / name))
+    print("| " + " | ".join(["corpus", "preset", *header]) + " |")
+    print("|" + " --- |" * (len(header) + 2))
     for (corpus, preset), rows in groups.items():
-        joined = [" ; ".join(column) for column in zip(*rows)]
-        print(f"| {corpus} | {preset} | " + " | ".join(joined) + " |")
+        print(f"| {corpus} | {preset} | " + " | ".join(" ; ".join(column) for column in zip(*rows)) + " |")
+
+
+def main() -> None:
+    header = ["Phase 1 iterations", "converged", "Phase 1 s", "centred rank train/val", "head ppl", "vs unigram",
+              "vs bigram", "vs untrained"]  # fmt: skip
+    table(header, cells, sys.argv[1:])
 
 
 if __name__ == "__main__":

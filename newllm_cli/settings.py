@@ -65,6 +65,16 @@ class ModelSettings(Section):
         1, "Context networks side by side, block b trained on the b-th share of the training stream.", ge=1, le=16
     )
 
+    embeddings: str | None = opt(
+        None,
+        "Token embeddings (V x E) from FILE.npy, FILE.safetensors or 'gpt2' (the hub's wte); unset: drawn at init.",
+    )
+    embeddings_tensor: str | None = opt(
+        None, "The tensor's name in a .safetensors file (unset: its only tensor, or GPT-2's wte.weight)."
+    )
+
+    _home = field_validator("embeddings")(classmethod(lambda cls, v: _expand(v)))
+
     @property
     def context_width(self) -> int:
         """Width of the saved contexts: C per side-by-side network."""
@@ -85,6 +95,7 @@ class DataSettings(Section):
     val_source: ValSource = opt("auto_split", "Validation text: " + ", ".join(VAL_SOURCES) + ".")
     val_path: str | None = opt(None, "File or directory for the validation source.")
     val_num_samples: int | None = opt(None, "Use at most this many validation documents.", gt=0)
+    val_offset: int = opt(0, "Skip this many documents of the validation source first (UltraChat by index).", ge=0)
     val_ratio: float = opt(0.2, "Share of training documents held out by auto_split.", gt=0.0, lt=1.0)
     split_seed: int = opt(
         42,
@@ -193,8 +204,8 @@ class Phase1Settings(Section):
 
 
 class Phase2Settings(Section):
-    # The head is fitted to the optimum of a convex problem (training/head_fit.py), so there is no learning
-    # rate, batch size or epoch count to tune: only the penalty, chosen on held-out documents.
+    # The linear head is fitted to the optimum of a convex problem (training/head_fit.py), so it has no learning
+    # rate, batch size or epoch count to tune: only the penalty, chosen on held-out documents. tokenblock has them.
     l2: float | None = opt(
         None, "L2 penalty of the head (unset: chosen on held-out training documents).", cli="phase2-l2", gt=0
     )
@@ -202,6 +213,31 @@ class Phase2Settings(Section):
     head_init: Literal["zero", "unigram"] = opt("unigram", "Prior of the head's bias: zero or add-one log-unigram.")
     head_input: Literal["context", "context+token"] = opt("context", "What the head reads.")
     control: bool = opt(True, "Also fit the head on an untrained network's contexts (the control).")
+    zero_control: bool = opt(
+        True, "Also fit the predictor with every context set to zero (the zero-context control).", cli="zero-ctx"
+    )
+    predictor: Literal["linear", "tokenblock"] = opt(
+        "linear",
+        "linear: a softmax head fitted to its convex optimum; tokenblock: LN(h + phi(W (ctx, h) + b)) from "
+        "h_0 = X_t, output tied to the embedding, trained by Adam with early stopping.",
+    )
+    # tokenblock's training (ignored by the linear head, which has none)
+    token_layers: int = opt(1, "tokenblock: layers L_t.", ge=1, le=16)
+    previous_contexts: int = opt(0, "tokenblock: reads c_t, ..., c_{t-p} (zero before a start).", ge=0, le=16)
+    untied: bool = opt(False, "tokenblock: an untied Linear(E -> V) output instead of h W_E^T.")
+    embedding: Literal["frozen", "trained"] = opt(
+        "frozen", "tokenblock: its copy of the embedding (and so the tied output).", cli="phase2-embedding"
+    )
+    lr: float = opt(1e-3, "tokenblock: Adam's learning rate.", cli="phase2-lr", gt=0)
+    batch_size: int = opt(512, "tokenblock: pairs per Adam step.", cli="phase2-batch-size", ge=1)
+    epochs: int = opt(20, "tokenblock: most epochs.", cli="phase2-epochs", ge=1)
+    patience: int = opt(1, "tokenblock: epochs without a held-out gain before stopping.", cli="phase2-patience", ge=1)
+    min_gain: float = opt(
+        1e-3, "tokenblock: a held-out gain below this (nats per pair) does not count.", cli="phase2-min-gain", ge=0
+    )
+    order: Literal["stream", "shuffled"] = opt("stream", "tokenblock: minibatches in stream order or shuffled.",
+                                               cli="phase2-order")  # fmt: skip
+    grad_clip: float = opt(1.0, "tokenblock: gradient norm clip (0: none).", cli="phase2-grad-clip", ge=0)
 
 
 def _expand(path: str | None) -> str | None:
@@ -263,7 +299,22 @@ class Settings(Section):
                     raise ValueError(f"--{cli_name('model', name)} is an option of --architecture context")
         if p1.noise > 0 and p1.scheme != "parallel":
             raise ValueError("--phase1-noise perturbs the parallel scheme's incoming contexts: add --scheme parallel")
+        if d.val_offset and d.val_source in ("auto_split", "manual"):
+            raise ValueError(
+                "--val-offset skips documents of a text --val-source (ultrachat, sample, text_file, text_dir)"
+            )
+        p2 = self.phase2
+        if p2.predictor == "linear":
+            for name in TOKENBLOCK_ONLY:
+                if getattr(p2, name) != _default("phase2", name):
+                    raise ValueError(f"--{cli_name('phase2', name)} is an option of --predictor tokenblock")
+        if m.embeddings_tensor and not m.embeddings:
+            raise ValueError("--embeddings-tensor names a tensor of --embeddings FILE.safetensors: give --embeddings")
         return self
+
+
+TOKENBLOCK_ONLY = ("token_layers", "previous_contexts", "untied", "embedding", "lr", "batch_size", "epochs",
+                   "patience", "min_gain", "order", "grad_clip")  # fmt: skip
 
 
 PROBE_ROWS = 2_000  # decodability probe positions per split: about a tenth of `full` on pydoc (EXPERIMENTS)

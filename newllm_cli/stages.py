@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from newllm_cli.data import dataset
+from newllm_cli.data import dataset, embeddings
 from newllm_cli.data import tokenizer as tokenizers
 from newllm_cli.evaluation import analysis, baselines, decodability, memory, plots, verdict
 from newllm_cli.evaluation.controls import CONTROLS, Bench, label
@@ -45,7 +45,7 @@ from newllm_cli.store.artifacts import (
     write_checkpoint,
     write_json,
 )
-from newllm_cli.training import fixed_point, head_fit, predictors
+from newllm_cli.training import fixed_point, predictors
 from newllm_cli.training import pairs as p2
 from newllm_cli.training.blocks import run_side_by_side
 from newllm_cli.training.objectives import objective_weights
@@ -89,6 +89,12 @@ def finish_stage(ws: Workspace, s: Settings) -> None:
     distributed.current().barrier()
 
 
+def embedding_hash(model: ContextNetwork) -> str:
+    """The sha256 (16 hex digits) of the embedding's float32 bytes: data.embeddings.Embeddings.sha256 of a
+    loaded matrix, so provenance names the pretrained file's content."""
+    return hashlib.sha256(model.embed.weight.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def model_id(model: ContextNetwork) -> str:
     """A content hash of the weights: what every context artifact records as its producer."""
     h = hashlib.sha256()
@@ -113,8 +119,21 @@ def board(ws: Workspace, s: Settings) -> Path | None:
     return ws.tensorboard()
 
 
-def build_model(s: Settings, vocab_size: int) -> ContextNetwork:
-    return architectures.build(s.model.architecture, vocab_size, s.model)
+def build_model(s: Settings, vocab_size: int, pretrained: bool = True) -> ContextNetwork:
+    """The network as the seed draws it; with --embeddings (and `pretrained`), their matrix replaces
+    the drawn embedding (drawn all the same, so the other weights do not depend on it)."""
+    model = architectures.build(s.model.architecture, vocab_size, s.model)
+    if pretrained and s.model.embeddings:
+        matrix = embeddings.load(s.model.embeddings, s.model.embeddings_tensor, vocab_size, s.model.embed_dim).matrix
+        with torch.no_grad():
+            model.embed.weight.copy_(torch.from_numpy(matrix))
+    return model
+
+
+def embedding_files(s: Settings) -> list[Path]:
+    """A local --embeddings file, an input of the stages that draw a network: a changed file reruns them."""
+    spec = s.model.embeddings
+    return [Path(spec)] if spec and spec not in embeddings.HUB else []
 
 
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[ContextNetwork, dict]:
@@ -128,7 +147,7 @@ def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.devi
         {"dataset": ckpt["provenance"].get("dataset"), "model": made},
         "the Phase 1 checkpoint",
     )
-    model = build_model(s, meta["vocab_size"])
+    model = build_model(s, meta["vocab_size"], pretrained=False)  # the checkpoint holds the embedding
     validate.state(model, ckpt, ws.phase1_checkpoint(), fix, keys=("state", "provenance", "model_id"))
     return model.to(device), ckpt
 
@@ -194,7 +213,7 @@ def phase1(s: Settings, split: str = "train", rebuild: bool = False) -> dict:
 def _phase1(s: Settings, split: str, force: bool = False) -> dict:
     ws, meta = open_run(s)
     outputs = [ws.contexts(split), ws.phase1_report(split)] + ([ws.phase1_checkpoint()] if split == "train" else [])
-    inputs = _dataset_files(ws) + ([ws.phase1_checkpoint()] if split == "val" else [])
+    inputs = _dataset_files(ws) + ([ws.phase1_checkpoint()] if split == "val" else embedding_files(s))
     return _once(
         ws,
         s,
@@ -289,6 +308,7 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
                 "provenance": {
                     "dataset": meta["key"],
                     "model": s.model.model_dump(),
+                    "embeddings": embedding_hash(model),
                     "phase1": cfg.model_dump(),
                     "seed": s.runtime.seed,
                     "world_size": group.size,
@@ -651,7 +671,8 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         if not force:
             raise GateRefused("Phase-1 gate: " + "; ".join(problems) + " (--force to train anyway)")
         warn("Phase-1 gate overridden: " + "; ".join(problems))
-    info(f"phase2: head reads {cfg.head_input}, vocabulary {vocab:,}")
+    reads = "the token and " + cfg.head_input.split("+")[0] if cfg.predictor != predictors.DEFAULT else cfg.head_input
+    info(f"phase2: {cfg.predictor} predictor reads {reads}, vocabulary {vocab:,}")
     res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
     curves = {"head": curves}
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
@@ -672,8 +693,14 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         )
         return fit, blocks
 
-    bench = Bench(train_tokens, train_offsets, val_tokens, val_offsets, targets, vocab, s, fit_untrained)
-    warnings = head_fit.advice(res, "head", cfg.max_iterations)
+    def fit_zero():
+        fit, _, blocks = fit_head_on(model, splits, s, vocab, device, "zero contexts", ws, mid, zero=True)
+        return fit, blocks
+
+    chosen = predictors.PREDICTORS[cfg.predictor]
+    bench = Bench(train_tokens, train_offsets, val_tokens, val_offsets, targets, vocab, s, fit_untrained, fit_zero,
+                  lambda fit, label: chosen.advice(fit, label, cfg), lambda fit: chosen.record(fit))  # fmt: skip
+    warnings = chosen.advice(res, "head", cfg)
     losses, table = {}, {}
     for control in CONTROLS:
         outcome = control.run(bench)
@@ -710,27 +737,26 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         "dataset": meta["key"],
         "model_id": mid,
         "head_input": cfg.head_input,
+        "predictor": cfg.predictor,
         "vocab_size": vocab,
         "world_size": distributed.current().size,
     }
-    head = predictors.PREDICTORS[predictors.DEFAULT].head(res)
-    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, "l2": res.l2})
+    head, record = chosen.head(res), chosen.record(res)
+    kept = {k: record[k] for k in ("l2",) if k in record}  # the linear head's penalty, as before
+    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
     out = {
         "val": res.val,
         "train": res.train,
-        "l2": res.l2,
-        "selection": res.selection,
-        "iterations": res.iterations,
-        "capped": res.capped,
-        "head_rows": res.head_rows,
+        **record,
         "baselines": table,
+        "skipped": [c.label for c in CONTROLS if c.key not in table],
         "warnings": warnings,
         "curves": curves,
         "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
         "settings": cfg.model_dump(),
         "provenance": provenance,
         "checkpoint": str(ws.phase2_checkpoint()),
-        "finding": verdict.finding(table) + resting(ana, ws),
+        "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
         "seconds": time.perf_counter() - t0,
     }
     if plot is not None:
@@ -794,21 +820,25 @@ def fit_head_on(
     label: str,
     ws: Workspace,
     network: str,
-    predictor: str = predictors.DEFAULT,
+    zero: bool = False,
 ):
     """The predictor (training/predictors.py) of s.phase2 fitted on given (contexts, tokens, offsets)
-    per split; resumable. Returns its result, the val pairs' document ids (for the verdicts'
-    bootstrap) and its fitting curve."""
+    per split (`zero`: every context set to zero); resumable. Returns its result, the val pairs'
+    document ids (for the verdicts' bootstrap) and its fitting curve."""
     cfg, group = s.phase2, distributed.current()
+    chosen = predictors.PREDICTORS[cfg.predictor]
 
     def embed(ids: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
             return model.embed_tokens(torch.as_tensor(ids, device=device))
 
-    features = embed if cfg.head_input == "context+token" else None
+    features = embed if cfg.head_input == "context+token" and not chosen.reads_token else None
+    lags = chosen.previous(cfg)
     with contextlib.ExitStack() as owned:  # the streamed pairs' files go when the fit is done
         data = {
-            k: owned.enter_context(p2.make_split(c, t, o, device, features, group=group, **budget(ws, s)))
+            k: owned.enter_context(
+                p2.make_split(c, t, o, device, features, group=group, previous=lags, zero=zero, **budget(ws, s))
+            )
             for k, (c, t, o) in splits.items()
         }
         pairs = [group.sum(len(data[k].targets)) for k in ("train", "val")]  # of every rank
@@ -823,44 +853,34 @@ def fit_head_on(
 
         def show(r: dict) -> None:
             blocks.append(r)
-            info(
-                f"  {r['stage']} l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} "
-                f"iterations  {r['seconds']:.1f}s"
+            what = (
+                f"l2={r['l2']:g}: objective {r['objective']:.5f} after {r['iterations']} iterations"
+                if "l2" in r
+                else f"epoch {r['epoch']}: held-out loss {r['heldout_loss']:.5f} after {r['steps']} steps"
             )
+            info(f"  {r['stage']} {what}  {r['seconds']:.1f}s")
 
+        tag = label.split()[0]
         resumable = Resumable(
-            ws.resume("phase2_" + label.split()[0]),
+            ws.resume("phase2_" + tag),
             {
                 "network": network,
-                "format": "probe",
+                "format": "probe" if cfg.predictor == predictors.DEFAULT else cfg.predictor,
                 "phase2": cfg.model_dump(),
                 "seed": s.runtime.seed,
                 "vocab": vocab,
                 "pairs": pairs,
             },
         )
+        job = predictors.Job(cfg, s.model, model.embed.weight.detach(), s.runtime.seed, device, show,
+                             resumable.load(), resumable.save, f"{cfg.predictor} on {label}", group,
+                             s.runtime.save_every)  # fmt: skip
         with interrupt.safe_points():
-            res = predictors.PREDICTORS[predictor].fit(
-                data["train"],
-                data["val"],
-                vocab,
-                prior,
-                l2=cfg.l2,
-                max_iterations=cfg.max_iterations,
-                device=device,
-                on_block=show,
-                resume=resumable.load(),
-                save_resume=resumable.save,
-                label=f"head on {label}",
-                group=group,
-                save_every=s.runtime.save_every,
-            )
+            res = chosen.fit(data["train"], data["val"], vocab, prior, job)
         resumable.clear()
-        metrics.record(ws.metrics(), "phase2_" + label.split()[0], "train", blocks, board(ws, s))
-        info(
-            f"  {label}: l2 {res.l2:g}, val perplexity {res.val['perplexity']:.2f}, {res.head_rows:,} head rows "
-            f"for {vocab:,} tokens (never-target tokens tied)"
-        )
+        metrics.record(ws.metrics(), "phase2_" + tag, "train", blocks, board(ws, s))
+        said = f"l2 {res.l2:g}, " if cfg.predictor == predictors.DEFAULT else ""
+        info(f"  {label}: {said}val perplexity {res.val['perplexity']:.2f}")
         val_groups = data["val"].groups
         assert val_groups is not None  # make_split always groups by document
         return res, group.cat(val_groups.cpu().numpy()), blocks
@@ -878,6 +898,8 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     check_same(
         {"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"], "the Phase 2 head"
     )
+    if head_ckpt["provenance"].get("predictor", predictors.DEFAULT) != predictors.DEFAULT:
+        raise UsageError("generate samples from the linear head; this run's Phase 2 is a tokenblock predictor")
     head_input = head_ckpt["provenance"].get("head_input")
     if head_input not in ("context", "context+token"):
         raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")

@@ -99,9 +99,9 @@ SECTIONS = {
 
 
 def _share(fp: dict | None, key: str, spec: str = ".1%") -> str:
-    if not fp:
+    if not fp or not isinstance(fp.get(key), (int, float)):  # a report from before the field, or damaged
         return "-"
-    return format(fp[key], spec) + (f" of {fp['documents']:,}" if key == "within_tolerance" else "")
+    return format(fp[key], spec) + (f" of {fp.get('documents', '?'):,}" if key == "within_tolerance" else "")
 
 
 def _pair(c: dict | None, key: str) -> str:
@@ -183,7 +183,9 @@ def phase2(r: dict) -> None:
     """The head beside each baseline: perplexity ratio with its 95% interval, and how much it wins or
     loses by."""
     val = r["val"]
-    t = Table(title=f"phase2: head reads {r['provenance']['head_input']} (l2 {r['l2']:g})")
+    fitted = f"l2 {r['l2']:g}" if "l2" in r else f"best of {len(r.get('epochs', []))} epochs: {r.get('best_epoch')}"
+    predictor = r["provenance"].get("predictor", "linear")
+    t = Table(title=f"phase2: {predictor} head reads {r['provenance']['head_input']} ({fitted})")
     t.add_column("model")
     for col in ("val ppl", "val acc", "the head against it"):
         t.add_column(col, justify="right")

@@ -53,6 +53,8 @@ def dataset_key(s: Settings) -> str:
     data = d.model_dump()
     if data["encoding"] == "utf-8":  # the default leaves the keys of datasets made before it existed
         data.pop("encoding")
+    if data["val_offset"] == 0:  # likewise for the validation offset
+        data.pop("val_offset")
     if data["val_duplicates"] == "keep":  # datasets made before duplicates were dropped kept them: same key
         data.pop("val_duplicates")
     parts = {
@@ -310,7 +312,7 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
         val = _finish_arrays(raw, offsets, dtype, *names["val"])
     else:
         vspool = Spool(tmp / "val.docs.jsonl")
-        vspool.fill(sources.documents(d.val_source, d.val_path, d, d.val_num_samples))
+        vspool.fill(sources.documents(d.val_source, d.val_path, d, d.val_num_samples, skip=d.val_offset))
         found = dedup.find(spool.keys.read(), vspool.keys.read(), keep)
         val_keep = ~found["duplicate"] if dedupe else None
         val = write_tokens(

@@ -6,6 +6,7 @@ one file (text_dir). Nothing here invents data: a missing or unreadable input is
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from importlib import resources
@@ -39,8 +40,9 @@ def conversation_text(record: dict, where: str) -> str:
     return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
 
 
-def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int | None) -> Iterator[str]:
-    """Streamed through `datasets`, so 10 samples read 10 conversations, from the hub or a local export."""
+def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int | None, skip: int = 0) -> Iterator[str]:
+    """Streamed through `datasets`, so 10 samples read 10 conversations, from the hub or a local export;
+    `skip` passes over the first records (samples by index: --val-offset 50000)."""
     quiet_hub_logs()
     if not path and not hub_reachable():
         raise UsageError(
@@ -70,6 +72,8 @@ def ultrachat_documents(path: str | None, dataset: str, split: str, limit: int |
                 "export and pass --source ultrachat --path FILE.jsonl|.parquet"
             ) from None
     count = 0
+    if skip:
+        stream = stream.skip(skip)
     try:
         for record in stream:
             if limit is not None and count >= limit:
@@ -154,20 +158,21 @@ def text_dir_documents(path: str | None, pattern: str, encoding: str = "utf-8") 
             yield text
 
 
-def documents(source: str, path: str | None, data, limit: int | None) -> Iterator[str]:
-    """The documents of a text source; `data` is the DataSettings (for pattern and hub names)."""
+def documents(source: str, path: str | None, data, limit: int | None, skip: int = 0) -> Iterator[str]:
+    """The documents of a text source after its first `skip`; `data` is the DataSettings (for pattern
+    and hub names)."""
     if source == "sample":
-        yield from ultrachat_documents(str(sample_path()), "", "", limit)
+        yield from ultrachat_documents(str(sample_path()), "", "", limit, skip)
         return
     if source == "ultrachat":
-        yield from ultrachat_documents(path, data.ultrachat_dataset, data.ultrachat_split, limit)
+        yield from ultrachat_documents(path, data.ultrachat_dataset, data.ultrachat_split, limit, skip)
         return
     it = (
         text_file_documents(path, data.encoding)
         if source == "text_file"
         else text_dir_documents(path, data.pattern, data.encoding)
     )
-    for i, doc in enumerate(it):
+    for i, doc in enumerate(itertools.islice(it, skip, None)):
         if limit is not None and i >= limit:
             return
         yield doc

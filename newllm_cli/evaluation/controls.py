@@ -30,6 +30,9 @@ class Bench:
     vocab: int
     settings: Any  # the run's Settings
     fit_untrained: Callable[[], tuple[Any, list[dict[str, Any]]]]  # the head on an untrained network: (fit, curves)
+    fit_zero: Callable[[], tuple[Any, list[dict[str, Any]]]]  # the same predictor with every context zero
+    advice: Callable[[Any, str], list[str]]  # the chosen predictor's words on a fit's ending
+    record: Callable[[Any], dict[str, Any]]  # its own fields of a fit (a penalty, or epochs)
 
 
 @dataclass
@@ -96,14 +99,23 @@ def _interpolated(order: int) -> Callable[[Bench], Outcome]:
     return run
 
 
-def _untrained(b: Bench) -> Outcome | None:
-    if not b.settings.phase2.control:
-        return None
-    from newllm_cli.training.head_fit import advice
+def _fitted(fit_: Callable[[Bench], tuple[Any, list[dict[str, Any]]]], label: str) -> Callable[[Bench], Outcome]:
+    """A control that is the chosen predictor fitted on other contexts."""
 
-    fit, curves = b.fit_untrained()
-    entry = {"accuracy": fit.val["accuracy"], "l2": fit.l2, "selection": fit.selection}
-    return Outcome(fit.val_losses, entry, curves, advice(fit, "control", b.settings.phase2.max_iterations))
+    def run(b: Bench) -> Outcome:
+        fit, curves = fit_(b)
+        entry = {"accuracy": fit.val["accuracy"], **{k: v for k, v in b.record(fit).items() if k != "epochs"}}
+        return Outcome(fit.val_losses, entry, curves, b.advice(fit, label))
+
+    return run
+
+
+def _untrained(b: Bench) -> Outcome | None:
+    return _fitted(lambda b: b.fit_untrained(), "control")(b) if b.settings.phase2.control else None
+
+
+def _zero(b: Bench) -> Outcome | None:
+    return _fitted(lambda b: b.fit_zero(), "zero context")(b) if b.settings.phase2.zero_control else None
 
 
 register(Control("unigram_add_one", "add-one unigram", "add-one unigram", "unigram", "uni", _unigram))
@@ -123,3 +135,4 @@ register(
         "control",
     )
 )
+register(Control("zero_context", "zero context", "zero context", "zero_ctx", "zero", _zero, "zero_context"))

@@ -176,3 +176,24 @@ def finding(baselines: dict) -> str:
         f"Finding: the Phase 1 contexts {claim}. The head on them: {'; '.join(parts)}. The intervals resample "
         f"the {unit} of the validation set under one seed; they do not cover other seeds."
     )
+
+
+THREE = ("zero_context", "untrained_network", "bigram_add_k")  # what a predictor reading x_t must beat
+
+
+def beyond_three(baselines: dict) -> str:
+    """One sentence: do the contexts add next-token information beyond zero context, the untrained
+    network and the add-k bigram (all three), with the closest one's interval; skipped ones named."""
+    ran = [k for k in THREE if k in baselines]
+    skipped = [label(k) for k in THREE if k not in baselines]
+    left = f" ({', '.join(skipped)} skipped: this says nothing about {'it' if len(skipped) == 1 else 'them'})"
+    if not ran:
+        return "Beyond all three controls: not measured (all skipped)."
+    failing = [k for k in ran if baselines[k]["verdict"] != "beats"]
+    if not failing:
+        closest = max(ran, key=lambda k: baselines[k]["ratio"])
+        said = f"the closest, the {label(closest)}, it {baselines[closest]['size']}"
+        claim = "add" if not skipped else "add, against those run,"
+        return f"Beyond all three: the contexts {claim} next-token information: {said}{left if skipped else ''}."
+    shown = "; ".join(f"against the {label(k)} it {baselines[k]['size']}" for k in failing)
+    return f"Beyond all three: not shown: {shown}{left if skipped else ''}."

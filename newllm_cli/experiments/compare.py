@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from newllm_cli.evaluation.controls import CONTROLS, unconverged_mark
+from newllm_cli.experiments import scaling
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
@@ -134,7 +135,10 @@ def fits(rows: list[dict]) -> dict:
                 groups.setdefault(tuple(json.dumps(r["settings"].get(k)) for k in others), []).append(r)
         for group_key, members in groups.items():
             if len({m["tokens"] for m in members}) >= 2:
-                fit = scaling_law([m["tokens"] for m in members], [m["perplexity"] for m in members])
+                n, ppl = [m["tokens"] for m in members], [m["perplexity"] for m in members]
+                fit = scaling_law(n, ppl)
+                fit["laws"] = [scaling.power(n, ppl), scaling.saturation(n, ppl)]
+                fit["preferred"] = min(fit["laws"], key=lambda f: f["aic"])["law"]  # by AIC
                 fit["group"] = {flag(k): json.loads(v) for k, v in zip(others, group_key)}
                 fit["runs"] = [m["run"] for m in members]
                 out["scaling"].append(fit)
@@ -205,6 +209,9 @@ def to_markdown(result: dict) -> str:
             f"Scaling{' (' + group + ')' if group else ''}: PPL = {fit['A']:.4g} x tokens^{fit['alpha']:.4f}, "
             f"R^2 = {_num(fit['r2'], '.4f')} ({fit['points']} runs)."
         )
+        for law in fit.get("laws", []):
+            chosen = " (lower AIC)" if law["law"] == fit.get("preferred") else ""
+            lines.append(f"- {law['law']}{chosen}: {scaling.describe(law)}.")
     if result.get("rank_perplexity"):
         c = result["rank_perplexity"]
         lines.append(

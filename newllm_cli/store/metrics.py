@@ -30,6 +30,7 @@ FIELDS = [
     "residual",
     "l2",
     "objective",
+    "heldout_loss",
     "seconds",
 ]
 
@@ -50,7 +51,7 @@ def record(path: Path, stage: str, split: str, rows: list[dict], board: Path | N
         out.writeheader()
         out.writerows(kept)
         for r in rows:
-            step = r.get("iteration", r.get("iterations"))
+            step = r.get("iteration", r.get("iterations", r.get("steps")))
             out.writerow({k: _cell(v) for k, v in {**r, "stage": stage, "split": split, "step": step}.items()})
 
 

@@ -57,6 +57,7 @@ class Split:
     inputs: torch.Tensor | RowStore
     targets: torch.Tensor
     groups: torch.Tensor | None = None
+    sources: torch.Tensor | None = None  # x_t of each row (the pair's current token), for predictors that read it
 
     def __enter__(self) -> Split:
         return self

@@ -62,10 +62,14 @@ def make_split(
     memory_budget: int | None = None,
     scratch: Path | None = None,
     group: Group = SOLO,
+    previous: int = 0,
+    zero: bool = False,
 ) -> Split:
-    """(c_t [, emb(x_t)]) -> x_{t+1} for every pair inside a document; with a `group`, this rank's
-    consecutive block of the pairs, cut between gradient blocks (distributed.block_size). Groups are the
-    corpus's document indices.
+    """(c_t [, c_{t-1}..c_{t-previous}] [, emb(x_t)]) -> x_{t+1} for every pair inside a document
+    (earlier contexts are zero before the document's start; `zero`: every context is zero, and the
+    contexts are never read); with a `group`, this rank's consecutive block of the pairs, cut between
+    gradient blocks (distributed.block_size). Groups are the corpus's document indices; `sources`
+    holds each pair's x_t.
 
     Features are one tensor when they (and their whitened copy) take at most half of `memory_budget`
     bytes; otherwise they go to a file under `scratch`, filled chunk by chunk from the contexts file
@@ -73,28 +77,48 @@ def make_split(
     pos, docs = pair_block(offsets, group)
     y = torch.from_numpy(np.asarray(tokens[pos + 1], dtype=np.int64)).to(device)
     groups = torch.from_numpy(docs).to(device)
-    width = contexts.shape[1] + (len(token_features(np.zeros(1, np.int64))[0]) if token_features else 0)
-    if memory_budget is None or 2 * len(pos) * width * 4 <= memory_budget // 2 or not len(pos):
-        x = torch.from_numpy(np.asarray(contexts[pos], dtype=np.float32)).to(device)
+    sources = torch.from_numpy(np.asarray(tokens[pos], dtype=np.int64)).to(device)
+    starts = np.asarray(offsets, np.int64)[docs]
+    extra = len(token_features(np.zeros(1, np.int64))[0]) if token_features else 0
+    width = contexts.shape[1] * (previous + 1) + extra
+
+    def features(reader: RowStore | None, s: int, e: int) -> torch.Tensor:
+        p = pos[s:e]
+        x = _lagged(contexts, reader, p, starts[s:e], previous, zero)
         _check_finite(x)
         if token_features is not None:
-            x = torch.cat([x, token_features(np.asarray(tokens[pos], dtype=np.int64)).to(device)], dim=1)
-        return Split(x, y, groups)
+            x = torch.cat([x, token_features(np.asarray(tokens[p], dtype=np.int64)).cpu()], dim=1)
+        return x
+
+    if memory_budget is None or 2 * len(pos) * width * 4 <= memory_budget // 2 or not len(pos):
+        with _reader(contexts) as reader:
+            return Split(features(reader, 0, len(pos)).to(device), y, groups, sources)
     store = RowStore(len(pos), width, scratch, "pairs")
     try:
         with _reader(contexts) as reader:
             for s in range(0, len(pos), head_fit.CHUNK):
-                p = pos[s : s + head_fit.CHUNK]
-                block = reader.read(int(p[0]), int(p[-1]) + 1) if reader else np.asarray(contexts[p[0] : p[-1] + 1])
-                x = torch.from_numpy(np.ascontiguousarray(block[p - p[0]], dtype=np.float32))
-                _check_finite(x)
-                if token_features is not None:
-                    x = torch.cat([x, token_features(np.asarray(tokens[p], dtype=np.int64)).cpu()], dim=1)
-                store.write(s, x.numpy())
+                store.write(s, features(reader, s, s + head_fit.CHUNK).numpy())
     except BaseException:
         store.close()
         raise
-    return Split(store, y, groups)  # the Split owns the store now: `with split:` closes it
+    return Split(store, y, groups, sources)  # the Split owns the store now: `with split:` closes it
+
+
+def _lagged(
+    contexts: np.ndarray, reader: RowStore | None, p: np.ndarray, starts: np.ndarray, previous: int, zero: bool
+) -> torch.Tensor:
+    """[c_t, c_{t-1}, ..., c_{t-previous}] of positions p (zero before each one's document start)."""
+    width = contexts.shape[1]
+    if zero or not len(p):
+        return torch.zeros(len(p), width * (previous + 1))
+    a, b = max(int(p[0]) - previous, 0), int(p[-1]) + 1
+    block = reader.read(a, b) if reader else np.asarray(contexts[a:b])
+    parts = []
+    for lag in range(previous + 1):
+        rows = np.ascontiguousarray(block[np.maximum(p - lag - a, 0)], dtype=np.float32)
+        rows[p - lag < starts] = 0.0
+        parts.append(rows)
+    return torch.from_numpy(parts[0] if previous == 0 else np.concatenate(parts, axis=1))
 
 
 @contextlib.contextmanager
