@@ -101,7 +101,8 @@ SECTIONS = {
 def _share(fp: dict | None, key: str, spec: str = ".1%") -> str:
     if not fp or not isinstance(fp.get(key), (int, float)):  # a report from before the field, or damaged
         return "-"
-    return format(fp[key], spec) + (f" of {fp.get('documents', '?'):,}" if key == "within_tolerance" else "")
+    of = f" of {fp['documents']:,}" if key == "within_tolerance" and "documents" in fp else ""
+    return format(fp[key], spec) + of
 
 
 def _pair(c: dict | None, key: str) -> str:
