@@ -821,12 +821,14 @@ def fit_head_on(
     ws: Workspace,
     network: str,
     zero: bool = False,
+    predictor: str | None = None,
 ):
     """The predictor (training/predictors.py) of s.phase2 fitted on given (contexts, tokens, offsets)
-    per split (`zero`: every context set to zero); resumable. Returns its result, the val pairs'
-    document ids (for the verdicts' bootstrap) and its fitting curve."""
+    per split (`zero`: every context set to zero; `predictor`: another registry entry); resumable.
+    Returns its result, the val pairs' document ids (for the verdicts' bootstrap) and its fitting curve."""
     cfg, group = s.phase2, distributed.current()
-    chosen = predictors.PREDICTORS[cfg.predictor]
+    name = predictor or cfg.predictor
+    chosen = predictors.PREDICTORS[name]
 
     def embed(ids: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
@@ -865,7 +867,7 @@ def fit_head_on(
             ws.resume("phase2_" + tag),
             {
                 "network": network,
-                "format": "probe" if cfg.predictor == predictors.DEFAULT else cfg.predictor,
+                "format": "probe" if name == predictors.DEFAULT else name,
                 "phase2": cfg.model_dump(),
                 "seed": s.runtime.seed,
                 "vocab": vocab,
@@ -873,13 +875,13 @@ def fit_head_on(
             },
         )
         job = predictors.Job(cfg, s.model, model.embed.weight.detach(), s.runtime.seed, device, show,
-                             resumable.load(), resumable.save, f"{cfg.predictor} on {label}", group,
+                             resumable.load(), resumable.save, f"{name} on {label}", group,
                              s.runtime.save_every)  # fmt: skip
         with interrupt.safe_points():
             res = chosen.fit(data["train"], data["val"], vocab, prior, job)
         resumable.clear()
         metrics.record(ws.metrics(), "phase2_" + tag, "train", blocks, board(ws, s))
-        said = f"l2 {res.l2:g}, " if cfg.predictor == predictors.DEFAULT else ""
+        said = f"l2 {res.l2:g}, " if name == predictors.DEFAULT else ""
         info(f"  {label}: {said}val perplexity {res.val['perplexity']:.2f}")
         val_groups = data["val"].groups
         assert val_groups is not None  # make_split always groups by document

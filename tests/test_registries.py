@@ -142,7 +142,7 @@ def test_a_new_predictor_is_fitted_by_the_stage_code(monkeypatch, tmp_path):
     """A predictor that ignores its features (add-one frequencies of the training targets) is fitted
     by the stage's own fit_head_on, pairs and all; its losses are checked by hand."""
 
-    def frequencies(train: Split, val: Split, vocab: int, prior, **options):
+    def frequencies(train: Split, val: Split, vocab: int, prior, job: predictors.Job):
         counts = torch.bincount(train.targets, minlength=vocab).double() + 1
         logp = torch.log(counts / counts.sum())
         losses = -logp[val.targets].numpy()
@@ -151,7 +151,11 @@ def test_a_new_predictor_is_fitted_by_the_stage_code(monkeypatch, tmp_path):
             val={"loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean()))}, val_losses=losses,
         )  # fmt: skip
 
-    monkeypatch.setitem(predictors.PREDICTORS, "freq", Predictor("freq", frequencies, predictors.Head.from_probe))
+    monkeypatch.setitem(
+        predictors.PREDICTORS,
+        "freq",
+        Predictor("freq", frequencies, predictors.Head.from_probe, lambda r: {"l2": r.l2}, lambda r, label, cfg: []),
+    )
     train_tokens, val_tokens = np.array([1, 1, 2, 1, 0, 1, 2, 1]), np.array([2, 1, 0, 1])
     splits = {  # (contexts, tokens, offsets): pairs inside documents only
         "train": (np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32), train_tokens, np.array([0, 5, 8])),
