@@ -222,6 +222,11 @@ def test_val_offset_skips_documents_of_the_validation_source(tmp_path):
     f.write_text("\n\n".join(f"doc {i}" for i in range(10)) + "\n")
     docs = list(sources.documents("text_file", str(f), DataSettings(), 3, skip=4))
     assert docs == ["doc 4", "doc 5", "doc 6"]
+    export = tmp_path / "chat.jsonl"  # an UltraChat export, read through `datasets` like the hub
+    export.write_text(
+        "".join(json.dumps({"messages": [{"content": f"q{i}"}, {"content": f"a{i}"}]}) + "\n" for i in range(6))
+    )
+    assert list(sources.documents("ultrachat", str(export), DataSettings(), 2, skip=3)) == ["q3\na3", "q4\na4"]
 
 
 def test_bigram_reference_for_the_zero_context_is_a_bigram():
