@@ -90,9 +90,8 @@ def finish_stage(ws: Workspace, s: Settings) -> None:
 
 
 def embedding_hash(model: ContextNetwork) -> str:
-    """The sha256 (16 hex digits) of the embedding's float32 bytes: data.embeddings.Embeddings.sha256 of a
-    loaded matrix, so provenance names the pretrained file's content."""
-    return hashlib.sha256(model.embed.weight.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    """The embedding's content hash, equal to a loaded file's Embeddings.sha256: provenance names its content."""
+    return embeddings.content_hash(model.embed.weight.detach().cpu().numpy())
 
 
 def model_id(model: ContextNetwork) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from newllm_cli.data import embeddings
-from newllm_cli.evaluation import baselines, verdict
+from newllm_cli.evaluation import verdict
 from newllm_cli.experiments import scaling
 from newllm_cli.model import recurrence
 from newllm_cli.model.network import NewLLM
@@ -20,7 +20,7 @@ from newllm_cli.model.token_block import TokenBlock
 from newllm_cli.runtime.errors import NumericalError, UsageError
 from newllm_cli.settings import DataSettings, ModelSettings, Phase2Settings
 from newllm_cli.training import pairs as p2
-from newllm_cli.training import predictors, token_fit
+from newllm_cli.training import predictors
 
 CPU = torch.device("cpu")
 
@@ -236,4 +236,3 @@ def test_bigram_reference_for_the_zero_context_is_a_bigram():
     logits = block(torch.zeros(4, 2), ids)
     assert torch.equal(logits[0], logits[1]) and torch.equal(logits[2], logits[3])
     assert F.softmax(logits, 1).sum(1).allclose(torch.ones(4))
-    assert baselines is not None and token_fit.LOGIT_BUDGET > 0

@@ -87,4 +87,9 @@ def load(spec: str, tensor: str | None, vocab: int, width: int) -> Embeddings:
     matrix = np.ascontiguousarray(raw, dtype=np.float32)
     if not np.isfinite(matrix).all():
         raise UsageError(f"{path}: the embeddings contain NaN or Inf")
-    return Embeddings(matrix, hashlib.sha256(matrix.tobytes()).hexdigest()[:16], spec)
+    return Embeddings(matrix, content_hash(matrix), spec)
+
+
+def content_hash(matrix: np.ndarray) -> str:
+    """sha256 (16 hex digits) of a matrix's float32 bytes: what provenance records of an embedding."""
+    return hashlib.sha256(np.ascontiguousarray(matrix, dtype=np.float32).tobytes()).hexdigest()[:16]

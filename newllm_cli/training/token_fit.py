@@ -133,8 +133,13 @@ def fit(
         adam.load_state_dict(st.adam)
     points, step = interrupt.SavePoints(save_every), _slice(block.embed.num_embeddings)
 
-    def snapshot() -> dict:
-        return {**vars(st), "module": block.state_dict(), "adam": adam.state_dict()}
+    def safe_point() -> None:
+        """Save the state when asked (Ctrl-C, then stop) or due (--save-every, then go on)."""
+        stop, save = points.poll()
+        if save and save_resume is not None:
+            save_resume({**vars(st), "module": block.state_dict(), "adam": adam.state_dict()})
+        if stop:
+            raise Interrupted("interrupted while training the TokenBlock; rerun the same command to resume")
 
     batches = -(-cut // cfg.batch_size)
     while st.epoch < cfg.epochs and st.stale < cfg.patience:
@@ -158,11 +163,7 @@ def fit(
                     adam.step()
                     st.batch, st.steps = st.batch + 1, st.steps + 1
                     advance(1)
-                    stop, save = points.poll()
-                    if save and save_resume is not None:
-                        save_resume(snapshot())
-                    if stop:
-                        raise Interrupted("interrupted while training the TokenBlock; rerun the same command to resume")
+                    safe_point()
                 st.chunk, st.batch = st.chunk + 1, 0
         held, _ = evaluate(block, train, cut, n, device)
         mean = float(held.mean())
@@ -176,12 +177,8 @@ def fit(
         st.epoch, st.chunk = st.epoch + 1, 0
         if on_block:
             on_block({"stage": "train", **record})
-        if save_resume is not None and st.epoch < cfg.epochs:
-            stop, save = points.poll()
-            if save:
-                save_resume(snapshot())
-            if stop:
-                raise Interrupted("interrupted while training the TokenBlock; rerun the same command to resume")
+        if st.epoch < cfg.epochs:
+            safe_point()
     assert st.best_state is not None
     block.load_state_dict(st.best_state)
     train_losses, train_hits = evaluate(block, train, 0, n, device)
