@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from newllm_cli.runtime.errors import UsageError
+from newllm_cli.runtime.errors import UsageError, first_line
 
 
 def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
@@ -317,7 +317,9 @@ TOKENBLOCK_ONLY = ("token_layers", "previous_contexts", "untied", "embedding", "
                    "patience", "min_gain", "order", "grad_clip")  # fmt: skip
 
 
-PROBE_ROWS = 2_000  # decodability probe positions per split: about a tenth of `full` on pydoc (EXPERIMENTS)
+SETTINGS_LIMIT = 1 << 20  # bytes: a settings file or settings.json is a few kilobytes
+PROBE_ROWS = 2_000
+# decodability probe positions per split: about a tenth of `full` on pydoc (EXPERIMENTS)
 
 SOURCE_GROUPS = (("source", "path", "pattern"), ("val_source", "val_path"))
 SECTIONS: dict[str, type[Section]] = {name: f.annotation for name, f in Settings.model_fields.items()}  # type: ignore[misc]
@@ -348,20 +350,25 @@ def cli_aliases(section: str, field: str) -> list[str]:
 
 def read_config_file(path: Path) -> dict:
     """A settings file: JSON or TOML, nested by section."""
+    from newllm_cli.runtime import nofollow
+
     try:
-        text = path.read_text()
+        text = nofollow.read_text(path, SETTINGS_LIMIT)
     except OSError as e:
         raise UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, tomllib.TOMLDecodeError, RecursionError) as e:
         raise UsageError(
-            f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}"
+            f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {first_line(e)[:200]}"
         ) from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold an object of sections")
+    for name, section in data.items():
+        if not isinstance(section, dict):
+            raise UsageError(f"config file {path}: section {str(name)[:40]!r} must be a table of settings")
     return data
 
 
@@ -490,13 +497,14 @@ def _say_inherited(saved: dict, given: list[dict], run: str) -> None:
 def _saved(path: Path) -> dict:
     """A run's settings.json, or nothing when it is damaged: every stage writes it again, so a bad
     copy must not lock the run (a mismatch with its artifacts is still refused, by provenance)."""
+    from newllm_cli.runtime import nofollow
     from newllm_cli.runtime.progress import warn
 
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(nofollow.read_text(path, SETTINGS_LIMIT))
         validate(saved)
         return saved
-    except (OSError, ValueError, UsageError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, UsageError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         warn(f"ignoring damaged {path} ({str(e).splitlines()[0][:100]})")
         return {}
 

@@ -42,6 +42,7 @@ from newllm_cli.store.artifacts import (
     read_array,
     read_checkpoint,
     read_json,
+    together,
     write_checkpoint,
     write_json,
 )
@@ -77,6 +78,7 @@ def apply_threads(threads: int) -> None:
 def open_run(s: Settings) -> tuple[Workspace, dict]:
     """The run's workspace and its prepared dataset."""
     ws, meta = dataset.load_meta(s)
+    ws.preflight()
     ws.ensure()
     log_to(ws.log())
     return ws, meta
@@ -155,7 +157,9 @@ def prepare_data(s: Settings) -> dict:
     """Read the sources, build or load the tokenizer, write train and val token arrays (cached)."""
     out = dataset.prepare(s)
     ws = Workspace(s.runtime.workspace, s.runtime.run)  # the run's settings need no dataset key
+    ws.preflight()
     ws.ensure()
+
     log_to(ws.log())
     finish_stage(ws, s)
     return out
@@ -296,58 +300,59 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
-    if train:
-        mid = model_id(model)
-        write_checkpoint(
-            ws.phase1_checkpoint(),
-            {
-                "state": model.state_dict(),
-                "vocab_size": meta["vocab_size"],
-                "model_id": mid,
-                "provenance": {
-                    "dataset": meta["key"],
-                    "model": s.model.model_dump(),
-                    "embeddings": embedding_hash(model),
-                    "phase1": cfg.model_dump(),
-                    "seed": s.runtime.seed,
-                    "world_size": group.size,
+    with together():  # the network, its contexts, report and metrics: published all at once, or none
+        if train:
+            mid = model_id(model)
+            write_checkpoint(
+                ws.phase1_checkpoint(),
+                {
+                    "state": model.state_dict(),
+                    "vocab_size": meta["vocab_size"],
+                    "model_id": mid,
+                    "provenance": {
+                        "dataset": meta["key"],
+                        "model": s.model.model_dump(),
+                        "embeddings": embedding_hash(model),
+                        "phase1": cfg.model_dump(),
+                        "seed": s.runtime.seed,
+                        "world_size": group.size,
+                    },
                 },
+            )
+        res.save_contexts(ws.contexts(split))
+        iterations = len(res.history) + len(res.solve)
+        report = {
+            "split": split,
+            "architecture": s.model.architecture,
+            "objective": objective_weights(cfg),
+            "tokens": int(len(tokens)),
+            "documents": int(len(offsets) - 1),
+            "iterations": iterations,
+            "optimizer_steps": res.optimizer_steps,
+            "converged_ratio": res.converged_ratio,
+            "residual": res.residual,
+            "stopped_by": res.stopped_by,
+            "solve": res.solve,
+            "fixed_point": res.fixed_point,
+            **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
+            "warnings": res.warnings,
+            "seconds": seconds,
+            "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
+            "history": res.history,
+            **({"blocks": parts} if parts is not None else {}),
+            "contexts": str(ws.contexts(split)),
+            "provenance": {
+                "dataset": meta["key"],
+                "model_id": mid,
+                "model": s.model.model_dump(),
+                "world_size": group.size,
             },
-        )
-    res.save_contexts(ws.contexts(split))
-    iterations = len(res.history) + len(res.solve)
-    report = {
-        "split": split,
-        "architecture": s.model.architecture,
-        "objective": objective_weights(cfg),
-        "tokens": int(len(tokens)),
-        "documents": int(len(offsets) - 1),
-        "iterations": iterations,
-        "optimizer_steps": res.optimizer_steps,
-        "converged_ratio": res.converged_ratio,
-        "residual": res.residual,
-        "stopped_by": res.stopped_by,
-        "solve": res.solve,
-        "fixed_point": res.fixed_point,
-        **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
-        "warnings": res.warnings,
-        "seconds": seconds,
-        "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
-        "history": res.history,
-        **({"blocks": parts} if parts is not None else {}),
-        "contexts": str(ws.contexts(split)),
-        "provenance": {
-            "dataset": meta["key"],
-            "model_id": mid,
-            "model": s.model.model_dump(),
-            "world_size": group.size,
-        },
-    }
-    write_json(ws.phase1_report(split), report)
-    metrics.record(ws.metrics(), "phase1", split, res.history, events)
-    metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
-    for part in parts or []:
-        metrics.record(ws.metrics(), f"phase1_block{part['block']}", split, part["history"], events)
+        }
+        write_json(ws.phase1_report(split), report)
+        metrics.record(ws.metrics(), "phase1", split, res.history, events)
+        metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
+        for part in parts or []:
+            metrics.record(ws.metrics(), f"phase1_block{part['block']}", split, part["history"], events)
     resumable.clear()
     finish_stage(ws, s)
     return report
@@ -742,25 +747,26 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     }
     head, record = chosen.head(res), chosen.record(res)
     kept = {k: record[k] for k in ("l2",) if k in record}  # the linear head's penalty, as before
-    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
-    out = {
-        "val": res.val,
-        "train": res.train,
-        **record,
-        "baselines": table,
-        "skipped": [c.label for c in CONTROLS if c.key not in table],
-        "warnings": warnings,
-        "curves": curves,
-        "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
-        "settings": cfg.model_dump(),
-        "provenance": provenance,
-        "checkpoint": str(ws.phase2_checkpoint()),
-        "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
-        "seconds": time.perf_counter() - t0,
-    }
-    if plot is not None:
-        out["plots"] = [str(plots.phase2(out, plot))]
-    write_json(ws.phase2_report(), out)
+    with together():  # the head and its report: both or neither
+        write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
+        out = {
+            "val": res.val,
+            "train": res.train,
+            **record,
+            "baselines": table,
+            "skipped": [c.label for c in CONTROLS if c.key not in table],
+            "warnings": warnings,
+            "curves": curves,
+            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+            "settings": cfg.model_dump(),
+            "provenance": provenance,
+            "checkpoint": str(ws.phase2_checkpoint()),
+            "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
+            "seconds": time.perf_counter() - t0,
+        }
+        if plot is not None:
+            out["plots"] = [str(plots.phase2(out, plot))]
+        write_json(ws.phase2_report(), out)
     finish_stage(ws, s)
     return out
 

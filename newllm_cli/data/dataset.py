@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,35 +22,42 @@ import torch
 
 from newllm_cli.data import dedup, sources
 from newllm_cli.data import tokenizer as tokenizers
-from newllm_cli.runtime import locks
+from newllm_cli.runtime import locks, nofollow
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, progress, warn
 from newllm_cli.settings import Settings
 from newllm_cli.store import validate
-from newllm_cli.store.artifacts import Workspace, fingerprint, read_array, read_json, share, write_json
+from newllm_cli.store.artifacts import (
+    Workspace,
+    fingerprint,
+    naming,
+    read_array,
+    read_json,
+    save_npy,
+    share,
+    write_json,
+)
 
 ENCODE_BATCH = 512
 
 
-def _path_state(path: str | None, pattern: str) -> object:
-    """What of the input files the cache key must notice: real path, sizes, modification times."""
+def _path_state(path: str | None, pattern: str, scratch: Path) -> object:
+    """What of the input files the cache key must notice: the real path and the content (an edit
+    that restores the modification time is still an edit; a pipe is keyed by what it held)."""
     if not path:
         return None
     p = Path(path).expanduser()
-    if p.is_file():
-        st = p.stat()
-        return [os.path.realpath(p), st.st_size, st.st_mtime_ns]
     if p.is_dir():
-        files = [
-            (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in sources.text_dir_files(str(p), pattern)
-        ]
+        files = [(str(f.relative_to(p)), sources.content_hash(f)) for f in sources.text_dir_files(str(p), pattern)]
         return [os.path.realpath(p), fingerprint(files)]
-    return str(p)
+    if not os.path.exists(p):
+        return str(p)  # the source reader names what is missing
+    real, digest = sources.settle(path, scratch)
+    return [os.path.realpath(p) if real == p else "pipe", digest]
 
 
 def dataset_key(s: Settings) -> str:
-    d = s.data
+    d, scratch = s.data, Path(s.runtime.workspace) / "datasets"  # where a piped --path is copied
     data = d.model_dump()
     if data["encoding"] == "utf-8":  # the default leaves the keys of datasets made before it existed
         data.pop("encoding")
@@ -59,8 +67,8 @@ def dataset_key(s: Settings) -> str:
         data.pop("val_duplicates")
     parts = {
         "data": data,
-        "path": _path_state(d.path, d.pattern),
-        "val_path": _path_state(d.val_path, d.pattern),
+        "path": _path_state(d.path, d.pattern, scratch),
+        "val_path": _path_state(d.val_path, d.pattern, scratch),
         "sample": sources.sample_path().stat().st_size if "sample" in (d.source, d.val_source) else None,
     }
     return fingerprint(parts)
@@ -82,7 +90,7 @@ class Spool:
         self.keys = dedup.KeyFile(path.with_suffix(".keys"))  # each document's hash, for duplicates
 
     def fill(self, docs: Iterator[str]) -> None:
-        with open(self.path, "w") as f:
+        with naming(self.path), open(self.path, "w") as f:
 
             def kept() -> Iterator[int]:
                 for doc in docs:
@@ -127,7 +135,7 @@ def write_tokens(
     chunk by chunk."""
     raw_path = tokens_path.with_suffix(".raw")
     offsets = [0]
-    with open(raw_path, "wb") as raw, progress(f"tokenizing {label}", total) as advance:
+    with naming(tokens_path), open(raw_path, "wb") as raw, progress(f"tokenizing {label}", total) as advance:
         pending: list[tuple[str, bool]] = []  # (piece, is its document's last)
         doc_tokens = chars = 0
 
@@ -158,17 +166,19 @@ def write_tokens(
 
 
 def _finish_arrays(raw_path: Path, offsets: np.ndarray, dtype, tokens_path: Path, offsets_path: Path) -> dict:
+    """The raw ids as a .npy file, copied with plain writes (a full disk is ENOSPC naming the file,
+    never a SIGBUS from a memory map), and the ids' sha256, which readers check."""
     n = int(offsets[-1])
-    flat = np.memmap(raw_path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
-    out = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=dtype, shape=(n,))
     digest = hashlib.sha256()
-    for s in range(0, n, 1 << 24):
-        out[s : s + (1 << 24)] = flat[s : s + (1 << 24)]
-        digest.update(np.ascontiguousarray(flat[s : s + (1 << 24)]).tobytes())
-    out.flush()
-    del out, flat
+    with naming(tokens_path), open(raw_path, "rb") as raw, open(tokens_path, "wb") as out:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+        np.lib.format.write_array_header_1_0(out, header)
+        while block := raw.read(1 << 24):
+            out.write(block)
+            digest.update(block)
     raw_path.unlink(missing_ok=True)
-    np.save(offsets_path, offsets)
+    with naming(offsets_path), open(offsets_path, "wb") as f:
+        save_npy(f, offsets)
     return {"tokens": n, "documents": len(offsets) - 1, "sha256": digest.hexdigest()[:16]}
 
 
@@ -176,7 +186,7 @@ def read_manual(path: str | None, vocab_size: int) -> list[np.ndarray]:
     """Validation token ids from .npy, .pt (weights_only), .json or whitespace-separated .txt."""
     if not path:
         raise UsageError("--val-source manual needs --val-path (a file of token ids)")
-    p = Path(path).expanduser()
+    p = sources.reading(path)
     if not p.is_file():
         raise UsageError(f"manual validation file not found: {p}")
     suffix = p.suffix.lower()
@@ -243,15 +253,16 @@ def prepare(s: Settings) -> dict:
 
 
 def _prepare(s: Settings, ws: Workspace) -> dict:
-    if ws.data_dir.exists():
+    if os.path.lexists(ws.data_dir):
         try:
             meta = check_dataset(ws)
             info(f"cache hit: dataset {ws.data_dir.name} already prepared")
             return {**meta, "cache_hit": True, "dataset_dir": str(ws.data_dir)}
         except RefusedError as e:  # damaged or half-removed: this command writes it, so it replaces it
             warn(f"rebuilding dataset {ws.data_dir.name}: {e}")
-            shutil.rmtree(ws.data_dir)
-    ws.data_dir.parent.mkdir(parents=True, exist_ok=True)
+            nofollow.remove_tree(ws.data_dir)
+    nofollow.makedirs(ws.data_dir.parent)
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{ws.data_dir.name}.{locks.tag()}", dir=ws.data_dir.parent))
     try:
         staged = ws.staged(tmp)
@@ -262,6 +273,12 @@ def _prepare(s: Settings, ws: Workspace) -> dict:
         else:
             share(tmp, directory=True)
             os.replace(tmp, ws.data_dir)
+    except OSError as e:  # a full disk: name the dataset's file, not the temporary directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        inside = e.filename and os.path.dirname(str(e.filename)) == str(tmp)
+        raise OSError(
+            e.errno, e.strerror, str(ws.data_dir / os.path.basename(str(e.filename))) if inside else e.filename
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -292,7 +309,12 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
     tok = tokenizers.build(d.tokenizer, d.tokenizer_vocab_size, (p for doc in spool.read(keep) for p in pieces(doc)))
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    tok.save(str(ws.tokenizer()))
+    with naming(ws.tokenizer()):
+        try:
+            tok.save(str(ws.tokenizer()))
+        except Exception as e:  # the tokenizers library raises its own type, "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code[1]) if code else None, first_line(e)) from None
     names = {split: (ws.tokens(split), ws.offsets(split)) for split in ("train", "val")}
     train = write_tokens(tok, spool.read(keep), dtype, *names["train"], int(keep.sum()), "train")
     if d.val_source == "auto_split":
@@ -390,7 +412,7 @@ def check_dataset(ws: Workspace) -> dict:
 
 def load_meta(s: Settings) -> tuple[Workspace, dict]:
     ws = workspace_for(s)
-    if not ws.dataset_meta().exists():
+    if not os.path.lexists(ws.dataset_meta()):
         if not ws.run_dir.exists() and ws.runs():  # most likely a mistyped --run
             raise ws.no_such_run()
         raise RefusedError(

@@ -6,13 +6,18 @@ one file (text_dir). Nothing here invents data: a missing or unreadable input is
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import itertools
 import os
+import stat
+import tempfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 from newllm_cli.data.hub import hub_reachable, quiet_hub_logs
+from newllm_cli.runtime import nofollow
 from newllm_cli.runtime.errors import UsageError, first_line
 from newllm_cli.runtime.progress import warn
 
@@ -26,10 +31,63 @@ def sample_path() -> Path:
 def _existing(path: str | None, what: str) -> Path:
     if not path:
         raise UsageError(f"{what} needs a path")
-    p = Path(path).expanduser()
+    p = reading(path)
     if not p.exists():
         raise UsageError(f"{what}: no such file or directory: {p}")
     return p
+
+
+_SETTLED: dict[str, tuple[Path, str]] = {}  # --path of a pipe -> (its copy, content hash), per process
+
+
+def reading(path: str) -> Path:
+    """The file to read for `path`: the copy of a pipe already read (settle), else the path."""
+    return _SETTLED[path][0] if path in _SETTLED else Path(path).expanduser()
+
+
+_HASHED: dict[tuple, str] = {}  # (real path, size, mtime, ctime, inode) -> content hash
+HASH_BLOCK = 1 << 22
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a regular file's bytes, streamed; computed once per process and version of the file
+    (ctime changes with any write, even one that restores the modification time)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()[:16]
+    return _HASHED[key]
+
+
+def settle(path: str, scratch: Path) -> tuple[Path, str]:
+    """The regular file to read for --path, and its content hash. A pipe (`--path <(cmd)`) can be
+    read only once: it is copied into `scratch` on first use (the copy lives as long as the process)
+    and every later read in this process reads the copy. A device or socket is refused."""
+    if path in _SETTLED:
+        return _SETTLED[path]
+    p = Path(path).expanduser()
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:
+        raise UsageError(f"--path: cannot read {p}: {e.strerror or e}") from None
+    if stat.S_ISREG(mode):
+        return p, content_hash(p)
+    if not stat.S_ISFIFO(mode):
+        raise UsageError(f"--path {p} is not a text file, a directory or a pipe")
+    nofollow.makedirs(scratch)
+    fd, name = tempfile.mkstemp(prefix=f".pipe.{os.getpid()}.", suffix=".tmp", dir=scratch)
+    atexit.register(lambda: Path(name).unlink(missing_ok=True))
+    digest = hashlib.sha256()
+    with open(p, "rb") as src, os.fdopen(fd, "wb") as out:
+        while block := src.read(HASH_BLOCK):
+            out.write(block)
+            digest.update(block)
+    _SETTLED[path] = (Path(name), digest.hexdigest()[:16])
+    return _SETTLED[path]
 
 
 def conversation_text(record: dict, where: str) -> str:

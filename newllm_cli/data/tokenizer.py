@@ -7,11 +7,13 @@ gpt2: GPT-2's tokenizer from the hub (the original program's); a local tokenizer
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from newllm_cli.runtime import nofollow
 from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.store.validate import Damaged
 
@@ -93,15 +95,18 @@ def build(name: str, vocab_size: int, documents: Iterable[str] | None = None) ->
 
 
 def load(path: Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """A tokenizer.json, read once without following a link inside the workspace."""
+    return Tokenizer.from_str(nofollow.read_text(path))
 
 
 def load_checked(path: Path, vocab_size: int, fix: str):
     """The tokenizer, loaded, with the vocabulary size its dataset records."""
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
     try:
         tok = load(path)
+    except nofollow.Unsafe:
+        raise
     except Exception as e:  # the tokenizers library raises its own exception types
         raise Damaged(
             path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix

@@ -15,6 +15,7 @@ import numpy as np
 
 from newllm_cli.evaluation.controls import CONTROLS, unconverged_mark
 from newllm_cli.experiments import scaling
+from newllm_cli.runtime import nofollow
 from newllm_cli.runtime.errors import UsageError
 from newllm_cli.settings import SECTIONS, cli_name
 
@@ -34,9 +35,9 @@ DATA_SIZE = ("data.num_samples",)  # settings that make a sweep a data-size swee
 
 def _read(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(nofollow.read_text(path))
         return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, nofollow.Unsafe):  # a planted link is no report
         return None
 
 

@@ -61,10 +61,12 @@ def record(text: str) -> None:
 
 
 def _append(path: Path, text: str) -> None:
+    from newllm_cli.runtime import nofollow
+
     try:
-        with open(path, "a") as f:
+        with nofollow.open_file(path, "a") as f:  # a link or FIFO planted there is never written through
             f.write(_ANSI.sub("", text))
-    except OSError:  # a log must never stop the work it records
+    except (OSError, nofollow.Unsafe):  # a log must never stop the work it records
         pass
 
 

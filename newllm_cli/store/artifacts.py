@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import os
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from newllm_cli.runtime import locks
+from newllm_cli.runtime import locks, nofollow
 from newllm_cli.runtime.errors import RefusedError, UsageError
 from newllm_cli.runtime.progress import info, warn
 from newllm_cli.runtime.session import current
@@ -56,19 +57,80 @@ def share(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+_BATCH = threading.local()  # the stage outputs written so far inside `together`: [(temporary, path)]
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Publish every artifact written inside the block only once all of them are written: each
+    goes to a temporary name, and they are renamed into place together when the block succeeds,
+    checkpoints last (a reader then never pairs a new network with old contexts, nor the reverse);
+    when it fails, the temporaries go and the previous artifacts stay as they were."""
+    if getattr(_BATCH, "pending", None) is not None:  # nested: the outer block publishes
+        yield
+        return
+    _BATCH.pending = pending = []
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _BATCH.pending = None
+    for tmp, path in sorted(pending, key=lambda p: Path(p[1]).suffix == ".pt"):
+        os.replace(tmp, path)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary over `path`, now or (inside `together`) with the others."""
+    pending = getattr(_BATCH, "pending", None)
+    if pending is None:
+        os.replace(tmp, path)
+        return
+    for i, (old, target) in enumerate(pending):
+        if Path(target) == Path(path):  # written again (metrics.csv): the newer copy wins
+            Path(old).unlink(missing_ok=True)
+            pending[i] = (tmp, path)
+            return
+    pending.append((tmp, path))
+
+
+def latest(path: Path) -> Path:
+    """Where the current content of `path` is: its unpublished copy inside `together`, else itself."""
+    for tmp, target in getattr(_BATCH, "pending", None) or []:
+        if Path(target) == Path(path):
+            return Path(tmp)
+    return path
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+    Inside a workspace, no directory on the way and not `path` itself may be a link. A failed
+    write (a full disk) names `path` and the cause, never the temporary."""
+    nofollow.makedirs(path.parent)
+    nofollow.check(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{locks.tag()}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
+        with naming(path):
+            yield Path(tmp)
         share(Path(tmp))
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """An OSError inside the block (a short write on a full disk) re-raised naming `path`, the
+    file being written, and its cause."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from None
 
 
 def write_json(path: Path, data: Any, private: bool = False) -> Path:
@@ -82,11 +144,11 @@ def write_json(path: Path, data: Any, private: bool = False) -> Path:
 
 def read_json(path: Path, what: str, fix: str = "the stage that writes it", schema=None) -> dict:
     """A JSON artifact, parsed and, given a pydantic `schema`, checked for the fields readers use."""
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RefusedError(f"missing {what}: {path}")
     try:
-        data = json.loads(path.read_text())
-    except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+        data = json.loads(nofollow.read_text(path))
+    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise Damaged(path, f"not JSON ({str(e).splitlines()[0][:80]})", fix) from None
     if not isinstance(data, dict):
         raise Damaged(path, "not a JSON object", fix)
@@ -97,14 +159,26 @@ def write_array(path: Path, array: np.ndarray) -> Path:
     if not publishes():
         return path
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
+        save_npy(f, array)
     return path
+
+
+def save_npy(f, array: np.ndarray, rows: int = 1 << 16) -> None:
+    """np.save through f.write, a block of rows at a time: a full disk is an OSError with its errno
+    (ndarray.tofile, which np.save uses, reports only "N requested and M written")."""
+    array = np.asarray(array)
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
+    np.lib.format.write_array_header_1_0(f, header)
+    flat = array.reshape(1) if array.ndim == 0 else array
+    for s in range(0, len(flat), rows):
+        f.write(np.ascontiguousarray(flat[s : s + rows]).tobytes())
 
 
 def read_array(path: Path, what: str, fix: str = "the stage that writes it") -> np.ndarray:
     """Memory-mapped, read-only: later stages never load a whole corpus into memory."""
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RefusedError(f"missing {what}: {path}")
+    nofollow.check(path)
     try:
         return np.load(path, mmap_mode="r")
     except Exception as e:  # numpy raises ValueError, EOFError, even SyntaxError for a damaged header
@@ -129,12 +203,15 @@ def write_checkpoint(path: Path, payload: dict) -> Path:
 
 
 def read_checkpoint(path: Path, what: str, fix: str = "the stage that writes it") -> dict:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise RefusedError(f"missing {what}: {path}")
     import torch
 
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with nofollow.open_file(path, "rb") as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except nofollow.Unsafe:
+        raise
     except Exception as e:  # truncated, foreign or not a checkpoint at all
         raise Damaged(path, f"cannot be loaded ({type(e).__name__})", fix) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("provenance"), dict):
@@ -158,6 +235,7 @@ class Workspace:
 
     def __init__(self, root: str | Path, run: str, dataset_key: str | None = None):
         self.root = Path(root)
+        nofollow.register(self.root)
         self.run_dir = self.root / "runs" / run
         self._data_dir = self.root / "datasets" / dataset_key if dataset_key else None
 
@@ -169,7 +247,7 @@ class Workspace:
         return self._data_dir
 
     def runs(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "runs").glob("*") if p.is_dir())
+        return sorted(p.name for p in (self.root / "runs").glob("*") if nofollow.is_dir(p))
 
     def no_such_run(self) -> RefusedError:
         """The refusal for a run that does not exist, naming those that do (most likely a typo)."""
@@ -180,6 +258,31 @@ class Workspace:
             "check --run, or start it with `newllm prepare-data --run NAME`"
         )
 
+    RESUMED = ("phase1_train", "phase1_val", "phase2_phase1", "phase2_zero", "phase2_untrained")
+
+    def files(self) -> list[tuple[Path, str]]:
+        """Every artifact path of the run (and of its dataset when known) with what it must be
+        ("file" or "dir"), read off this class's path methods, so a new artifact is listed at once."""
+        out: list[tuple[Path, str]] = []
+        for name, method in vars(Workspace).items():
+            if name.startswith("_") or not callable(method) or method.__annotations__.get("return") != "Path":
+                continue
+            params = list(inspect.signature(method).parameters)[1:]
+            if name in ("tokens", "offsets", "tokenizer", "dataset_meta") and self._data_dir is None:
+                continue
+            args = {(): [()], ("split",): [(x,) for x in ("train", "val")], ("stage",): [(x,) for x in self.RESUMED]}
+            for a in args[tuple(params)]:
+                out.append((method(self, *a), "dir" if name == "tensorboard" else "file"))
+        return out
+
+    def preflight(self) -> None:
+        """Refuse (exit 3), before any work, a link or special file at any of the run's paths."""
+        nofollow.check(self.run_dir, "dir")
+        if self._data_dir is not None:
+            nofollow.check(self._data_dir, "dir")
+        for path, what in self.files():
+            nofollow.check(path, what)
+
     def staged(self, directory: Path) -> Workspace:
         """The same layout with the dataset files in `directory` (built there, then renamed)."""
         other = copy.copy(self)
@@ -188,7 +291,7 @@ class Workspace:
 
     def ensure(self) -> None:
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            nofollow.makedirs(self.run_dir)
             probe = self.run_dir / f".write-test.{os.getpid()}.{threading.get_ident()}"  # parallel commands: one each
             probe.write_text("")
             probe.unlink()

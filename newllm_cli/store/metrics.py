@@ -7,11 +7,13 @@ reports); log.txt keeps the history of what was printed.
 from __future__ import annotations
 
 import csv
-import shutil
+import os
 from pathlib import Path
 
-from newllm_cli.runtime.errors import UsageError
-from newllm_cli.store.artifacts import atomic_path, publishes
+from newllm_cli.runtime import nofollow
+from newllm_cli.runtime.errors import UsageError, first_line
+from newllm_cli.runtime.progress import warn
+from newllm_cli.store.artifacts import atomic_path, latest, publishes
 
 FIELDS = [
     "stage",
@@ -43,9 +45,13 @@ def record(path: Path, stage: str, split: str, rows: list[dict], board: Path | N
     if board is not None:
         _events(board / f"{stage}_{split}", rows)
     kept = []
-    if path.exists():
-        with open(path, newline="") as f:
-            kept = [r for r in csv.DictReader(f) if (r.get("stage"), r.get("split")) != (stage, split)]
+    if os.path.lexists(latest(path)):
+        try:
+            with nofollow.open_file(latest(path), "r", nofollow.TEXT_LIMIT) as f:
+                kept = [r for r in csv.DictReader(f) if (r.get("stage"), r.get("split")) != (stage, split)]
+        except (ValueError, csv.Error, nofollow.Unsafe) as e:  # not UTF-8, not CSV, too large, a link
+            warn(f"ignoring damaged {path} ({first_line(e)[:100]}): it is written afresh")
+            kept = []
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         out = csv.DictWriter(f, FIELDS, extrasaction="ignore")
         out.writeheader()
@@ -66,7 +72,8 @@ def _events(directory: Path, rows: list[dict]) -> None:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UsageError("--tensorboard needs the tensorboard package: pip install 'newllm[tensorboard]'") from None
-    shutil.rmtree(directory, ignore_errors=True)
+    nofollow.remove_tree(directory)
+    nofollow.makedirs(directory)
     with SummaryWriter(str(directory)) as writer:
         for r in rows:
             step = r.get("iteration", r.get("iterations"))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from newllm_cli.runtime import locks
+from newllm_cli.runtime import locks, nofollow
 from newllm_cli.runtime.distributed import Group, Shard
-from newllm_cli.store.artifacts import share, write_array
+from newllm_cli.store.artifacts import publish, share, write_array
 
 
 class RowStore:
@@ -49,6 +49,7 @@ class RowStore:
     def open(cls, path: Path, writable: bool = False) -> RowStore:
         """An existing float32 .npy file of rows, read (and written) through pread like any file
         store; closing it never deletes it."""
+        nofollow.check(path)
         probe = np.load(path, mmap_mode="r")
         if probe.dtype != np.float32 or probe.ndim != 2 or not probe.flags.c_contiguous:
             raise ValueError(f"{path} does not hold float32 rows")
@@ -56,7 +57,8 @@ class RowStore:
         store.shape, store.row_bytes, store.array = probe.shape, probe.shape[1] * 4, None
         store.path, store.data_offset = Path(path), probe.offset
         del probe
-        store.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        store.fd = nofollow.open_fd(path, os.O_RDWR if writable else os.O_RDONLY)
+
         store.owned = False
         return store
 
@@ -105,7 +107,10 @@ class RowStore:
         view = np.ascontiguousarray(rows, dtype=np.float32).data.cast("B")
         pos = self.data_offset + start * self.row_bytes
         while len(view):
-            done = os.pwrite(self._file(), view, pos)
+            try:
+                done = os.pwrite(self._file(), view, pos)
+            except OSError as e:  # a full disk: name the directory (the file is a temporary)
+                raise OSError(e.errno, f"{e.strerror} while writing context rows in", str(self.path.parent)) from None
             view, pos = view[done:], pos + done
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
@@ -127,8 +132,9 @@ class RowStore:
         if self.path is not None and self.path.parent.resolve() == Path(path).parent.resolve():
             os.fsync(self._file())
             share(self.path)
-            os.replace(self.path, path)
-            self.close()  # the file now belongs to `path`
+            publish(self.path, path)
+            self.owned = False  # the file now belongs to `path` (renamed now or with its stage's outputs)
+            self.close()
             return path
         if self.array is not None:
             return write_array(Path(path), self.array)
@@ -177,7 +183,7 @@ def save_rows(store, path: Path, shard: Shard, group: Group, keep: bool = False,
     group.barrier()  # every block is on disk
     if group.leader:
         share(Path(name))
-        os.replace(name, path)
+        publish(name, path)
     group.barrier()  # renamed: any rank may read it now
     if not keep:
         store.close()

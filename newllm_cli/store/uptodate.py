@@ -22,7 +22,8 @@ from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_
 
 def file_state(path: Path) -> list | None:
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=False)
+
     except OSError:
         return None
     return [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
