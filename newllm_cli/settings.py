@@ -31,6 +31,9 @@ def opt(default: Any, help: str, cli: str | None = None, aliases: tuple[str, ...
     return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -41,6 +44,17 @@ class Section(BaseModel):
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool) and {int, float} & {annotation, *get_args(annotation)}:
             raise ValueError("expected a number, not true or false")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_the_arithmetic(cls, value: Any) -> Any:
+        """A number the tensors can hold: float32 for reals (1e300 would overflow to inf), 64 bits
+        for integers (a seed of 2**64 is no seed torch takes)."""
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ValueError(f"{value:g} does not fit in float32 (at most {FLOAT32_MAX:.3g})")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError("does not fit in a 64-bit integer")
         return value
 
 
@@ -516,7 +530,7 @@ def effective(s: Settings) -> dict:
     from newllm_cli.store.artifacts import Workspace
 
     ws = Workspace(s.runtime.workspace, s.runtime.run)
-    if s.runtime.run != _default("runtime", "run") and not ws.run_dir.is_dir():
+    if s.runtime.run != _default("runtime", "run") and not ws.started():
         raise ws.no_such_run()
     lines = []
     for section, values in s.model_dump().items():

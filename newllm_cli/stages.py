@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import importlib.util
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,8 @@ from newllm_cli.store.artifacts import (
     Resumable,
     Workspace,
     check_same,
+    latest,
+    publishes,
     read_array,
     read_checkpoint,
     read_json,
@@ -96,7 +99,7 @@ def embedding_hash(model: ContextNetwork) -> str:
     return embeddings.content_hash(model.embed.weight.detach().cpu().numpy())
 
 
-def model_id(model: ContextNetwork) -> str:
+def model_id(model: torch.nn.Module) -> str:
     """A content hash of the weights: what every context artifact records as its producer."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -122,7 +125,19 @@ def board(ws: Workspace, s: Settings) -> Path | None:
 
 def build_model(s: Settings, vocab_size: int, pretrained: bool = True) -> ContextNetwork:
     """The network as the seed draws it; with --embeddings (and `pretrained`), their matrix replaces
-    the drawn embedding (drawn all the same, so the other weights do not depend on it)."""
+    the drawn embedding (drawn all the same, so the other weights do not depend on it). A network
+    whose weights alone exceed the machine's memory is refused before anything is allocated."""
+    with torch.device("meta"):  # shapes only: no memory
+        need = sum(
+            p.numel() * p.element_size()
+            for p in architectures.build(s.model.architecture, vocab_size, s.model).parameters()
+        )
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise UsageError(
+            f"the network's weights alone need {need / 2**30:.1f} GiB, more than this machine's "
+            f"{have / 2**30:.1f} GiB of memory: choose a smaller --context-dim, --embed-dim or --num-layers"
+        )
     model = architectures.build(s.model.architecture, vocab_size, s.model)
     if pretrained and s.model.embeddings:
         matrix = embeddings.load(s.model.embeddings, s.model.embeddings_tensor, vocab_size, s.model.embed_dim).matrix
@@ -150,6 +165,8 @@ def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.devi
     )
     model = build_model(s, meta["vocab_size"], pretrained=False)  # the checkpoint holds the embedding
     validate.state(model, ckpt, ws.phase1_checkpoint(), fix, keys=("state", "provenance", "model_id"))
+    if model_id(model) != ckpt["model_id"]:  # the id every context artifact is matched against: recomputed
+        raise validate.Damaged(ws.phase1_checkpoint(), "its weights are not the network its model_id names", fix)
     return model.to(device), ckpt
 
 
@@ -272,14 +289,16 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
             "seed": s.runtime.seed,
             "split": split,
             "network": mid,
+            "memory_budget": s.runtime.memory_budget,  # where rows live changes float sums: resume only alike
         },
     )
     group = distributed.current()
     side_by_side = train and isinstance(model, SideBySide)
     run: Callable[..., Any] = run_side_by_side if side_by_side else run_cvfp
     parts: list[dict] | None = None
-    with interrupt.safe_points():
-        res = run(
+
+    def work(resume: dict | None):
+        return run(
             model,
             tokens,
             offsets,
@@ -287,7 +306,7 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
             device=device,
             on_iteration=show,
             label=f"phase1 {split}",
-            resume=resumable.load(),
+            resume=resume,
             save_resume=resumable.save,
             group=group,
             save_every=s.runtime.save_every,
@@ -295,64 +314,67 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
             **budget(ws, s),
             **({} if side_by_side else {"train": train}),
         )
+
+    with interrupt.safe_points():
+        res = resumable.run(work)
     if side_by_side:
         res, parts = res
     seconds = time.perf_counter() - t0
     for w in res.warnings:
         warn(w)
-    with together():  # the network, its contexts, report and metrics: published all at once, or none
-        if train:
-            mid = model_id(model)
-            write_checkpoint(
-                ws.phase1_checkpoint(),
-                {
-                    "state": model.state_dict(),
-                    "vocab_size": meta["vocab_size"],
-                    "model_id": mid,
-                    "provenance": {
-                        "dataset": meta["key"],
-                        "model": s.model.model_dump(),
-                        "embeddings": embedding_hash(model),
-                        "phase1": cfg.model_dump(),
-                        "seed": s.runtime.seed,
-                        "world_size": group.size,
-                    },
-                },
-            )
-        res.save_contexts(ws.contexts(split))
-        iterations = len(res.history) + len(res.solve)
-        report = {
-            "split": split,
-            "architecture": s.model.architecture,
-            "objective": objective_weights(cfg),
-            "tokens": int(len(tokens)),
-            "documents": int(len(offsets) - 1),
-            "iterations": iterations,
-            "optimizer_steps": res.optimizer_steps,
-            "converged_ratio": res.converged_ratio,
-            "residual": res.residual,
-            "stopped_by": res.stopped_by,
-            "solve": res.solve,
-            "fixed_point": res.fixed_point,
-            **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
-            "warnings": res.warnings,
-            "seconds": seconds,
-            "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
-            "history": res.history,
-            **({"blocks": parts} if parts is not None else {}),
-            "contexts": str(ws.contexts(split)),
-            "provenance": {
-                "dataset": meta["key"],
+    if train:
+        mid = model_id(model)
+        write_checkpoint(
+            ws.phase1_checkpoint(),
+            {
+                "state": model.state_dict(),
+                "vocab_size": meta["vocab_size"],
                 "model_id": mid,
-                "model": s.model.model_dump(),
-                "world_size": group.size,
+                "provenance": {
+                    "dataset": meta["key"],
+                    "model": s.model.model_dump(),
+                    "embeddings": embedding_hash(model),
+                    "phase1": cfg.model_dump(),
+                    "seed": s.runtime.seed,
+                    "world_size": group.size,
+                },
             },
-        }
-        write_json(ws.phase1_report(split), report)
-        metrics.record(ws.metrics(), "phase1", split, res.history, events)
-        metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
-        for part in parts or []:
-            metrics.record(ws.metrics(), f"phase1_block{part['block']}", split, part["history"], events)
+        )
+    digest = saved_contexts(res, ws.contexts(split))
+    iterations = len(res.history) + len(res.solve)
+    report = {
+        "split": split,
+        "architecture": s.model.architecture,
+        "objective": objective_weights(cfg),
+        "tokens": int(len(tokens)),
+        "documents": int(len(offsets) - 1),
+        "iterations": iterations,
+        "optimizer_steps": res.optimizer_steps,
+        "converged_ratio": res.converged_ratio,
+        "residual": res.residual,
+        "stopped_by": res.stopped_by,
+        "solve": res.solve,
+        "fixed_point": res.fixed_point,
+        **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
+        "warnings": res.warnings,
+        "seconds": seconds,
+        "token_iterations_per_second": len(tokens) * iterations / max(seconds, 1e-9),
+        "history": res.history,
+        **({"blocks": parts} if parts is not None else {}),
+        "contexts": str(ws.contexts(split)),
+        "contexts_sha256": digest,
+        "provenance": {
+            "dataset": meta["key"],
+            "model_id": mid,
+            "model": s.model.model_dump(),
+            "world_size": group.size,
+        },
+    }
+    write_json(ws.phase1_report(split), report)
+    metrics.record(ws.metrics(), "phase1", split, res.history, events)
+    metrics.record(ws.metrics(), "phase1_solve", split, res.solve, events)
+    for part in parts or []:
+        metrics.record(ws.metrics(), f"phase1_block{part['block']}", split, part["history"], events)
     resumable.clear()
     finish_stage(ws, s)
     return report
@@ -376,6 +398,7 @@ def load_contexts(
         rows=meta[split]["tokens"],
         cols=width,
         finite=True,
+        sha256=rep.get("contexts_sha256"),  # runs made before these checks lack it
     )
     return ctx, rep
 
@@ -425,7 +448,7 @@ def _analyze(s: Settings, plot: Path | None = None, probe_rows: int = PROBE_ROWS
 
 
 def _analyze_run(s: Settings, ws: Workspace, meta: dict, plot: Path | None, probe_rows: int) -> dict:
-    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
+    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX, meta.get("tokenizer_sha256"))
     reports, ids, data, ctxs = {}, {}, {}, {}
     network = None  # loaded once, for the contraction figures
     for split in SPLITS:
@@ -498,21 +521,26 @@ def analyze_file(
 ) -> dict:
     """Contexts made by anything: an N x C float .npy, optionally token ids and a tokenizer to decode."""
     ctx = _user_array(contexts, "contexts")
-    if ctx.ndim != 2 or ctx.dtype.kind != "f" or len(ctx) == 0:
+    if ctx.ndim != 2 or ctx.dtype.kind != "f" or 0 in ctx.shape:
         raise UsageError(f"{contexts}: expected a non-empty N x C float array, found {ctx.dtype} {ctx.shape}")
+    _checked_input(ctx, contexts, kind="float", cols=ctx.shape[1], finite=True)
     ids = None
     if tokens is not None:
         ids = _user_array(tokens, "tokens")
-        if ids.ndim != 1 or len(ids) != len(ctx):
-            raise UsageError(f"{tokens}: expected {len(ctx)} token ids (one per context row), found shape {ids.shape}")
-    decode = None
+        if ids.ndim != 1 or len(ids) != len(ctx) or ids.dtype.kind not in "iu":
+            found = f"{ids.dtype} {ids.shape}"
+            raise UsageError(f"{tokens}: expected {len(ctx)} integer token ids (one per row), found {found}")
+    decode, vocab = None, 2**63 - 1
     if tokenizer_file is not None:
         if ids is None:
             raise UsageError("--tokenizer-file needs --tokens")
         try:
-            decode = tokenizers.pretrained(str(tokenizer_file)).decode
+            tok = tokenizers.pretrained(str(tokenizer_file))
         except Exception as e:  # the tokenizers library's own error types
             raise UsageError(f"cannot load tokenizer {tokenizer_file}: {first_line(e)}") from None
+        decode, vocab = tok.decode, tok.get_vocab_size()
+    if ids is not None and tokens is not None:
+        _checked_input(ids, tokens, kind="int", below=vocab)
     rep = analysis.analyze_contexts(ctx, seed=s.runtime.seed, tokens=ids, decode=decode)
     gate = analysis.gate(rep, None)
     out_path = contexts.with_name(contexts.stem + ".analysis.json")
@@ -521,6 +549,14 @@ def analyze_file(
         out["plots"] = [str(plots.spectrum({"contexts": rep}, plot))]
     write_json(out_path, out)
     return out
+
+
+def _checked_input(a: np.ndarray, path: Path, **checks) -> None:
+    """validate.array for a file the user gave: its problem is a usage error (exit 2), not damage."""
+    try:
+        validate.array(a, path, "", **checks)
+    except validate.Damaged as e:
+        raise UsageError(f"{path}: {e.problem}") from None
 
 
 def _user_array(path: Path, what: str) -> np.ndarray:
@@ -556,7 +592,8 @@ def control_contexts(
     width, fix = untrained.context_dim, "newllm phase2"  # phase2 recomputes them when damaged
     if path.exists() and rep_path.exists():
         try:
-            if read_json(rep_path, "control report", fix, validate.ControlReport)["provenance"] == key:
+            rep = read_json(rep_path, "control report", fix, validate.ControlReport)
+            if rep["provenance"] == key:
                 return validate.array(
                     read_array(path, f"{split} control contexts", fix),
                     path,
@@ -565,6 +602,7 @@ def control_contexts(
                     rows=meta[split]["tokens"],
                     cols=width,
                     finite=True,
+                    sha256=rep.get("contexts_sha256"),
                 )
         except RefusedError as e:
             warn(f"recomputing the {split} control contexts: {e}")
@@ -581,23 +619,32 @@ def control_contexts(
         group=distributed.current(),
         **budget(ws, s),
     )
-    res.save_contexts(path)
-    write_json(
-        rep_path,
-        {
-            "converged_ratio": res.converged_ratio,
-            "residual": res.residual,
-            "iterations": len(res.history),
-            "fixed_point": res.fixed_point,
-            **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
-            "stopped_by": res.stopped_by,
-            "warnings": res.warnings,
-            "provenance": key,
-        },
-    )
+    with together():
+        digest = saved_contexts(res, path)
+        write_json(
+            rep_path,
+            {
+                "converged_ratio": res.converged_ratio,
+                "residual": res.residual,
+                "iterations": len(res.history),
+                "fixed_point": res.fixed_point,
+                **({"fixed_point_solve": res.solve_report} if res.solve_report else {}),
+                "stopped_by": res.stopped_by,
+                "warnings": res.warnings,
+                "contexts_sha256": digest,
+                "provenance": key,
+            },
+        )
     for w in res.warnings:
         warn(f"control {split}: {w}")
     return read_array(path, f"{split} control contexts", fix)
+
+
+def saved_contexts(res, path: Path) -> str | None:
+    """Save a pass's contexts; their content hash, which the report records and every reader checks
+    (the leader's: it alone writes reports)."""
+    res.save_contexts(path)
+    return validate.digest(read_array(latest(path), "contexts")) if publishes() else None
 
 
 def control_check(ws: Workspace, s: Settings) -> dict:
@@ -747,26 +794,26 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     }
     head, record = chosen.head(res), chosen.record(res)
     kept = {k: record[k] for k in ("l2",) if k in record}  # the linear head's penalty, as before
-    with together():  # the head and its report: both or neither
-        write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
-        out = {
-            "val": res.val,
-            "train": res.train,
-            **record,
-            "baselines": table,
-            "skipped": [c.label for c in CONTROLS if c.key not in table],
-            "warnings": warnings,
-            "curves": curves,
-            "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
-            "settings": cfg.model_dump(),
-            "provenance": provenance,
-            "checkpoint": str(ws.phase2_checkpoint()),
-            "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
-            "seconds": time.perf_counter() - t0,
-        }
-        if plot is not None:
-            out["plots"] = [str(plots.phase2(out, plot))]
-        write_json(ws.phase2_report(), out)
+    provenance["head_id"] = model_id(head)
+    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
+    out = {
+        "val": res.val,
+        "train": res.train,
+        **record,
+        "baselines": table,
+        "skipped": [c.label for c in CONTROLS if c.key not in table],
+        "warnings": warnings,
+        "curves": curves,
+        "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+        "settings": cfg.model_dump(),
+        "provenance": provenance,
+        "checkpoint": str(ws.phase2_checkpoint()),
+        "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
+        "seconds": time.perf_counter() - t0,
+    }
+    if plot is not None:
+        out["plots"] = [str(plots.phase2(out, plot))]
+    write_json(ws.phase2_report(), out)
     finish_stage(ws, s)
     return out
 
@@ -879,11 +926,15 @@ def fit_head_on(
                 "pairs": pairs,
             },
         )
-        job = predictors.Job(cfg, s.model, model.embed.weight.detach(), s.runtime.seed, device, show,
-                             resumable.load(), resumable.save, f"{name} on {label}", group,
-                             s.runtime.save_every)  # fmt: skip
+
+        def work(resume: dict | None):
+            job = predictors.Job(cfg, s.model, model.embed.weight.detach(), s.runtime.seed, device, show,
+                                 resume, resumable.save, f"{name} on {label}", group,
+                                 s.runtime.save_every)  # fmt: skip
+            return chosen.fit(data["train"], data["val"], vocab, prior, job)
+
         with interrupt.safe_points():
-            res = chosen.fit(data["train"], data["val"], vocab, prior, job)
+            res = resumable.run(work)
         resumable.clear()
         metrics.record(ws.metrics(), "phase2_" + tag, "train", blocks, board(ws, s))
         said = f"l2 {res.l2:g}, " if name == predictors.DEFAULT else ""
@@ -897,6 +948,10 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     """Sample text from a run: the prompt's fixed context, then the head and the recurrence."""
     if max_new_tokens < 0 or not math.isfinite(temperature) or temperature < 0 or top_k < 0:
         raise UsageError("--max-new-tokens, --temperature and --top-k must be finite and not negative")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise UsageError(f"--prompt is not valid UTF-8 text (at character {e.start})") from None
     ws, meta = open_run(s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
@@ -913,8 +968,10 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     in_dim = model.context_dim + (model.embed_dim if head_input == "context+token" else 0)
     head = Head(in_dim, meta["vocab_size"])
     validate.state(head, head_ckpt, head_path, "newllm phase2")
+    if head_ckpt["provenance"].get("head_id", model_id(head)) != model_id(head):
+        raise validate.Damaged(head_path, "its weights are not the head its head_id names", "newllm phase2")
     head = head.to(device)
-    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX)
+    tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX, meta.get("tokenizer_sha256"))
     ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) == 0:
         raise UsageError("--prompt has no tokens")

@@ -75,6 +75,9 @@ def _command(argv: list[str]) -> int:
 
 
 def _fail(message: str, code: int) -> int:
+    message = " ".join(message.split("\n"))
+    if len(message) > 600:  # a value echoed whole (a 10 MB --source) must not flood the terminal
+        message = f"{message[:400]} [... {len(message) - 550:,} characters cut ...] {message[-150:]}"
     sys.stderr.write(f"{error_prefix()}Error: {message}\n")  # one write: ranks share the terminal
     sys.stderr.flush()
     record(f"Error: {message}\n")

@@ -179,7 +179,12 @@ def _finish_arrays(raw_path: Path, offsets: np.ndarray, dtype, tokens_path: Path
     raw_path.unlink(missing_ok=True)
     with naming(offsets_path), open(offsets_path, "wb") as f:
         save_npy(f, offsets)
-    return {"tokens": n, "documents": len(offsets) - 1, "sha256": digest.hexdigest()[:16]}
+    return {
+        "tokens": n,
+        "documents": len(offsets) - 1,
+        "sha256": digest.hexdigest()[:16],
+        "offsets_sha256": validate.digest(offsets),
+    }
 
 
 def read_manual(path: str | None, vocab_size: int) -> list[np.ndarray]:
@@ -374,6 +379,7 @@ def _build(s: Settings, key: str, ws: Workspace) -> dict:
         "key": key,
         "data": d.model_dump(),
         "tokenizer": d.tokenizer,
+        "tokenizer_sha256": hashlib.sha256(nofollow.read_bytes(ws.tokenizer())).hexdigest()[:16],
         "vocab_size": vocab,
         "dtype": dtype.name,
         "train": train,
@@ -406,14 +412,14 @@ def check_dataset(ws: Workspace) -> dict:
     meta = read_meta(ws)
     for split in ("train", "val"):
         load_split(ws, split, meta)
-    tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], FIX)
+    tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], FIX, meta.get("tokenizer_sha256"))
     return meta
 
 
 def load_meta(s: Settings) -> tuple[Workspace, dict]:
     ws = workspace_for(s)
     if not os.path.lexists(ws.dataset_meta()):
-        if not ws.run_dir.exists() and ws.runs():  # most likely a mistyped --run
+        if not ws.started() and ws.runs():  # most likely a mistyped --run
             raise ws.no_such_run()
         raise RefusedError(
             f"no prepared data for these data settings in {ws.root} (key {ws.data_dir.name}); "
@@ -434,6 +440,7 @@ def load_split(ws: Workspace, split: str, meta: dict | None = None) -> tuple[np.
         kind="int",
         rows=m["tokens"],
         below=meta["vocab_size"],
+        sha256=m.get("sha256"),  # datasets made before these checks lack the offsets' hash
     )
     offsets = validate.offsets(
         np.array(read_array(ws.offsets(split), f"{split} offsets", FIX)),
@@ -442,4 +449,5 @@ def load_split(ws: Workspace, split: str, meta: dict | None = None) -> tuple[np.
         m["documents"],
         m["tokens"],
     )
+    validate.array(offsets, ws.offsets(split), FIX, kind="int", sha256=m.get("offsets_sha256"))
     return tokens, offsets

@@ -7,6 +7,7 @@ gpt2: GPT-2's tokenizer from the hub (the original program's); a local tokenizer
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,19 +95,25 @@ def build(name: str, vocab_size: int, documents: Iterable[str] | None = None) ->
     return pretrained(name)
 
 
-def load(path: Path) -> Tokenizer:
-    """A tokenizer.json, read once without following a link inside the workspace."""
-    return Tokenizer.from_str(nofollow.read_text(path))
+def load(path: Path, sha256: str | None = None) -> Tokenizer:
+    """A tokenizer.json, read once without following a link inside the workspace; with `sha256`,
+    only when its bytes have that hash (else a ValueError)."""
+    blob = nofollow.read_bytes(path)
+    if sha256 is not None and hashlib.sha256(blob).hexdigest()[:16] != sha256:
+        raise ValueError("its content is not the one its dataset recorded (swapped or edited)")
+    return Tokenizer.from_str(blob.decode("utf-8"))
 
 
-def load_checked(path: Path, vocab_size: int, fix: str):
-    """The tokenizer, loaded, with the vocabulary size its dataset records."""
+def load_checked(path: Path, vocab_size: int, fix: str, sha256: str | None = None):
+    """The tokenizer, loaded, with the vocabulary size (and content hash) its dataset records."""
     if not os.path.lexists(path):
         raise RefusedError(f"missing tokenizer: {path}; rebuild it with `{fix}`")
     try:
-        tok = load(path)
+        tok = load(path, sha256)
     except nofollow.Unsafe:
         raise
+    except ValueError as e:
+        raise Damaged(path, str(e), fix) from None
     except Exception as e:  # the tokenizers library raises its own exception types
         raise Damaged(
             path, f"not a tokenizer ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", fix

@@ -58,33 +58,46 @@ def _get(d: dict | None, *keys):
     return d
 
 
+def _figure(value) -> float | int | None:
+    """A figure read from a report: a finite number, or None (a damaged field is a blank cell)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if ok else None
+
+
 def run_row(run_dir: Path) -> dict:
-    """One run's figures, from its reports (None where a stage has not run)."""
+    """One run's figures, from its reports (None where a stage has not run or a field is damaged)."""
     settings = _flat(_read(run_dir / "settings.json") or {})
     p1 = {split: _read(run_dir / f"phase1_{split}.json") for split in ("train", "val")}
     ana, p2 = _read(run_dir / "analysis.json"), _read(run_dir / "phase2.json")
     base = _get(p2, "baselines") or {}
-    seconds = [x for x in (_get(p1["train"], "seconds"), _get(p1["val"], "seconds"), _get(p2, "seconds")) if x]
+    times = (_get(p1["train"], "seconds"), _get(p1["val"], "seconds"), _get(p2, "seconds"))
+    seconds = [x for x in map(_figure, times) if x]
+    size, converged = _get(base, "untrained_network", "size"), _get(base, "untrained_network", "solve", "converged")
     return {
         "run": run_dir.name,
         "settings": settings,
-        "tokens": _get(p1["train"], "tokens"),
-        "converged_train": _get(p1["train"], "converged_ratio"),
-        "converged_val": _get(p1["val"], "converged_ratio"),
-        "rank_train": _get(ana, "train", "centred", "effective_rank"),
-        "rank_val": _get(ana, "val", "centred", "effective_rank"),
-        "attainable_rank": _get(ana, "val", "attainable_rank"),
-        "perplexity": _get(p2, "val", "perplexity"),
-        **{c.column: _get(base, c.key, "val_perplexity") for c in CONTROLS},
-        "against_control": _get(base, "untrained_network", "size"),
-        "control_converged": _get(base, "untrained_network", "solve", "converged"),
+        **{
+            k: _figure(v)
+            for k, v in {
+                "tokens": _get(p1["train"], "tokens"),
+                "converged_train": _get(p1["train"], "converged_ratio"),
+                "converged_val": _get(p1["val"], "converged_ratio"),
+                "rank_train": _get(ana, "train", "centred", "effective_rank"),
+                "rank_val": _get(ana, "val", "centred", "effective_rank"),
+                "attainable_rank": _get(ana, "val", "attainable_rank"),
+                "perplexity": _get(p2, "val", "perplexity"),
+                **{c.column: _get(base, c.key, "val_perplexity") for c in CONTROLS},
+            }.items()
+        },
+        "against_control": size if isinstance(size, str) else None,
+        "control_converged": converged if isinstance(converged, bool) else None,
         "seconds": sum(seconds) if seconds else None,
     }
 
 
 def workspace_runs(workspace: str) -> list[Path]:
     root = Path(workspace) / "runs"
-    return sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    return sorted(p for p in root.glob("*") if nofollow.is_dir(p)) if nofollow.is_dir(root) else []
 
 
 def varied(rows: list[dict]) -> list[str]:

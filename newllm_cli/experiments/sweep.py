@@ -273,7 +273,28 @@ def work(
         and len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= search_trials
     ):
         return
-    study.optimize(objective, catch=(Exception,), callbacks=[enough], gc_after_trial=True)
+    try:
+        study.optimize(objective, catch=(Exception,), callbacks=[enough], gc_after_trial=True)
+    except Exception as e:  # the study's database failed (optuna may hide it behind an error of its own)
+        cause = storage_error(e)
+        if cause is None:
+            raise
+        raise NewLLMError(
+            f"the sweep's storage failed: {type(cause).__name__}: {first_line(cause)[:200]}; "
+            "rerun the same command to run the points left"
+        ) from None
+
+
+def storage_error(e: BaseException) -> BaseException | None:
+    """The database error behind `e` (SQLAlchemy's or Optuna's storage error), if any."""
+    seen: set[int] = set()
+    node: BaseException | None = e
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if type(node).__module__.startswith("sqlalchemy") or type(node).__name__ == "StorageInternalError":
+            return node
+        node = node.__cause__ or node.__context__
+    return None
 
 
 def summary(study) -> dict:
@@ -305,9 +326,12 @@ def spawn_workers(argv: list[str], jobs: int, threads: int) -> None:
     procs = [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) for _ in range(jobs)]
     info(f"started {jobs} workers: pids {', '.join(str(p.pid) for p in procs)}")
     codes = [p.wait() for p in procs]
-    killed = [f"{p.pid} (signal {-c})" for p, c in zip(procs, codes) if c < 0]
-    if killed:
-        raise NewLLMError(f"workers {', '.join(killed)} were killed; rerun the same command to run their trials again")
+    failed = [f"{p.pid} ({f'signal {-c}' if c < 0 else f'exit {c}'})" for p, c in zip(procs, codes) if c]
+    if failed:
+        raise NewLLMError(
+            f"workers {', '.join(failed)} stopped early (their error lines are above); "
+            "rerun the same command to run the rest"
+        )
 
 
 def sweep(
@@ -330,8 +354,10 @@ def sweep(
         raise UsageError("--name must be letters, digits, '_' or '-'")
     if sampler not in SAMPLERS:
         raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-    if jobs < 1 or heartbeat <= 0 or seeds < 1 or (trials is not None and trials < 1):
-        raise UsageError("--jobs, --trials, --seeds and --heartbeat must be positive")
+    if jobs < 1 or seeds < 1 or (trials is not None and trials < 1):
+        raise UsageError("--jobs, --trials and --seeds must be positive")
+    if not (math.isfinite(heartbeat) and 0 < heartbeat <= 3600):
+        raise UsageError(f"--heartbeat must be a number of seconds in (0, 3600], not {heartbeat:g}")
     axes = parse_axes(grid)
     if not axes:
         raise UsageError("give at least one --grid NAME=v1,v2,...")

@@ -42,7 +42,10 @@ def sample(
             if temperature == 0:
                 nxt = int(logits.argmax())
             else:
-                logits = logits / temperature
+                scaled = logits / temperature
+                if not bool(torch.isfinite(scaled).all()):  # a tiny temperature: in float64, from the top
+                    scaled = (logits.double() - logits.max()) / temperature
+                logits = scaled
                 if 0 < top_k < len(logits):
                     cutoff = torch.topk(logits, top_k).values[-1]
                     logits = logits.masked_fill(logits < cutoff, float("-inf"))

@@ -17,6 +17,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import IO, Any
 
 from newllm_cli.runtime.errors import RefusedError, UsageError
 
@@ -119,11 +120,11 @@ def open_fd(path: str | Path, flags: int = os.O_RDONLY, limit: int | None = None
     return fd
 
 
-def open_file(path: str | Path, mode: str = "rb", limit: int | None = None):
+def open_file(path: str | Path, mode: str = "rb", limit: int | None = None) -> IO[Any]:
     """open(path, mode) for "r", "rb", "a" and "ab", through `open_fd` (text: UTF-8, newline="")."""
     flags = os.O_RDONLY if mode.startswith("r") else os.O_WRONLY | os.O_APPEND | os.O_CREAT
-    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    return os.fdopen(open_fd(path, flags, limit), mode, **text)
+    fd = open_fd(path, flags, limit)
+    return os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8", newline="")
 
 
 def read_bytes(path: str | Path, limit: int = TEXT_LIMIT) -> bytes:

@@ -57,7 +57,13 @@ def share(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
-_BATCH = threading.local()  # the stage outputs written so far inside `together`: [(temporary, path)]
+_BATCH = threading.local()  # a stack: per open `together` block, [(temporary, path)] written so far
+
+
+def _stack() -> list[list[tuple[str, Path]] | None]:
+    if not hasattr(_BATCH, "stack"):
+        _BATCH.stack = []
+    return _BATCH.stack
 
 
 @contextmanager
@@ -65,11 +71,16 @@ def together() -> Iterator[None]:
     """Publish every artifact written inside the block only once all of them are written: each
     goes to a temporary name, and they are renamed into place together when the block succeeds,
     checkpoints last (a reader then never pairs a new network with old contexts, nor the reverse);
-    when it fails, the temporaries go and the previous artifacts stay as they were."""
-    if getattr(_BATCH, "pending", None) is not None:  # nested: the outer block publishes
+    when it fails, the temporaries go and the previous artifacts stay as they were. A block inside
+    another publishes its own outputs when it ends. Under torchrun every rank reads what the leader
+    wrote at once, so there each artifact is published as soon as it is written."""
+    from newllm_cli.runtime import distributed
+
+    if distributed.current().size > 1:
         yield
         return
-    _BATCH.pending = pending = []
+    pending: list[tuple[str, Path]] = []
+    _stack().append(pending)
     try:
         yield
     except BaseException:
@@ -77,35 +88,47 @@ def together() -> Iterator[None]:
             Path(tmp).unlink(missing_ok=True)
         raise
     finally:
-        _BATCH.pending = None
-    for tmp, path in sorted(pending, key=lambda p: Path(p[1]).suffix == ".pt"):
+        _stack().pop()  # this block's list (blocks nest)
+    for tmp, path in sorted(pending, key=lambda p: p[1].suffix == ".pt"):
         os.replace(tmp, path)
 
 
-def publish(tmp: str | Path, path: str | Path) -> None:
+def publish(tmp: str | Path, path: str | Path, now: bool = False) -> None:
     """Rename a finished temporary over `path`, now or (inside `together`) with the others."""
-    pending = getattr(_BATCH, "pending", None)
-    if pending is None:
+    pending = _stack()[-1] if _stack() else None
+    if now or pending is None:
         os.replace(tmp, path)
         return
     for i, (old, target) in enumerate(pending):
-        if Path(target) == Path(path):  # written again (metrics.csv): the newer copy wins
+        if target == Path(path):  # written again (metrics.csv): the newer copy wins
             Path(old).unlink(missing_ok=True)
-            pending[i] = (tmp, path)
+            pending[i] = (str(tmp), Path(path))
             return
-    pending.append((tmp, path))
+    pending.append((str(tmp), Path(path)))
+
+
+@contextmanager
+def at_once() -> Iterator[None]:
+    """Inside a `together` block, publish what is written here at once: a resume point must
+    survive the failure (Ctrl-C) of the stage it belongs to."""
+    _stack().append(None)
+    try:
+        yield
+    finally:
+        _stack().pop()
 
 
 def latest(path: Path) -> Path:
     """Where the current content of `path` is: its unpublished copy inside `together`, else itself."""
-    for tmp, target in getattr(_BATCH, "pending", None) or []:
-        if Path(target) == Path(path):
-            return Path(tmp)
+    for pending in reversed(_stack()):
+        for tmp, target in pending or []:
+            if target == Path(path):
+                return Path(tmp)
     return path
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, now: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
     Inside a workspace, no directory on the way and not `path` itself may be a link. A failed
     write (a full disk) names `path` and the cause, never the temporary."""
@@ -117,7 +140,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with naming(path):
             yield Path(tmp)
         share(Path(tmp))
-        publish(tmp, path)
+        publish(tmp, path, now)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -137,7 +160,7 @@ def write_json(path: Path, data: Any, private: bool = False) -> Path:
     """`private`: a file in the caller's own temporary directory, written whatever its rank."""
     if not (publishes() or private):
         return path
-    with atomic_path(path) as tmp:
+    with atomic_path(path, now=private) as tmp:  # a private file is no stage output
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path
 
@@ -247,7 +270,13 @@ class Workspace:
         return self._data_dir
 
     def runs(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "runs").glob("*") if nofollow.is_dir(p))
+        return sorted(p.name for p in (self.root / "runs").glob("*") if Workspace(self.root, p.name).started())
+
+    def started(self) -> bool:
+        """Whether the run holds anything (a directory made only to be locked is no run yet)."""
+        if not nofollow.is_dir(self.run_dir):
+            return False
+        return any(not p.name.startswith(".") for p in self.run_dir.iterdir())
 
     def no_such_run(self) -> RefusedError:
         """The refusal for a run that does not exist, naming those that do (most likely a typo)."""
@@ -270,7 +299,11 @@ class Workspace:
             params = list(inspect.signature(method).parameters)[1:]
             if name in ("tokens", "offsets", "tokenizer", "dataset_meta") and self._data_dir is None:
                 continue
-            args = {(): [()], ("split",): [(x,) for x in ("train", "val")], ("stage",): [(x,) for x in self.RESUMED]}
+            args: dict[tuple, list[tuple]] = {
+                (): [()],
+                ("split",): [(x,) for x in ("train", "val")],
+                ("stage",): [(x,) for x in self.RESUMED],
+            }
             for a in args[tuple(params)]:
                 out.append((method(self, *a), "dir" if name == "tensorboard" else "file"))
         return out
@@ -355,6 +388,45 @@ class Workspace:
         return self.run_dir / "tensorboard"
 
 
+class BadResume(ValueError):
+    """A resume point whose state cannot be where a run stood: ignored, the stage starts afresh."""
+
+
+def state_of(cls, saved: dict):
+    """`cls(**saved)` for a resume state's dataclass, each saved field checked against its
+    annotation (an int is a counter: never negative, never a bool); BadResume otherwise."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name, value in saved.items():
+        if name in fields and not _fits(value, hints[name]):
+            raise BadResume(f"its {name} ({str(value)[:40]}) is not a {hints[name]}")
+    return cls(**{k: v for k, v in saved.items() if k in fields})
+
+
+def _fits(value, tp) -> bool:
+    import math
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is not None:
+        return isinstance(value, origin)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
 class Resumable:
     """A resume checkpoint valid only for the settings and inputs that made it (by fingerprint).
 
@@ -364,6 +436,15 @@ class Resumable:
 
     def __init__(self, path: Path, key: dict):
         self.path, self.fingerprint = path, fingerprint(key)
+
+    def run(self, work):
+        """work(the resume point or None); when the point proves damaged as work applies it
+        (BadResume, raised before any work is done), a warning, and work(None) from the start."""
+        try:
+            return work(self.load())
+        except BadResume as e:
+            warn(f"ignoring {self.path.name}: {e}; starting afresh")
+            return work(None)
 
     def load(self) -> dict | None:
         if not self.path.exists():
@@ -390,11 +471,12 @@ class Resumable:
         """Row stores (anything with .save(path), collective in a distributed job) first, then the
         checkpoint naming them, then the rows of earlier saves go."""
         state = dict(state)
-        for key, value in state.items():
-            if callable(getattr(value, "save", None)):
-                value.save(self._rows(key, tag))
-                state[key] = {"rows": self._rows(key, tag).name}
-        write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
+        with at_once():
+            for key, value in state.items():
+                if callable(getattr(value, "save", None)):
+                    value.save(self._rows(key, tag))
+                    state[key] = {"rows": self._rows(key, tag).name}
+            write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
         if publishes():
             kept = {v["rows"] for v in state.values() if isinstance(v, dict) and set(v) == {"rows"}}
             for old in self.path.parent.glob(f"{self.path.name}.*.npy"):

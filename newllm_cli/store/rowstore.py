@@ -110,7 +110,9 @@ class RowStore:
             try:
                 done = os.pwrite(self._file(), view, pos)
             except OSError as e:  # a full disk: name the directory (the file is a temporary)
-                raise OSError(e.errno, f"{e.strerror} while writing context rows in", str(self.path.parent)) from None
+                raise OSError(
+                    e.errno, f"{e.strerror} while writing context rows in", str(Path(str(self.path)).parent)
+                ) from None
             view, pos = view[done:], pos + done
 
     def gather(self, rows: np.ndarray) -> np.ndarray:

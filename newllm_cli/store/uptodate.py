@@ -17,7 +17,7 @@ from pathlib import Path
 
 from newllm_cli.runtime.errors import RefusedError
 from newllm_cli.runtime.progress import info
-from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_json
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, together, write_json
 
 
 def file_state(path: Path) -> list | None:
@@ -67,7 +67,8 @@ def run_once(
         info(f"{name}: up to date, skipped ({seconds:.2f} s; --rebuild reruns it)")
         finish()
         return {**record["result"], "skipped": True, "wall_seconds": seconds}
-    result = compute()
+    with together():  # every output of the stage, or none
+        result = compute()
     seconds = time.perf_counter() - t0
     result = {**result, "skipped": False, "wall_seconds": seconds}
     records = _records(ws)
@@ -80,7 +81,8 @@ def run_once(
 def timed(name: str, compute: Callable[[], dict]) -> dict:
     """compute()'s result with its wall time (for stages that keep their own cache, like prepare-data)."""
     t0 = time.perf_counter()
-    result = compute()
+    with together():  # every output of the stage, or none
+        result = compute()
     seconds = time.perf_counter() - t0
     info(f"{name}: {seconds:.1f} s")
     return {**result, "wall_seconds": seconds}

@@ -9,6 +9,7 @@ free); arrays by dtype, dimensions, shape, id range and finiteness; checkpoints 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -17,13 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from newllm_cli.runtime.errors import RefusedError
 
-CHUNK = 1 << 20  # rows read at a time for range and finiteness checks
+BLOCK_BYTES = 1 << 24  # read at a time for range, finiteness and content checks
+SQUARABLE = 1e18  # beyond this a float32 square (a second moment) overflows to inf
 
 
 class Damaged(RefusedError):
     """An artifact that is there but unusable (exit 3)."""
 
     def __init__(self, path: Path, problem: str, fix: str):
+        self.path, self.problem = path, problem
         super().__init__(f"{path} is damaged: {problem}; rebuild it with `{fix}`")
 
 
@@ -118,9 +121,11 @@ def array(
     cols: int | None = None,
     below: int | None = None,
     finite: bool = False,
+    sha256: str | None = None,
 ) -> np.ndarray:
     """`a` when it is a `kind` ("int" or "float") array of `rows` x `cols` (1-D without cols) whose
-    ids lie in [0, below) and whose values are finite, as asked."""
+    ids lie in [0, below), whose values are finite and whose content has the `sha256` its writer
+    recorded, as asked (one streamed pass for all three)."""
     ok_kind = a.dtype.kind in ("iu" if kind == "int" else "f")
     if not ok_kind:
         raise Damaged(path, f"dtype {a.dtype}, expected {kind}", fix)
@@ -130,13 +135,37 @@ def array(
         raise Damaged(path, f"{a.shape[0]} rows, expected {rows}", fix)
     if cols is not None and a.shape[1] != cols:
         raise Damaged(path, f"{a.shape[1]} columns, expected {cols}", fix)
-    for s in range(0, len(a), CHUNK):
-        block = np.asarray(a[s : s + CHUNK])
+    if below is None and not finite and sha256 is None:
+        return a
+    h = hashlib.sha256()
+    for block in blocks(a):
         if below is not None and len(block) and (block.min() < 0 or block.max() >= below):
             raise Damaged(path, f"ids outside 0..{below - 1}", fix)
         if finite and not np.isfinite(block).all():
             raise Damaged(path, "NaN or Inf values", fix)
+        if finite and len(block) and np.abs(block).max() > SQUARABLE:
+            raise Damaged(
+                path, f"values as large as {float(np.abs(block).max()):.3g}, too large to square in float32", fix
+            )
+        h.update(block.data)
+    if sha256 is not None and h.hexdigest()[:16] != sha256:
+        raise Damaged(path, "its content is not the one its writer recorded (swapped or edited)", fix)
     return a
+
+
+def blocks(a: np.ndarray):
+    """`a` in C-contiguous blocks of rows of about BLOCK_BYTES (a memory map is read block by block)."""
+    step = max(1, BLOCK_BYTES // max(1, a[:1].nbytes))
+    for s in range(0, len(a), step):
+        yield np.ascontiguousarray(a[s : s + step])
+
+
+def digest(a: np.ndarray) -> str:
+    """The content hash `array` checks: sha256 of the C-ordered bytes, streamed."""
+    h = hashlib.sha256()
+    for block in blocks(a):
+        h.update(block.data)
+    return h.hexdigest()[:16]
 
 
 def offsets(o: np.ndarray, path: Path, fix: str, documents: int, tokens: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import Interrupted, NumericalError, RankFailed
 from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.runtime.progress import progress
+from newllm_cli.store.artifacts import BadResume, state_of
 from newllm_cli.store.rowstore import RowStore
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound
@@ -332,7 +333,8 @@ class FitState:
 
     @staticmethod
     def of(saved: dict) -> FitState:
-        return FitState(**{k: v for k, v in saved.items() if k in FitState.__dataclass_fields__})
+        """The saved state, each field checked (BadResume when it cannot be one)."""
+        return state_of(FitState, saved)
 
 
 def lbfgs_counters(opt: torch.optim.LBFGS, param: torch.nn.Parameter) -> tuple[int, int, float | None]:
@@ -439,7 +441,7 @@ def fit(
         bool(torch.isfinite(x).all()) for inputs in (train.inputs, val.inputs) for x in raw_chunks(inputs, device)
     )
     if group.any(not finite)[0]:
-        raise NumericalError("the features contain NaN or Inf; rerun the stage that produced them")
+        raise NumericalError("the features contain NaN or Inf (or overflow float32); rerun the stage that made them")
     white = Whitening.fit(train.inputs, device, group)
     xa, val_xa = Design.of(train.inputs, white, device), Design.of(val.inputs, white, device)
     targets = group.sum(torch.bincount(train.targets, minlength=vocab))  # training targets per token
@@ -469,6 +471,9 @@ def fit(
             raise Interrupted("interrupted while fitting a probe; rerun the same command to resume")
 
     st = FitState.of(resume) if resume else FitState()
+    shape = (white.transform.shape[1] + 1, len(classes.representative))
+    if (st.cols is not None and tuple(st.cols.shape) != shape) or st.stage >= len(grid):
+        raise BadResume("its columns or its place in the penalty grid are not this fit's")
     cols = st.cols
     if cols is None:
         cols = torch.zeros(white.transform.shape[1] + 1, len(classes.representative), device=device)

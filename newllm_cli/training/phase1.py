@@ -36,6 +36,7 @@ from newllm_cli.runtime.distributed import SOLO, Group, Shard
 from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
+from newllm_cli.store.artifacts import BadResume
 from newllm_cli.store.rowstore import Part, RowStore, save_rows
 from newllm_cli.training import fixed_point
 from newllm_cli.training.adam import Adam
@@ -540,6 +541,8 @@ def run_cvfp(
     result = CVFPResult(contexts=RowStore(0, C), shard=shard, group=group)
     if cfg.concat and group.size > 1:
         result.warnings.append("--concat reads the corpus as one document, which one rank runs alone")
+    if resume is not None:
+        _check_resume(resume, model, optimizer, cfg)
     prev = _resumed_rows(resume["prev"], shard, C, directory, plan.chunk) if resume is not None else None
     state = SolveState(
         None, np.zeros((len(offsets) - 1, C), np.float32), RowStore(len(tokens), C, directory, "contexts")
@@ -642,6 +645,39 @@ def _check_batches(cfg: Phase1Settings, rows: int, width: int, budget: int) -> N
             f"{-(-rows // cfg.diversity_batch):,} batches ({need / 2**30:.1f} GiB, over half of --memory-budget): "
             "raise --diversity-batch, set it to 0 (over all tokens) or raise --memory-budget"
         )
+
+
+def _check_resume(resume: dict, model: torch.nn.Module, optimizer: Adam | None, cfg) -> None:
+    """BadResume unless `resume` can be where a run of `cfg` stood: after iteration `next` of at
+    most max_iterations, one history record each, the weights of this network (checked before any
+    is loaded: a partial load would change the run that starts afresh instead)."""
+    history, nxt, steps, weights = (resume.get(k) for k in ("history", "next", "optimizer_steps", "model"))
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise BadResume("its history is not a list of records")
+    if type(nxt) is not int or not 0 < nxt <= cfg.max_iterations or nxt != len(history):
+        raise BadResume(f"its next iteration ({str(nxt)[:20]}) is not 1..{cfg.max_iterations} after its history")
+    if type(steps) is not int or steps < 0:
+        raise BadResume(f"its optimizer steps ({str(steps)[:20]}) are not a count")
+    if not isinstance(resume.get("optimizer"), dict) or "prev" not in resume:
+        raise BadResume("it has no optimizer state or contexts")
+    own = model.state_dict()
+    if not isinstance(weights, dict) or set(weights) != set(own):
+        raise BadResume("its weights are not this network's")
+    for name, t in own.items():
+        w = weights[name]
+        if not isinstance(w, torch.Tensor) or w.shape != t.shape or not bool(torch.isfinite(w).all()):
+            raise BadResume(f"its weight {name} is not one of this network's shape, finite")
+    if optimizer is not None:
+        saved, mine = resume["optimizer"], optimizer.state_dict()
+        ok = all(isinstance(saved.get(k), list) and len(saved[k]) == len(mine[k]) for k in mine)
+        ok = ok and all(type(n) is int and n >= 0 for n in saved["steps"])
+        ok = ok and all(
+            isinstance(a, torch.Tensor) and a.shape == b.shape
+            for k in ("exp_avg", "exp_avg_sq")
+            for a, b in zip(saved[k], mine[k])
+        )
+        if not ok:
+            raise BadResume("its optimizer state is not this network's")
 
 
 def _resumed_rows(prev, shard: Shard, width: int, directory: Path | None, chunk: int) -> RowStore | None:

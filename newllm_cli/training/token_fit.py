@@ -29,8 +29,9 @@ from torch.nn import functional
 from newllm_cli.model.token_block import TokenBlock
 from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group
-from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError
+from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError, first_line
 from newllm_cli.runtime.progress import progress
+from newllm_cli.store.artifacts import BadResume, state_of
 from newllm_cli.training.head_fit import CHUNK, CPU, Split, holdout_start, metrics
 
 LOGIT_BUDGET = 1 << 22  # class scores per slice (16 MB of float32)
@@ -127,10 +128,15 @@ def fit(
         raise UsageError("tokenblock's early stopping needs two training documents or more (it holds a tenth out)")
     params = [p for p in block.parameters() if p.requires_grad]
     adam = torch.optim.Adam(params, lr=cfg.lr)
-    st = _State(**resume) if resume else _State()
+    st = state_of(_State, resume) if resume else _State()
+    if st.epoch > cfg.epochs:
+        raise BadResume(f"its epoch {st.epoch} is beyond --phase2-epochs {cfg.epochs}")
     if st.module is not None and st.adam is not None:
-        block.load_state_dict(st.module)
-        adam.load_state_dict(st.adam)
+        try:
+            block.load_state_dict(st.module)
+            adam.load_state_dict(st.adam)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise BadResume(f"its weights are not this predictor's ({first_line(e)[:80]})") from None
     points, step = interrupt.SavePoints(save_every), _slice(block.embed.num_embeddings)
 
     def safe_point() -> None:
