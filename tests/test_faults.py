@@ -9,7 +9,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from newllm_cli.cli.app import main
 
 EXITS = {0, 2, 3, 4}
+RESUMED = ["--phase1-max-iterations", "6", "--phase1-min-iterations", "6"]
 FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
 READER = {  # the artifact -> the (quick) command that reads it first
     "tokens": ["phase1", "--split", "val"],
@@ -53,9 +56,30 @@ def built(tmp_path_factory):
         ["phase1", "--split", "val"],
         ["analyze", "--probe-rows", "0"],
         ["phase2", "--force"],
+        ["full", "--run", "other", "--seed", "7", "--force"],  # same shapes, other content: for swaps
     ):
         assert main([*cmd, *base]) == 0, cmd
+    interrupted(main, base)
+    outside = root / "outside"  # a sentinel tree no case may change
+    (outside / "dir").mkdir(parents=True)
+    (outside / "victim").write_text("someone's file\n")
+    (outside / "dir" / "inner").write_text("someone's other file\n")
     return root, base
+
+
+def interrupted(main, base) -> None:
+    """runs/resumed: a phase1 train stopped (Ctrl-C) at its second safe point, its resume point kept."""
+    from newllm_cli.runtime import interrupt
+
+    real, calls = interrupt.SavePoints.poll, {"n": 0}
+
+    def stop_at_second(self):
+        calls["n"] += 1
+        return (True, True) if calls["n"] == 2 else real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interrupt.SavePoints, "poll", stop_at_second)
+        assert main(["phase1", *base, "--run", "resumed", *RESUMED]) == 130
 
 
 def artifact(ws: Path, name: str) -> Path:
@@ -69,7 +93,7 @@ def artifact(ws: Path, name: str) -> Path:
 def digest(ws: Path) -> dict:
     files = [p for p in (ws / "datasets").rglob("*") if p.is_file()]
     files += [ws / "runs" / "default" / n for n in PROTECTED]
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.exists()}
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file() and not p.is_symlink()}
 
 
 # --- ways to damage a file -------------------------------------------------------------------------
@@ -218,3 +242,223 @@ def test_the_suite_ran_over_500_cases_and_each_kind_was_refused_somewhere():
     assert sum(map(len, SEEN.values())) >= 500
     for name, codes in SEEN.items():  # damage never noticed would mean the test damages nothing
         assert any(c != 0 for c in codes), name  # settings.json: ignored with a warning (every stage rewrites it)
+
+
+# --- links and special files at every artifact path -----------------------------------------------
+
+PLANTED_READERS = [
+    ["phase1", "--split", "val"],
+    ["analyze", "--probe-rows", "0"],
+    ["phase2", "--force"],
+    ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+    ["runs"],
+    ["prepare-data"],
+]
+
+
+def tree(path: Path) -> dict:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def plant(path: Path, how: str, outside: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "directory":
+        path.mkdir()
+    elif how == "huge":
+        with open(path, "wb") as f:
+            f.truncate(1 << 31)  # sparse: 2 GiB that take no disk
+    else:
+        target = {"link": outside / "victim", "dir-link": outside / "dir", "dangling": outside / "none",
+                  "dev-zero": Path("/dev/zero")}[how]  # fmt: skip
+        path.symlink_to(target)
+
+
+def command(argv: list[str], seconds: int = 120) -> tuple[int, str]:
+    """main(argv) in this process, its stderr, and a failure (not a hang) after `seconds`."""
+
+    def hung(*_):
+        raise TimeoutError(f"{argv[0]} hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    return code, err.getvalue()
+
+
+def clean_end(code: int, text: str, what) -> None:
+    lines = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert code in EXITS, (what, code, text[-500:])
+    assert "Traceback" not in text and len(lines) <= 1, (what, text[-500:])
+    assert (code == 0) == (not lines), (what, text[-500:])
+
+
+def copied(built) -> tuple[Path, Path, list[str]]:
+    root, base = built
+    work = Path(tempfile.mkdtemp(dir=root))
+    shutil.copytree(root / "ws", work / "ws", symlinks=True)
+    return work, work / "ws", [a if a != str(root / "ws") else str(work / "ws") for a in base]
+
+
+def test_links_and_special_files_at_every_artifact_path(built):
+    from newllm_cli.store.artifacts import Workspace
+
+    root, _ = built
+    outside = root / "outside"
+    sentinel = tree(outside)
+
+    @settings(max_examples=320, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @given(data=st.data())
+    def case(data):
+        work, ws, args = copied(built)
+        try:
+            key = next((ws / "datasets").iterdir()).name
+            paths = [p for p, _ in Workspace(ws, "default", key).files()] + [ws / "locks" / "run-default.lock"]
+            target = data.draw(st.sampled_from(paths))
+            how = data.draw(st.sampled_from(["link", "dir-link", "dangling", "fifo", "directory", "huge", "dev-zero"]))
+            plant(target, how, outside)
+            good = {p: h for p, h in digest(ws).items() if p != target}
+            reader = data.draw(st.sampled_from(PLANTED_READERS))
+            code, text = command([*reader, *args])
+            clean_end(code, text, (target.name, how, reader[0]))
+            assert tree(outside) == sentinel, (target.name, how, reader[0])
+            after = digest(ws)
+            assert all(after.get(p) == h for p, h in good.items()), (target.name, how)
+            PLANTED.append(code)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    case()
+    assert any(PLANTED) and len(PLANTED) == 320
+
+
+PLANTED: list[int] = []
+
+
+# --- another run's artifact of the same shape, or this one's permuted --------------------------------
+
+SWAPS = {  # artifact -> the reader that must notice (it reads what the artifact is bound to)
+    "contexts_train.npy": ["phase2", "--force"],
+    "contexts_val.npy": ["phase2", "--force"],
+    "phase1.pt": ["phase2", "--force"],
+    "phase2.pt": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+    "val.tokens.npy": ["phase1", "--split", "val"],
+    "val.offsets.npy": ["phase1", "--split", "val"],
+    "tokenizer.json": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+}
+
+
+def swap(ws: Path, name: str, data) -> Path:
+    run, dataset = ws / "runs" / "default", next((ws / "datasets").iterdir())
+    if name in ("contexts_train.npy", "contexts_val.npy", "phase1.pt", "phase2.pt"):
+        shutil.copy(ws / "runs" / "other" / name, run / name)
+        return run / name
+    path = dataset / name
+    if name == "tokenizer.json":  # a valid tokenizer of the same size whose ids are rotated
+        spec = json.loads(path.read_text())
+        vocab = spec["model"]["vocab"]
+        names = sorted(vocab, key=vocab.get)
+        shift = data.draw(st.integers(1, len(names) - 1))
+        spec["model"]["vocab"] = dict(zip(names, [vocab[n] for n in names[shift:] + names[:shift]]))
+        path.write_text(json.dumps(spec))
+        return path
+    a = np.load(path)
+    if name == "val.offsets.npy":  # one inner boundary moved, still rising
+        room = [i for i in range(1, len(a) - 1) if a[i + 1] - a[i - 1] > 1]
+        i = data.draw(st.sampled_from(room))
+        a = a.copy()
+        a[i] = data.draw(st.integers(int(a[i - 1]), int(a[i + 1])).filter(lambda v: v != a[i]))
+    else:
+        seed = data.draw(st.integers(0, 2**32 - 1))
+        a = np.random.default_rng(seed).permutation(a)
+    np.save(path, a)
+    return path
+
+
+@pytest.mark.parametrize("name", list(SWAPS))
+def test_swapped_same_shape_artifacts_are_refused(built, name):
+    @settings(max_examples=16, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @given(data=st.data())
+    def case(data):
+        work, ws, args = copied(built)
+        try:
+            before = digest(ws)
+            target = swap(ws, name, data)
+            if digest(ws).get(target) == before.get(target):
+                return  # the draw changed nothing (a permutation of equal ids): nothing to notice
+            code, text = command([*SWAPS[name], *args])
+            clean_end(code, text, name)
+            assert code == 3, (name, text[-500:])
+            SWAPPED.append(name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    case()
+
+
+SWAPPED: list[str] = []
+
+
+# --- damaged resume points ----------------------------------------------------------------------------
+
+RESUME_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**7), 10**7),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+    st.lists(st.integers(), max_size=3),
+    st.just({}),
+    st.just({"x": torch.ones(2)}),
+    st.just(torch.zeros(3)),
+)
+
+
+def test_damaged_resume_points_are_ignored_with_a_warning(built):
+    @settings(max_examples=110, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @given(data=st.data())
+    def case(data):
+        work, ws, args = copied(built)
+        try:
+            path = ws / "runs" / "resumed" / "phase1_train.resume.pt"
+            payload = torch.load(path, weights_only=True)
+            state = payload["state"]
+            for _ in range(data.draw(st.integers(1, 3))):
+                key = data.draw(st.sampled_from(sorted(state) + ["extra"]))
+                if key in state and data.draw(st.booleans()):
+                    del state[key]
+                else:
+                    state[key] = data.draw(RESUME_VALUES)
+            torch.save(payload, path)
+            code, text = command(["phase1", *args, "--run", "resumed", *RESUMED])
+            clean_end(code, text, "resume")
+            assert code == 0 and ("starting afresh" in text or "resuming from" in text), text[-500:]
+            RESUMES.append("starting afresh" in text)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    case()
+    assert sum(RESUMES) >= 50  # most damage is noticed (some edits leave a valid state, e.g. an extra key)
+
+
+RESUMES: list[bool] = []
+
+
+def test_the_suite_ran_over_1000_cases_in_all():
+    if not (SEEN and PLANTED and SWAPPED and RESUMES):
+        pytest.skip("run with the cases above")
+    assert sum(map(len, SEEN.values())) + len(PLANTED) + len(SWAPPED) + len(RESUMES) >= 1000

@@ -287,14 +287,14 @@ def work(
 
 def storage_error(e: BaseException) -> BaseException | None:
     """The database error behind `e` (SQLAlchemy's or Optuna's storage error), if any."""
-    seen: set[int] = set()
+    chain: list[BaseException] = []
     node: BaseException | None = e
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        if type(node).__module__.startswith("sqlalchemy") or type(node).__name__ == "StorageInternalError":
-            return node
+    while node is not None and node not in chain:
+        chain.append(node)
         node = node.__cause__ or node.__context__
-    return None
+    found = [x for x in chain if type(x).__module__.startswith("sqlalchemy")]  # the database's own words first
+    found += [x for x in chain if type(x).__name__ == "StorageInternalError"]
+    return found[0] if found else None
 
 
 def summary(study) -> dict:

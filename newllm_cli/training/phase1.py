@@ -658,7 +658,7 @@ def _check_resume(resume: dict, model: torch.nn.Module, optimizer: Adam | None, 
         raise BadResume(f"its next iteration ({str(nxt)[:20]}) is not 1..{cfg.max_iterations} after its history")
     if type(steps) is not int or steps < 0:
         raise BadResume(f"its optimizer steps ({str(steps)[:20]}) are not a count")
-    if not isinstance(resume.get("optimizer"), dict) or "prev" not in resume:
+    if not isinstance(resume.get("optimizer"), dict) or not isinstance(resume.get("prev"), (Path, Part, RowStore)):
         raise BadResume("it has no optimizer state or contexts")
     own = model.state_dict()
     if not isinstance(weights, dict) or set(weights) != set(own):
