@@ -78,6 +78,7 @@ def main() -> None:
     text = root / "tokens.txt"
     text.write_bytes((a.text.read_bytes() * (a.tokens // max(1, a.text.stat().st_size) + 1))[: a.tokens])
     base = ["--workspace", str(root / "ws"), "--source", "text_file", "--path", str(text), "--tokenizer", "byte"]
+    base += ["--val-duplicates", "keep"]  # the text repeats itself: its val documents are training ones
     timed("on", ["prepare-data", *base])
     run = ["--phase1-max-iterations", "3", "--threads", "1"]
     compare(lambda mode, i: ["phase1", *base, "--run", f"{mode}{i}", *run], a.repeats)

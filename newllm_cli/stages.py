@@ -37,18 +37,17 @@ from newllm_cli.runtime.progress import info, log_to, warn
 from newllm_cli.settings import PROBE_ROWS, ModelSettings, Settings
 from newllm_cli.store import metrics, uptodate, validate
 from newllm_cli.store.artifacts import (
-    Resumable,
     Workspace,
     check_same,
-    latest,
     publishes,
     read_array,
     read_checkpoint,
     read_json,
-    together,
     write_checkpoint,
     write_json,
 )
+from newllm_cli.store.publish import latest, together
+from newllm_cli.store.resume import Resumable
 from newllm_cli.training import fixed_point, predictors
 from newllm_cli.training import pairs as p2
 from newllm_cli.training.blocks import run_side_by_side

@@ -128,3 +128,56 @@ def base_args(tmp_path: Path, corpus: Path) -> list[str]:
         "--phase2-max-iterations",
         "30",
     ]
+
+
+FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
+
+
+def finished_run(root: Path, docs: int) -> list[str]:
+    """A finished tiny run (`full`) in root/ws; its arguments."""
+    corpus = make_corpus(root / "corpus.txt", docs=docs)
+    base = ["--workspace", str(root / "ws"), "--source", "text_file", "--path", str(corpus), *FAST]
+    assert main(["full", *base, "--force"]) == 0
+    return base
+
+
+def copy_run(root: Path, base: list[str], into: Path) -> list[str]:
+    """A copy of root/ws (links as links) in into/ws; the same arguments pointing at it."""
+    import shutil
+
+    shutil.copytree(root / "ws", into / "ws", symlinks=True)
+    return [a if a != str(root / "ws") else str(into / "ws") for a in base]
+
+
+def plant(path: Path, how: str, outside: Path) -> None:
+    """Put at `path`, in place of what is there: a link to outside/victim ("link"), to outside/dir
+    ("dir-link"), to nothing ("dangling"), to /dev/zero ("dev-zero"), a FIFO, a directory, a plain
+    file, or a sparse 2 GiB file ("huge")."""
+    import os
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    links = {"link": outside / "victim", "dir-link": outside / "dir", "dangling": outside / "none"}
+    if how in links or how == "dev-zero":
+        path.symlink_to(links.get(how, Path("/dev/zero")))
+    elif how == "fifo":
+        os.mkfifo(path)
+    elif how == "directory":
+        path.mkdir()
+    elif how == "file":
+        path.write_text("x")
+    else:  # huge
+        with open(path, "wb") as f:
+            f.truncate(1 << 31)  # takes no disk
+
+
+def sentinel(outside: Path) -> Path:
+    """A tree outside the workspace that no command may change: outside/victim, outside/dir/inner."""
+    (outside / "dir").mkdir(parents=True)
+    (outside / "victim").write_text("someone's file\n")
+    (outside / "dir" / "inner").write_text("someone's other file\n")
+    return outside

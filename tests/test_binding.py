@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHECKOUT, make_corpus
+from conftest import CHECKOUT, FAST, make_corpus
 
-FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
 ENV = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
 
 

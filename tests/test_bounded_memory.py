@@ -155,7 +155,7 @@ def test_interrupted_run_with_contexts_in_files_resumes_exactly(tmp_path, monkey
     not copied), and the resumed run ends where an uninterrupted one does."""
     from newllm_cli.runtime import interrupt
     from newllm_cli.runtime.errors import Interrupted
-    from newllm_cli.store.artifacts import Resumable
+    from newllm_cli.store.resume import Resumable
 
     tokens, offsets = _corpus([400, 300, 500], 30, seed=5)
     cfg = Phase1Settings(max_iterations=5, min_converged_ratio=1.0)

@@ -15,37 +15,26 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_corpus
+from conftest import copy_run, finished_run, plant, sentinel
 
 from newllm_cli.store.artifacts import Workspace
-
-FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished tiny run, copied afresh for each test by `fresh`."""
-    from newllm_cli.cli.app import main
-
     root = tmp_path_factory.mktemp("contain")
-    corpus = make_corpus(root / "corpus.txt", docs=16)
-    base = ["--workspace", str(root / "ws"), "--source", "text_file", "--path", str(corpus), *FAST]
-    assert main(["full", *base, "--force"]) == 0
-    return root, base
+    return root, finished_run(root, docs=16)
 
 
 @pytest.fixture
 def fresh(finished, tmp_path):
     """(workspace, base args, outside): a copy of the finished run, and a sentinel tree outside it."""
-    root, base = finished
-    ws = tmp_path / "ws"
-    shutil.copytree(root / "ws", ws, symlinks=True)
-    outside = tmp_path / "outside"
-    (outside / "K" / "phase1_val").mkdir(parents=True)
-    (outside / "victim").write_text("precious\n")
-    (outside / "K" / "phase1_val" / "events").write_text("someone's events\n")
-    args = [a if a != str(root / "ws") else str(ws) for a in base]
-    return ws, args, outside
+    args = copy_run(*finished, tmp_path)
+    outside = sentinel(tmp_path / "outside")
+    (outside / "dir" / "phase1_val").mkdir()
+    (outside / "dir" / "phase1_val" / "events").write_text("someone's events\n")
+    return tmp_path / "ws", args, outside
 
 
 def tree(path: Path) -> dict:
@@ -108,7 +97,7 @@ def test_tensorboard_never_deletes_through_a_linked_directory(cli, fresh):
     before = tree(outside)
     board = run_dir(ws) / "tensorboard"
     shutil.rmtree(board, ignore_errors=True)
-    board.symlink_to(outside / "K")
+    board.symlink_to(outside / "dir")
     refused(cli("phase1", "--split", "val", "--tensorboard", *args), "tensorboard", "symbolic link")
     assert tree(outside) == before
 
@@ -187,22 +176,6 @@ def artifact_paths(ws: Path) -> list[tuple[Path, str]]:
     return Workspace(ws, "default", data_dir(ws).name).files()
 
 
-def plant(path: Path, how: str, outside: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if how == "link":
-        path.symlink_to(outside / "victim")
-    elif how == "dangling":
-        path.symlink_to(outside / "nothing-here")
-    elif how == "fifo":
-        os.mkfifo(path)
-    else:  # a directory where a file belongs, or a file where a directory belongs
-        path.write_text("x") if how == "file" else path.mkdir()
-
-
 def test_the_artifact_list_is_the_workspace_s_and_complete(fresh):
     ws, _, _ = fresh
     listed = {p for p, _ in artifact_paths(ws)}
@@ -211,19 +184,19 @@ def test_the_artifact_list_is_the_workspace_s_and_complete(fresh):
     assert len(listed) >= 28
 
 
-@pytest.mark.parametrize("how", ["link", "dangling", "fifo", "other"])
+@pytest.mark.parametrize("how", ["link", "dangling", "fifo", "dev-zero", "other"])
 def test_something_planted_at_every_artifact_path_is_refused_and_nothing_outside_changes(cli, fresh, how):
     ws, args, outside = fresh
     before = tree(outside)
     for path, what in artifact_paths(ws):
         saved = {p: p.read_bytes() for p in [path] if p.is_file() and not p.is_symlink()}
-        plant(path, ("dir" if what == "file" else "file") if how == "other" else how, outside)
+        plant(path, ("directory" if what == "file" else "file") if how == "other" else how, outside)
         with no_hang(120):
             r = cli("phase1", "--split", "val", *args)
         name = path.name
         refused(r, name)
         assert tree(outside) == before, name
-        plant(path, "dir" if what == "dir" else "file", outside)  # put a plain one back
+        plant(path, "directory" if what == "dir" else "file", outside)  # put a plain one back
         path.rmdir() if path.is_dir() else path.unlink()
         for p, blob in saved.items():
             p.write_bytes(blob)

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus
+from conftest import make_corpus, plant, sentinel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,10 +59,7 @@ def built(tmp_path_factory):
     ):
         assert main([*cmd, *base]) == 0, cmd
     interrupted(main, base)
-    outside = root / "outside"  # a sentinel tree no case may change
-    (outside / "dir").mkdir(parents=True)
-    (outside / "victim").write_text("someone's file\n")
-    (outside / "dir" / "inner").write_text("someone's other file\n")
+    sentinel(root / "outside")  # a tree no case may change
     return root, base
 
 
@@ -260,25 +256,6 @@ def tree(path: Path) -> dict:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def plant(path: Path, how: str, outside: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if how == "fifo":
-        os.mkfifo(path)
-    elif how == "directory":
-        path.mkdir()
-    elif how == "huge":
-        with open(path, "wb") as f:
-            f.truncate(1 << 31)  # sparse: 2 GiB that take no disk
-    else:
-        target = {"link": outside / "victim", "dir-link": outside / "dir", "dangling": outside / "none",
-                  "dev-zero": Path("/dev/zero")}[how]  # fmt: skip
-        path.symlink_to(target)
-
-
 def command(argv: list[str], seconds: int = 120) -> tuple[int, str]:
     """main(argv) in this process, its stderr, and a failure (not a hang) after `seconds`."""
 
@@ -318,7 +295,7 @@ def test_links_and_special_files_at_every_artifact_path(built):
     outside = root / "outside"
     sentinel = tree(outside)
 
-    @settings(max_examples=320, deadline=None, derandomize=True,
+    @settings(max_examples=360, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
     @given(data=st.data())
     def case(data):
@@ -341,7 +318,7 @@ def test_links_and_special_files_at_every_artifact_path(built):
             shutil.rmtree(work, ignore_errors=True)
 
     case()
-    assert any(PLANTED) and len(PLANTED) == 320
+    assert any(PLANTED) and len(PLANTED) == 360
 
 
 PLANTED: list[int] = []

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_corpus
-
-FAST = ["--tokenizer", "byte", "--phase1-max-iterations", "4", "--phase2-max-iterations", "10", "--no-control"]
+from conftest import FAST, copy_run, finished_run, make_corpus
 
 
 def one_line(r, code: int, *needles: str) -> None:
@@ -26,22 +24,13 @@ def clean(r) -> None:
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    from newllm_cli.cli.app import main
-
     root = tmp_path_factory.mktemp("oneline")
-    corpus = make_corpus(root / "c.txt", docs=20)
-    base = ["--workspace", str(root / "ws"), "--source", "text_file", "--path", str(corpus), *FAST]
-    assert main(["full", *base, "--force"]) == 0
-    return root, base
+    return root, finished_run(root, docs=20)
 
 
 @pytest.fixture
 def run(done, tmp_path):
-    import shutil
-
-    root, base = done
-    shutil.copytree(root / "ws", tmp_path / "ws")
-    return [a if a != str(root / "ws") else str(tmp_path / "ws") for a in base]
+    return copy_run(*done, tmp_path)
 
 
 def rundir(args) -> Path:

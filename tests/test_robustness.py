@@ -155,7 +155,7 @@ def _store(rows: np.ndarray):
 def test_a_resume_point_is_never_paired_with_another_iteration_s_rows(tmp_path):
     """Rows are named by iteration and go first: a process killed after writing new rows but before
     the checkpoint naming them leaves the previous checkpoint with its own rows."""
-    from newllm_cli.store.artifacts import Resumable
+    from newllm_cli.store.resume import Resumable
     from newllm_cli.store.rowstore import RowStore
 
     res = Resumable(tmp_path / "phase1_train.resume.pt", {"k": 1})
@@ -315,12 +315,12 @@ def test_write_failures_give_one_line_and_keep_old_artifacts(cli, base_args, mon
     prepared(cli, base_args)
     run = Path(base_args[1]) / "runs" / "default"
     before = (run / "contexts_train.npy").read_bytes()
-    import newllm_cli.store.artifacts as artifacts
+    import newllm_cli.store.publish as publish
 
     def refuse(*args, **kwargs):
         raise OSError(errno, text, str(run))
 
-    monkeypatch.setattr(artifacts.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(publish.tempfile, "mkstemp", refuse)
     r = cli("phase1", *base_args, "--seed", "7")  # another seed: the stage must run (and write) again
     assert r.code != 0 and text in r.err.strip().splitlines()[-1]
     assert_clean(r)

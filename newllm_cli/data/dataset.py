@@ -27,16 +27,8 @@ from newllm_cli.runtime.errors import RefusedError, UsageError, first_line
 from newllm_cli.runtime.progress import info, progress, warn
 from newllm_cli.settings import Settings
 from newllm_cli.store import validate
-from newllm_cli.store.artifacts import (
-    Workspace,
-    fingerprint,
-    naming,
-    read_array,
-    read_json,
-    save_npy,
-    share,
-    write_json,
-)
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_array, read_json, write_json
+from newllm_cli.store.publish import naming, save_npy, share
 
 ENCODE_BATCH = 512
 

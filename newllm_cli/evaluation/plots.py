@@ -9,7 +9,8 @@ from pathlib import Path
 
 from newllm_cli.evaluation.controls import CONTROLS
 from newllm_cli.runtime.errors import UsageError
-from newllm_cli.store.artifacts import atomic_path, publishes
+from newllm_cli.store.artifacts import publishes
+from newllm_cli.store.publish import atomic_path
 
 
 def _pyplot():

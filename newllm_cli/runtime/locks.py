@@ -133,14 +133,19 @@ def run(workspace: str | Path, name: str, exclusive: bool = True) -> Iterator[No
         return
     nofollow.makedirs(run_dir)
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    stack = contextlib.ExitStack()
     try:
-        _flock(fd, exclusive, 0.0, _in_use(f"run {name!r}", note))
+        try:
+            _flock(fd, exclusive, 0.0, _in_use(f"run {name!r}", note))
+        except OSError:  # a file system that cannot flock a directory (some NFS): the lock file instead
+            stack.enter_context(hold(note, f"run {name!r}", exclusive))
         if exclusive:
             nofollow.makedirs(note.parent)
             _sign(note)
             remove_stale(run_dir)
         yield
     finally:
+        stack.close()
         os.close(fd)
         if made:
             with contextlib.suppress(OSError):

@@ -17,19 +17,16 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from newllm_cli.runtime import locks, nofollow
+from newllm_cli.runtime import nofollow
 from newllm_cli.runtime.errors import RefusedError, UsageError
-from newllm_cli.runtime.progress import info, warn
 from newllm_cli.runtime.session import current
+from newllm_cli.store.publish import atomic_path, save_npy
 from newllm_cli.store.validate import Damaged, json_fields
 
 
@@ -43,117 +40,6 @@ def publishes() -> bool:
     """False on the non-leader ranks of a torchrun job: they compute the same artifacts as the
     leader, which alone writes them (runtime/distributed.py)."""
     return current().publishing
-
-
-def umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def share(path: Path, directory: bool = False) -> None:
-    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode the user's umask asks for,
-    as open() would have: a teammate can read a shared workspace under umask 022."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
-
-
-_BATCH = threading.local()  # a stack: per open `together` block, [(temporary, path)] written so far
-
-
-def _stack() -> list[list[tuple[str, Path]] | None]:
-    if not hasattr(_BATCH, "stack"):
-        _BATCH.stack = []
-    return _BATCH.stack
-
-
-@contextmanager
-def together() -> Iterator[None]:
-    """Publish every artifact written inside the block only once all of them are written: each
-    goes to a temporary name, and they are renamed into place together when the block succeeds,
-    checkpoints last (a reader then never pairs a new network with old contexts, nor the reverse);
-    when it fails, the temporaries go and the previous artifacts stay as they were. A block inside
-    another publishes its own outputs when it ends. Under torchrun every rank reads what the leader
-    wrote at once, so there each artifact is published as soon as it is written."""
-    from newllm_cli.runtime import distributed
-
-    if distributed.current().size > 1:
-        yield
-        return
-    pending: list[tuple[str, Path]] = []
-    _stack().append(pending)
-    try:
-        yield
-    except BaseException:
-        for tmp, _ in pending:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        _stack().pop()  # this block's list (blocks nest)
-    for tmp, path in sorted(pending, key=lambda p: p[1].suffix == ".pt"):
-        os.replace(tmp, path)
-
-
-def publish(tmp: str | Path, path: str | Path, now: bool = False) -> None:
-    """Rename a finished temporary over `path`, now or (inside `together`) with the others."""
-    pending = _stack()[-1] if _stack() else None
-    if now or pending is None:
-        os.replace(tmp, path)
-        return
-    for i, (old, target) in enumerate(pending):
-        if target == Path(path):  # written again (metrics.csv): the newer copy wins
-            Path(old).unlink(missing_ok=True)
-            pending[i] = (str(tmp), Path(path))
-            return
-    pending.append((str(tmp), Path(path)))
-
-
-@contextmanager
-def at_once() -> Iterator[None]:
-    """Inside a `together` block, publish what is written here at once: a resume point must
-    survive the failure (Ctrl-C) of the stage it belongs to."""
-    _stack().append(None)
-    try:
-        yield
-    finally:
-        _stack().pop()
-
-
-def latest(path: Path) -> Path:
-    """Where the current content of `path` is: its unpublished copy inside `together`, else itself."""
-    for pending in reversed(_stack()):
-        for tmp, target in pending or []:
-            if target == Path(path):
-                return Path(tmp)
-    return path
-
-
-@contextmanager
-def atomic_path(path: Path, now: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
-    Inside a workspace, no directory on the way and not `path` itself may be a link. A failed
-    write (a full disk) names `path` and the cause, never the temporary."""
-    nofollow.makedirs(path.parent)
-    nofollow.check(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{locks.tag()}", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with naming(path):
-            yield Path(tmp)
-        share(Path(tmp))
-        publish(tmp, path, now)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def naming(path: Path) -> Iterator[None]:
-    """An OSError inside the block (a short write on a full disk) re-raised naming `path`, the
-    file being written, and its cause."""
-    try:
-        yield
-    except OSError as e:
-        raise OSError(e.errno, f"{e.strerror or e} while writing", str(path)) from None
 
 
 def write_json(path: Path, data: Any, private: bool = False) -> Path:
@@ -184,17 +70,6 @@ def write_array(path: Path, array: np.ndarray) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         save_npy(f, array)
     return path
-
-
-def save_npy(f, array: np.ndarray, rows: int = 1 << 16) -> None:
-    """np.save through f.write, a block of rows at a time: a full disk is an OSError with its errno
-    (ndarray.tofile, which np.save uses, reports only "N requested and M written")."""
-    array = np.asarray(array)
-    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
-    np.lib.format.write_array_header_1_0(f, header)
-    flat = array.reshape(1) if array.ndim == 0 else array
-    for s in range(0, len(flat), rows):
-        f.write(np.ascontiguousarray(flat[s : s + rows]).tobytes())
 
 
 def read_array(path: Path, what: str, fix: str = "the stage that writes it") -> np.ndarray:
@@ -386,109 +261,3 @@ class Workspace:
 
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"
-
-
-class BadResume(ValueError):
-    """A resume point whose state cannot be where a run stood: ignored, the stage starts afresh."""
-
-
-def state_of(cls, saved: dict):
-    """`cls(**saved)` for a resume state's dataclass, each saved field checked against its
-    annotation (an int is a counter: never negative, never a bool); BadResume otherwise."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for name, value in saved.items():
-        if name in fields and not _fits(value, hints[name]):
-            raise BadResume(f"its {name} ({str(value)[:40]}) is not a {hints[name]}")
-    return cls(**{k: v for k, v in saved.items() if k in fields})
-
-
-def _fits(value, tp) -> bool:
-    import math
-    import types
-    import typing
-
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if origin is not None:
-        return isinstance(value, origin)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, tp)
-
-
-class Resumable:
-    """A resume checkpoint valid only for the settings and inputs that made it (by fingerprint).
-
-    Row stores (contexts) go to .npy files beside it, named by the caller's `tag` (the iteration),
-    and the checkpoint names them: a process killed between the two writes leaves the previous
-    checkpoint with its own rows, never a checkpoint with another iteration's rows."""
-
-    def __init__(self, path: Path, key: dict):
-        self.path, self.fingerprint = path, fingerprint(key)
-
-    def run(self, work):
-        """work(the resume point or None); when the point proves damaged as work applies it
-        (BadResume, raised before any work is done), a warning, and work(None) from the start."""
-        try:
-            return work(self.load())
-        except BadResume as e:
-            warn(f"ignoring {self.path.name}: {e}; starting afresh")
-            return work(None)
-
-    def load(self) -> dict | None:
-        if not self.path.exists():
-            return None
-        try:
-            payload = read_checkpoint(self.path, "resume checkpoint")
-        except RefusedError as e:
-            warn(f"ignoring {self.path.name}: {e}; starting afresh")
-            return None
-        if payload["provenance"].get("fingerprint") != self.fingerprint or not isinstance(payload.get("state"), dict):
-            warn(f"ignoring {self.path.name}: it was saved under other settings; starting afresh")
-            return None
-        state = payload["state"]
-        for key, value in state.items():
-            if isinstance(value, dict) and set(value) == {"rows"}:
-                state[key] = self.path.parent / Path(str(value["rows"])).name
-                if not state[key].is_file():
-                    warn(f"ignoring {self.path.name}: its rows {state[key].name} are missing; starting afresh")
-                    return None
-        info(f"resuming from {self.path}")
-        return state
-
-    def save(self, state: dict, tag: str = "") -> None:
-        """Row stores (anything with .save(path), collective in a distributed job) first, then the
-        checkpoint naming them, then the rows of earlier saves go."""
-        state = dict(state)
-        with at_once():
-            for key, value in state.items():
-                if callable(getattr(value, "save", None)):
-                    value.save(self._rows(key, tag))
-                    state[key] = {"rows": self._rows(key, tag).name}
-            write_checkpoint(self.path, {"state": state, "provenance": {"fingerprint": self.fingerprint}})
-        if publishes():
-            kept = {v["rows"] for v in state.values() if isinstance(v, dict) and set(v) == {"rows"}}
-            for old in self.path.parent.glob(f"{self.path.name}.*.npy"):
-                if old.name not in kept:
-                    old.unlink(missing_ok=True)
-
-    def _rows(self, key: str, tag: str) -> Path:
-        return self.path.with_name(f"{self.path.name}.{key}{'.' + tag if tag else ''}.npy")
-
-    def clear(self) -> None:
-        if not publishes():
-            return
-        for extra in self.path.parent.glob(f"{self.path.name}.*.npy"):
-            extra.unlink(missing_ok=True)
-        self.path.unlink(missing_ok=True)

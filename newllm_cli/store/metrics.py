@@ -13,7 +13,8 @@ from pathlib import Path
 from newllm_cli.runtime import nofollow
 from newllm_cli.runtime.errors import UsageError, first_line
 from newllm_cli.runtime.progress import warn
-from newllm_cli.store.artifacts import atomic_path, latest, publishes
+from newllm_cli.store.artifacts import publishes
+from newllm_cli.store.publish import atomic_path, latest
 
 FIELDS = [
     "stage",

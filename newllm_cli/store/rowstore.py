@@ -18,7 +18,8 @@ import numpy as np
 
 from newllm_cli.runtime import locks, nofollow
 from newllm_cli.runtime.distributed import Group, Shard
-from newllm_cli.store.artifacts import publish, share, write_array
+from newllm_cli.store.artifacts import write_array
+from newllm_cli.store.publish import publish, share
 
 
 class RowStore:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from newllm_cli.runtime.errors import RefusedError
 from newllm_cli.runtime.progress import info
-from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, together, write_json
+from newllm_cli.store.artifacts import Workspace, fingerprint, read_json, write_json
+from newllm_cli.store.publish import together
 
 
 def file_state(path: Path) -> list | None:

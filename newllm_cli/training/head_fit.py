@@ -38,7 +38,7 @@ from newllm_cli.runtime.distributed import SOLO, Group, block_size
 from newllm_cli.runtime.errors import Interrupted, NumericalError, RankFailed
 from newllm_cli.runtime.moments import merge_moments
 from newllm_cli.runtime.progress import progress
-from newllm_cli.store.artifacts import BadResume, state_of
+from newllm_cli.store.resume import BadResume, state_of
 from newllm_cli.store.rowstore import RowStore
 
 LOGIT_BUDGET = 1 << 20  # class scores per chunk (4 MB of float32): beyond cache size the head is memory-bound

@@ -36,7 +36,7 @@ from newllm_cli.runtime.distributed import SOLO, Group, Shard
 from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError
 from newllm_cli.runtime.progress import progress, warn
 from newllm_cli.settings import Phase1Settings
-from newllm_cli.store.artifacts import BadResume
+from newllm_cli.store.resume import BadResume
 from newllm_cli.store.rowstore import Part, RowStore, save_rows
 from newllm_cli.training import fixed_point
 from newllm_cli.training.adam import Adam

@@ -31,7 +31,7 @@ from newllm_cli.runtime import interrupt
 from newllm_cli.runtime.distributed import SOLO, Group
 from newllm_cli.runtime.errors import Interrupted, NumericalError, UsageError, first_line
 from newllm_cli.runtime.progress import progress
-from newllm_cli.store.artifacts import BadResume, state_of
+from newllm_cli.store.resume import BadResume, state_of
 from newllm_cli.training.head_fit import CHUNK, CPU, Split, holdout_start, metrics
 
 LOGIT_BUDGET = 1 << 22  # class scores per slice (16 MB of float32)
