@@ -175,7 +175,6 @@ def prepare_data(s: Settings) -> dict:
     ws = Workspace(s.runtime.workspace, s.runtime.run)  # the run's settings need no dataset key
     ws.preflight()
     ws.ensure()
-
     log_to(ws.log())
     finish_stage(ws, s)
     return out
