@@ -127,6 +127,8 @@ def test_a_metrics_csv_that_is_not_text_or_too_large_is_rewritten_with_a_warning
 def test_dev_zero_as_path_config_or_settings_json_is_bounded(cli, run, tmp_path):
     one_line(cli("prepare-data", *run, "--path", "/dev/zero", "--run", "z"), 2, "/dev/zero")
     one_line(cli("config", "--config", "/dev/zero", "--workspace", tmp_path / "w"), 2, "/dev/zero")
+    (tmp_path / "big.json").write_text(" " * (2 << 20) + "{}")
+    one_line(cli("config", "--config", tmp_path / "big.json", "--workspace", tmp_path / "w"), 2, "big.json", "bytes")
     settings = rundir(run) / "settings.json"
     settings.unlink()
     settings.symlink_to("/dev/zero")

@@ -111,7 +111,8 @@ def open_fd(path: str | Path, flags: int = os.O_RDONLY, limit: int | None = None
         if not stat.S_ISREG(st.st_mode) and (inside or stat.S_ISDIR(st.st_mode)):
             raise Unsafe(path, kind(st.st_mode)) if inside else UsageError(f"{path} is {kind(st.st_mode)}")
         if limit is not None and st.st_size > limit:
-            raise Unsafe(path, f"{st.st_size:,} bytes, more than such a file ever holds ({limit:,})")
+            size = f"{st.st_size:,} bytes, more than such a file ever holds ({limit:,})"
+            raise Unsafe(path, size) if inside else UsageError(f"{path} is {size}")
         if inside:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
