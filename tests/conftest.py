@@ -181,3 +181,14 @@ def sentinel(outside: Path) -> Path:
     (outside / "victim").write_text("someone's file\n")
     (outside / "dir" / "inner").write_text("someone's other file\n")
     return outside
+
+
+def one_line(r, code: int, *needles: str) -> None:
+    """A command (a Result, or a subprocess's CompletedProcess) that ended with exit `code` and one
+    error line, no traceback, holding every needle."""
+    err = r.err if hasattr(r, "err") else r.stderr
+    got = r.code if hasattr(r, "code") else r.returncode
+    lines = err.strip().splitlines()
+    assert got == code, err[-800:]
+    assert "Traceback" not in err and sum(line.startswith("Error:") for line in lines) == 1, err[-800:]
+    assert len(lines[-1]) < 1000 and all(n in lines[-1] for n in needles), lines[-1][:300]

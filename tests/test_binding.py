@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CHECKOUT, FAST, make_corpus
+from conftest import CHECKOUT, FAST, make_corpus, one_line
 
 ENV = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
 
@@ -23,15 +23,6 @@ ENV = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
 def newllm(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "newllm_cli", *map(str, args)], capture_output=True, text=True,
                           env=ENV, timeout=600, **kw)  # fmt: skip
-
-
-def one_line(r, code: int, *needles: str) -> None:
-    err = r.err if hasattr(r, "err") else r.stderr
-    got = r.code if hasattr(r, "code") else r.returncode
-    lines = err.strip().splitlines()
-    assert got == code, err[-800:]
-    assert "Traceback" not in err and sum(line.startswith("Error:") for line in lines) == 1, err[-800:]
-    assert all(n in lines[-1] for n in needles), lines[-1]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, finished_run, plant, sentinel
+from conftest import copy_run, finished_run, one_line, plant, sentinel
 
 from newllm_cli.store.artifacts import Workspace
 
@@ -58,10 +58,7 @@ def no_hang(seconds: int = 60):
 
 
 def refused(r, *needles: str) -> None:
-    lines = r.err.strip().splitlines()
-    assert r.code == 3, r.err[-800:]
-    assert "Traceback" not in r.err and sum(line.startswith("Error:") for line in lines) == 1, r.err[-800:]
-    assert all(n in lines[-1] for n in needles), lines[-1]
+    one_line(r, 3, *needles)
 
 
 def run_dir(ws: Path) -> Path:

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, copy_run, finished_run, make_corpus
-
-
-def one_line(r, code: int, *needles: str) -> None:
-    lines = r.err.strip().splitlines()
-    assert r.code == code, r.err[-800:]
-    assert "Traceback" not in r.err and sum(line.startswith("Error:") for line in lines) == 1, r.err[-800:]
-    assert len(lines[-1]) < 1000 and all(n in lines[-1] for n in needles), lines[-1][:300]
+from conftest import FAST, copy_run, finished_run, make_corpus, one_line
 
 
 def clean(r) -> None:

@@ -3,6 +3,10 @@ settings and inputs that made it, and checked like every other artifact before i
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from pathlib import Path
 
 from newllm_cli.runtime.errors import RefusedError
@@ -18,9 +22,6 @@ class BadResume(ValueError):
 def state_of(cls, saved: dict):
     """`cls(**saved)` for a resume state's dataclass, each saved field checked against its
     annotation (an int is a counter: never negative, never a bool); BadResume otherwise."""
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for name, value in saved.items():
@@ -30,10 +31,6 @@ def state_of(cls, saved: dict):
 
 
 def _fits(value, tp) -> bool:
-    import math
-    import types
-    import typing
-
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, a) for a in typing.get_args(tp))
