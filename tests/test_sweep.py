@@ -96,10 +96,15 @@ def test_grid_with_two_workers_runs_each_point_once_and_survives_a_killed_worker
         running = [t for t in found if t.state.name == "RUNNING" and "worker" in t.user_attrs]
         if running and any(t.state.name == "COMPLETE" for t in found):
             victim = max(running, key=lambda t: t.datetime_start)  # the freshest: far from its end
-            break
+            pid = int(victim.user_attrs["worker"].split(":")[1])
+            os.kill(pid, signal.SIGSTOP)  # frozen, its trial cannot finish between the look and the kill
+            if next(t for t in trials(storage, "g") if t.number == victim.number).state.name == "RUNNING":
+                os.kill(pid, signal.SIGKILL)
+                break
+            os.kill(pid, signal.SIGCONT)  # it finished while we looked: choose again
+            victim = None
         time.sleep(0.2)
     assert victim is not None
-    os.kill(int(victim.user_attrs["worker"].split(":")[1]), signal.SIGKILL)
     proc.stderr.read()
     assert proc.wait() == 1  # the parent says a worker was killed
     before = {t.user_attrs["run"]: t.number for t in trials(storage, "g") if t.state.name == "COMPLETE"}
@@ -113,8 +118,37 @@ def test_grid_with_two_workers_runs_each_point_once_and_survives_a_killed_worker
         if t.state.name == "COMPLETE" and t.user_attrs["run"] in before:
             assert t.number == before[t.user_attrs["run"]]
     failed = [t for t in after if t.state.name == "FAIL"]
-    assert [t.number for t in failed] == [victim.number]  # the killed trial, failed as stale, then rerun
+    why = [(t.number, t.user_attrs) for t in failed]
+    assert [t.number for t in failed] == [victim.number], why  # the killed trial, failed as stale, then rerun
     assert len(list((tmp_path / "ws" / "runs").iterdir())) == 4
+
+
+POP = """
+import sys, time, optuna
+from newllm_cli.experiments.sweep import open_storage
+study = optuna.load_study(study_name="r", storage=open_storage(sys.argv[1], 10.0))
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+print(" ".join(str(i) for i in iter(study._pop_waiting_trial_id, None)))
+"""
+
+
+def test_workers_popping_queued_trials_at_once_on_sqlite_never_take_one_twice(tmp_path):
+    import optuna
+
+    from newllm_cli.experiments.sweep import open_storage
+
+    url = f"sqlite:///{tmp_path / 'race.db'}"  # without BEGIN IMMEDIATE, 4 processes took 23 of 200 twice
+    study = optuna.create_study(study_name="r", storage=open_storage(url, 10.0))
+    for i in range(120):
+        study.enqueue_trial({"x": i})
+    start = str(time.time() + 3)  # all four pop at the same moment
+    procs = [
+        subprocess.Popen([sys.executable, "-c", POP, url, start], stdout=subprocess.PIPE, text=True) for _ in range(4)
+    ]
+    popped = [int(i) for p in procs for i in p.communicate()[0].split()]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(popped) == sorted(t._trial_id for t in study.get_trials())
 
 
 def test_a_bad_point_fails_with_its_message_and_the_others_finish(tmp_path, cli):
