@@ -292,6 +292,17 @@ TODAY = {
     "model_id": "5eb851f5ef8e2b85",
     "head": "0f462a3857c7e76c",
 }
+# The same code on a Sapphire Rapids machine (AVX-512 FP16; torch, numba and numpy alike) trains to
+# other bits: float sums differ between CPU generations (setting ATEN_CPU_CAPABILITY, MKL or OpenBLAS
+# core types, or numba's CPU name did not bring back the first set). The data and the untrained
+# control agree on both; any change to the default computation changes both sets.
+TODAY_AVX512_FP16 = {
+    **TODAY,
+    "contexts_train.npy": "7bc6bc5b30080947",
+    "contexts_val.npy": "e7e6fcd2769c3acc",
+    "model_id": "eb9449de83d6d423",
+    "head": "056ed07319d6883c",
+}
 
 
 def test_the_residual_default_gives_todays_artifacts_bit_for_bit(cli, tmp_path):
@@ -311,7 +322,7 @@ def test_the_residual_default_gives_todays_artifacts_bit_for_bit(cli, tmp_path):
         h.update(k.encode())
         h.update(t.numpy().tobytes())
     got["head"] = h.hexdigest()[:16]
-    assert got == TODAY
+    assert got in (TODAY, TODAY_AVX512_FP16), got
     assert json.loads((run / "phase1_train.json").read_text())["objective"]["weights"] == {
         "cvfp": pytest.approx(0.8),
         "dist": pytest.approx(0.2),
