@@ -10,6 +10,17 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+__all__ = ["load_run", "Run"]
+
+
+def __getattr__(name: str):
+    """`newllm_cli.load_run` and `newllm_cli.Run` (use/api.py), imported on first use: the CLI's
+    start-up does not pay for torch until a command needs it."""
+    if name in ("load_run", "Run"):
+        from newllm_cli.use import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'newllm_cli' has no attribute {name!r}")
 
 
 def _interrupted_at_startup(signum, frame):  # pragma: no cover - exercised by a subprocess test

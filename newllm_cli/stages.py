@@ -41,13 +41,12 @@ from newllm_cli.store.artifacts import (
     check_same,
     publishes,
     read_array,
-    read_checkpoint,
     read_json,
-    write_checkpoint,
     write_json,
 )
 from newllm_cli.store.publish import latest, together
 from newllm_cli.store.resume import Resumable
+from newllm_cli.store.weights import read_weights, write_weights
 from newllm_cli.training import fixed_point, predictors
 from newllm_cli.training import pairs as p2
 from newllm_cli.training.blocks import run_side_by_side
@@ -153,7 +152,7 @@ def embedding_files(s: Settings) -> list[Path]:
 
 def load_phase1_model(ws: Workspace, s: Settings, meta: dict, device: torch.device) -> tuple[ContextNetwork, dict]:
     fix = "newllm phase1 --split train"
-    ckpt = read_checkpoint(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
+    ckpt = read_weights(ws.phase1_checkpoint(), f"Phase 1 checkpoint (run `{fix}`)", fix)
     made = ckpt["provenance"].get("model")
     if isinstance(made, dict):  # a checkpoint from before a model setting existed was made at its default
         made = {**ModelSettings().model_dump(), **made}
@@ -322,7 +321,7 @@ def _train_or_solve(s: Settings, split: str, ws: Workspace, meta: dict) -> dict:
         warn(w)
     if train:
         mid = model_id(model)
-        write_checkpoint(
+        write_weights(
             ws.phase1_checkpoint(),
             {
                 "state": model.state_dict(),
@@ -586,35 +585,58 @@ def control_contexts(
     """The untrained network's fixed contexts of a split: the control every verdict is measured
     against. Computed once per run and settings, then read from disk."""
     key = {"dataset": meta["key"], "model_id": model_id(untrained), "phase1": s.phase1.model_dump()}
-    path, rep_path = ws.control_contexts(split), ws.control_report(split)
-    width, fix = untrained.context_dim, "newllm phase2"  # phase2 recomputes them when damaged
+    return solved_once(
+        ws, s, untrained, device, (ws.control_contexts(split), ws.control_report(split)), key, f"control {split}",
+        lambda: dataset.load_split(ws, split, meta), meta[split]["tokens"], "newllm phase2",
+    )  # fmt: skip
+
+
+def solved_once(
+    ws: Workspace,
+    s: Settings,
+    network: ContextNetwork,
+    device: torch.device,
+    paths: tuple[Path, Path],
+    key: dict,
+    label: str,
+    text: Callable[[], tuple[np.ndarray, np.ndarray]],
+    rows: int,
+    fix: str,
+    seed: int = 0,
+) -> np.ndarray:
+    """A frozen network's fixed contexts of `text()` (tokens, offsets), saved at paths (contexts,
+    report) with `key` as their provenance; read back while the key still matches. `seed`: of a
+    random iteration 0 (`phase1 --split val` passes the run's; the control has always had 0)."""
+    path, rep_path = paths
+    width = network.context_dim
     if path.exists() and rep_path.exists():
         try:
             rep = read_json(rep_path, "control report", fix, validate.ControlReport)
             if rep["provenance"] == key:
                 return validate.array(
-                    read_array(path, f"{split} control contexts", fix),
+                    read_array(path, f"{label} contexts", fix),
                     path,
                     fix,
                     kind="float",
-                    rows=meta[split]["tokens"],
+                    rows=rows,
                     cols=width,
                     finite=True,
                     sha256=rep.get("contexts_sha256"),
                 )
         except RefusedError as e:
-            warn(f"recomputing the {split} control contexts: {e}")
-    tokens, offsets = dataset.load_split(ws, split, meta)
-    info(f"control: fixed contexts of the untrained network on {split} ({len(tokens):,} tokens)")
+            warn(f"recomputing the {label} contexts: {e}")
+    tokens, offsets = text()
+    info(f"{label}: fixed contexts of the frozen network ({len(tokens):,} tokens)")
     res = run_cvfp(
-        untrained,
+        network,
         tokens,
         offsets,
         s.phase1,
         train=False,
         device=device,
-        label=f"control {split}",
+        label=label,
         group=distributed.current(),
+        seed=seed,
         **budget(ws, s),
     )
     with together():
@@ -634,8 +656,8 @@ def control_contexts(
             },
         )
     for w in res.warnings:
-        warn(f"control {split}: {w}")
-    return read_array(path, f"{split} control contexts", fix)
+        warn(f"{label}: {w}")
+    return read_array(latest(path), f"{label} contexts", fix)
 
 
 def saved_contexts(res, path: Path) -> str | None:
@@ -645,14 +667,15 @@ def saved_contexts(res, path: Path) -> str | None:
     return validate.digest(read_array(latest(path), "contexts")) if publishes() else None
 
 
-def control_check(ws: Workspace, s: Settings) -> dict:
+def control_check(s: Settings, reports: dict[str, Path]) -> dict:
     """Whether the untrained control's own solve reached its target, on each split, from its reports:
     every document within --fixed-point-tol (a carry-over solver), or the converged share (iterate).
     A verdict against a control that did not converge is against contexts that depend on where its
     iteration stopped."""
     out: dict[str, Any] = {}
-    for split in SPLITS:
-        rep = read_json(ws.control_report(split), "control report", "newllm phase2", validate.ControlReport)
+    for split, path in reports.items():
+        rep = read_json(latest(path), "control report", "newllm phase2", validate.ControlReport)
+
         solve = rep.get("fixed_point_solve")
         if solve:
             ok, said = solve["failing"] == 0, f"{solve['documents'] - solve['failing']}/{solve['documents']} documents"
@@ -722,7 +745,76 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         warn("Phase-1 gate overridden: " + "; ".join(problems))
     reads = "the token and " + cfg.head_input.split("+")[0] if cfg.predictor != predictors.DEFAULT else cfg.head_input
     info(f"phase2: {cfg.predictor} predictor reads {reads}, vocabulary {vocab:,}")
-    res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, label="phase1 contexts", ws=ws, network=mid)
+    judged = judge(
+        s, ws, model, mid, splits, vocab, device,
+        lambda split, net: control_contexts(ws, s, meta, split, net, device),
+        {split: ws.control_report(split) for split in SPLITS}, ana.get("val"),
+    )  # fmt: skip
+    res, table, curves, warnings, chosen = judged
+    provenance = {
+        "dataset": meta["key"],
+        "model_id": mid,
+        "head_input": cfg.head_input,
+        "predictor": cfg.predictor,
+        "vocab_size": vocab,
+        "world_size": distributed.current().size,
+    }
+    head, record = chosen.head(res), chosen.record(res)
+    kept = {k: record[k] for k in ("l2",) if k in record}  # the linear head's penalty, as before
+    provenance["head_id"] = model_id(head)
+    write_weights(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
+    out = {
+        **scored(res, record, table, warnings),
+        "curves": curves,
+        "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
+        "settings": cfg.model_dump(),
+        "provenance": provenance,
+        "checkpoint": str(ws.phase2_checkpoint()),
+        "finding": verdict.finding(table)
+        + resting((ana.get("val") or {}).get("fixed_point"), ws.control_report("val"))
+        + " "
+        + verdict.beyond_three(table),
+        "seconds": time.perf_counter() - t0,
+    }
+    if plot is not None:
+        out["plots"] = [str(plots.phase2(out, plot))]
+    write_json(ws.phase2_report(), out)
+    finish_stage(ws, s)
+    return out
+
+
+def scored(res, record: dict, table: dict, warnings: list[str]) -> dict:
+    """The figures phase2.json and eval.json share: the predictor's, every control's, what was skipped."""
+    return {
+        "val": res.val,
+        "train": res.train,
+        **record,
+        "baselines": table,
+        "skipped": [c.label for c in CONTROLS if c.key not in table],
+        "warnings": warnings,
+    }
+
+
+def judge(
+    s: Settings,
+    ws: Workspace,
+    model: ContextNetwork,
+    mid: str,
+    splits: dict,
+    vocab: int,
+    device: torch.device,
+    control_of: Callable[[str, ContextNetwork], np.ndarray],
+    control_reports: dict[str, Path],
+    val_analysis: dict | None,
+    stage: str = "phase2",
+) -> tuple[Any, dict, dict, list[str], predictors.Predictor]:
+    """The chosen predictor fitted on splits["train"] (contexts, tokens, offsets) and scored on
+    splits["val"], beside every control and baseline with its paired verdict: what `phase2` reports
+    on the run's val split and `eval` on any other text. `control_of(split, network)` gives the untrained
+    network's contexts of a split, `control_reports` where their solves are reported; `stage` names
+    the resume points and metrics rows. Returns (fit, baselines table, curves, warnings, predictor)."""
+    cfg = s.phase2
+    res, val_groups, curves = fit_head_on(model, splits, s, vocab, device, "phase1 contexts", ws, mid, stage=stage)
     curves = {"head": curves}
     train_tokens, train_offsets = splits["train"][1], splits["train"][2]
     val_tokens, val_offsets = splits["val"][1], splits["val"][2]
@@ -732,18 +824,18 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
 
     def fit_untrained():
         untrained = untrained_network(s, vocab, device)
-        control = {
-            split: (control_contexts(ws, s, meta, split, untrained, device), tok, off)
+        contexts = {
+            split: (control_of(split, untrained), tok, off)
             for split, (_, tok, off) in splits.items()
-        }
-        held["val"] = control["val"][0]
+        }  # fmt: skip
+        held["val"] = contexts["val"][0]
         fit, _, blocks = fit_head_on(
-            untrained, control, s, vocab, device, label="untrained contexts", ws=ws, network=model_id(untrained)
+            untrained, contexts, s, vocab, device, "untrained contexts", ws, model_id(untrained), stage=stage
         )
         return fit, blocks
 
     def fit_zero():
-        fit, _, blocks = fit_head_on(model, splits, s, vocab, device, "zero contexts", ws, mid, zero=True)
+        fit, _, blocks = fit_head_on(model, splits, s, vocab, device, "zero contexts", ws, mid, zero=True, stage=stage)
         return fit, blocks
 
     chosen = predictors.PREDICTORS[cfg.predictor]
@@ -764,14 +856,14 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
         entry.update(verdict.compare(res.val_losses, losses[key], val_groups, seed=s.runtime.seed))
     if "untrained_network" in table:
         table["untrained_network"]["memory"] = memory.token_share(held["val"], val_tokens)
-        less = analysis.remembers_less(ana.get("val"), table["untrained_network"])
+        less = analysis.remembers_less(val_analysis, table["untrained_network"])
         if less:
             warnings.append(less)
-        checked = table["untrained_network"]["solve"] = control_check(ws, s)
+        checked = table["untrained_network"]["solve"] = control_check(s, control_reports)
         if not checked["converged"]:
             warnings.append(
                 "the untrained control's solve did not converge ("
-                + "; ".join(f"{sp}: {checked[sp]['reached']} within its target" for sp in SPLITS)
+                + "; ".join(f"{sp}: {checked[sp]['reached']} within its target" for sp in control_reports)
                 + "): the verdict against it depends on where its iteration stopped"
             )
     if table["unigram_add_one"]["verdict"] != "beats":
@@ -782,47 +874,15 @@ def _fit_phase2(s: Settings, ws: Workspace, meta: dict, force: bool, plot: Path 
     warnings += sanity_warnings(res.val["perplexity"], table, vocab, len(train_tokens), len(val_tokens))
     for w in warnings:
         warn(w)
-    provenance = {
-        "dataset": meta["key"],
-        "model_id": mid,
-        "head_input": cfg.head_input,
-        "predictor": cfg.predictor,
-        "vocab_size": vocab,
-        "world_size": distributed.current().size,
-    }
-    head, record = chosen.head(res), chosen.record(res)
-    kept = {k: record[k] for k in ("l2",) if k in record}  # the linear head's penalty, as before
-    provenance["head_id"] = model_id(head)
-    write_checkpoint(ws.phase2_checkpoint(), {"state": head.state_dict(), "provenance": provenance, **kept})
-    out = {
-        "val": res.val,
-        "train": res.train,
-        **record,
-        "baselines": table,
-        "skipped": [c.label for c in CONTROLS if c.key not in table],
-        "warnings": warnings,
-        "curves": curves,
-        "gate": {"passed": not problems, "problems": problems, "forced": bool(problems)},
-        "settings": cfg.model_dump(),
-        "provenance": provenance,
-        "checkpoint": str(ws.phase2_checkpoint()),
-        "finding": verdict.finding(table) + resting(ana, ws) + " " + verdict.beyond_three(table),
-        "seconds": time.perf_counter() - t0,
-    }
-    if plot is not None:
-        out["plots"] = [str(plots.phase2(out, plot))]
-    write_json(ws.phase2_report(), out)
-    finish_stage(ws, s)
-    return out
+    return res, table, curves, warnings, chosen
 
 
-def resting(ana: dict, ws: Workspace) -> str:
+def resting(mine: dict | None, control_report: Path) -> str:
     """What the verdicts rest on: the share of val documents whose saved contexts meet the carry-over
-    condition c_0 = c_N (the trained network's, and the control's), from the phase1 checks."""
-    mine = (ana.get("val") or {}).get("fixed_point")
+    condition c_0 = c_N (`mine`: the trained network's fixed-point check; the control's from its report)."""
     if not mine:
         return ""
-    control = read_json(ws.control_report("val"), "control report") if ws.control_report("val").exists() else {}
+    control = read_json(latest(control_report), "control report") if latest(control_report).exists() else {}
     theirs = control.get("fixed_point")
     other = f" (the control's: {theirs['within_tolerance']:.0%})" if theirs else ""
     return (
@@ -872,6 +932,7 @@ def fit_head_on(
     network: str,
     zero: bool = False,
     predictor: str | None = None,
+    stage: str = "phase2",
 ):
     """The predictor (training/predictors.py) of s.phase2 fitted on given (contexts, tokens, offsets)
     per split (`zero`: every context set to zero; `predictor`: another registry entry); resumable.
@@ -914,7 +975,7 @@ def fit_head_on(
 
         tag = label.split()[0]
         resumable = Resumable(
-            ws.resume("phase2_" + tag),
+            ws.resume(f"{stage}_{tag}"),
             {
                 "network": network,
                 "format": "probe" if name == predictors.DEFAULT else name,
@@ -934,12 +995,38 @@ def fit_head_on(
         with interrupt.safe_points():
             res = resumable.run(work)
         resumable.clear()
-        metrics.record(ws.metrics(), "phase2_" + tag, "train", blocks, board(ws, s))
+        metrics.record(ws.metrics(), f"{stage}_{tag}", "train", blocks, board(ws, s))
+
         said = f"l2 {res.l2:g}, " if name == predictors.DEFAULT else ""
         info(f"  {label}: {said}val perplexity {res.val['perplexity']:.2f}")
         val_groups = data["val"].groups
         assert val_groups is not None  # make_split always groups by document
         return res, group.cat(val_groups.cpu().numpy()), blocks
+
+
+def load_predictor(
+    ws: Workspace, s: Settings, meta: dict, model: ContextNetwork, mid: str, device: torch.device
+) -> tuple[torch.nn.Module, dict]:
+    """The run's Phase 2 predictor (a linear Head, or a TokenBlock) with its weights checked against
+    the network `mid` and its own head_id; and its provenance."""
+    path, fix = ws.phase2_checkpoint(), "newllm phase2"
+    ckpt = read_weights(path, "Phase 2 checkpoint (run `newllm phase2`)", fix)
+    check_same({"model_id": mid, "vocab_size": meta["vocab_size"]}, ckpt["provenance"], "the Phase 2 head")
+    provenance = ckpt["provenance"]
+    head_input = provenance.get("head_input")
+    if head_input not in ("context", "context+token"):
+        raise validate.Damaged(path, f"head input {head_input!r}", fix)
+    head: torch.nn.Module
+    if provenance.get("predictor", predictors.DEFAULT) == predictors.DEFAULT:
+        in_dim = model.context_dim + (model.embed_dim if head_input == "context+token" else 0)
+        head = Head(in_dim, meta["vocab_size"])
+    else:
+        job = predictors.Job(s.phase2, s.model, model.embed.weight.detach(), s.runtime.seed, device)
+        head = predictors.token_block(job, s.model.context_width)
+    validate.state(head, ckpt, path, fix)
+    if provenance.get("head_id", model_id(head)) != model_id(head):
+        raise validate.Damaged(path, "its weights are not the head its head_id names", fix)
+    return head.to(device), provenance
 
 
 def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: int = 0) -> dict:
@@ -953,27 +1040,16 @@ def generate(s: Settings, prompt: str, max_new_tokens: int = 50, temperature: fl
     ws, meta = open_run(s)
     device = resolve_device(s.runtime.device)
     model, ckpt = load_phase1_model(ws, s, meta, device)
-    head_path = ws.phase2_checkpoint()
-    head_ckpt = read_checkpoint(head_path, "Phase 2 checkpoint (run `newllm phase2`)", "newllm phase2")
-    check_same(
-        {"model_id": ckpt["model_id"], "vocab_size": meta["vocab_size"]}, head_ckpt["provenance"], "the Phase 2 head"
-    )
-    if head_ckpt["provenance"].get("predictor", predictors.DEFAULT) != predictors.DEFAULT:
+    head, provenance = load_predictor(ws, s, meta, model, ckpt["model_id"], device)
+    if provenance.get("predictor", predictors.DEFAULT) != predictors.DEFAULT:
         raise UsageError("generate samples from the linear head; this run's Phase 2 is a tokenblock predictor")
-    head_input = head_ckpt["provenance"].get("head_input")
-    if head_input not in ("context", "context+token"):
-        raise validate.Damaged(head_path, f"head input {head_input!r}", "newllm phase2")
-    in_dim = model.context_dim + (model.embed_dim if head_input == "context+token" else 0)
-    head = Head(in_dim, meta["vocab_size"])
-    validate.state(head, head_ckpt, head_path, "newllm phase2")
-    if head_ckpt["provenance"].get("head_id", model_id(head)) != model_id(head):
-        raise validate.Damaged(head_path, "its weights are not the head its head_id names", "newllm phase2")
-    head = head.to(device)
+    head_input = provenance["head_input"]
     tok = tokenizers.load_checked(ws.tokenizer(), meta["vocab_size"], dataset.FIX, meta.get("tokenizer_sha256"))
     ids = np.asarray(tok.encode(prompt, add_special_tokens=False).ids, dtype=np.int64)
     if len(ids) == 0:
         raise UsageError("--prompt has no tokens")
     start = prompt_context(model, ids, s.phase1, device)
+    assert isinstance(head, Head)  # a tokenblock predictor was refused above
     new = gen.sample(
         model,
         head,

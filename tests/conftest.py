@@ -192,3 +192,26 @@ def one_line(r, code: int, *needles: str) -> None:
     assert got == code, err[-800:]
     assert "Traceback" not in err and sum(line.startswith("Error:") for line in lines) == 1, err[-800:]
     assert len(lines[-1]) < 1000 and all(n in lines[-1] for n in needles), lines[-1][:300]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as the dict its writer was given: safetensors weights or a torch resume point."""
+    if Path(path).suffix == ".safetensors":
+        from newllm_cli.store import weights
+
+        return weights.decode(Path(path).read_bytes(), Path(path), "")
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write `payload` in the format its path names (a test's edit of a checkpoint)."""
+    if Path(path).suffix == ".safetensors":
+        from newllm_cli.store import weights
+
+        Path(path).write_bytes(weights.encode(payload))
+        return
+    import torch
+
+    torch.save(payload, path)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import CHECKOUT, FAST, make_corpus, one_line
+from conftest import CHECKOUT, FAST, load_checkpoint, make_corpus, one_line, save_checkpoint
 
 ENV = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
 
@@ -103,12 +102,12 @@ def test_another_valid_tokenizer_of_the_same_size_is_refused_by_generate(cli, ru
 
 def test_a_checkpoint_whose_weights_are_not_its_model_id_is_refused(cli, run):
     assert cli("full", *run, "--force").code == 0
-    path = run_dir(run) / "phase1.pt"
-    payload = torch.load(path, weights_only=True)
+    path = run_dir(run) / "phase1.safetensors"
+    payload = load_checkpoint(path)
     name = sorted(payload["state"])[-1]
     payload["state"][name] = payload["state"][name] * 1.5
-    torch.save(payload, path)
-    one_line(cli("phase1", *run, "--split", "val"), 3, "phase1.pt", "model_id")
+    save_checkpoint(path, payload)
+    one_line(cli("phase1", *run, "--split", "val"), 3, "phase1.safetensors", "model_id")
 
 
 # --- 8. a stage publishes all its outputs or none ---------------------------------------------------
@@ -116,7 +115,7 @@ def test_a_checkpoint_whose_weights_are_not_its_model_id_is_refused(cli, run):
 
 def test_a_stage_that_fails_mid_publish_keeps_every_previous_artifact(cli, run, monkeypatch):
     assert cli("full", *run, "--force").code == 0
-    files = ("phase1.pt", "contexts_train.npy", "phase1_train.json", "metrics.csv")
+    files = ("phase1.safetensors", "contexts_train.npy", "phase1_train.json", "metrics.csv")
     before = {n: (run_dir(run) / n).read_bytes() for n in files}
     import newllm_cli.store.artifacts as artifacts
 
@@ -172,9 +171,9 @@ def interrupted_phase1(cli, run) -> Path:
 )
 def test_a_damaged_resume_point_is_ignored_with_a_warning(cli, run, edit):
     path = interrupted_phase1(cli, run)
-    payload = torch.load(path, weights_only=True)
+    payload = load_checkpoint(path)
     payload["state"].update(edit)
-    torch.save(payload, path)
+    save_checkpoint(path, payload)
     r = cli("phase1", *run, "--phase1-max-iterations", "6", "--phase1-min-iterations", "6")
     assert r.code == 0 and "Traceback" not in r.err and "starting afresh" in r.err, r.err[-800:]
     fresh = cli("phase1", *run, "--run", "fresh", "--phase1-max-iterations", "6", "--phase1-min-iterations", "6")
@@ -215,11 +214,11 @@ def test_a_real_full_disk_at_random_points_of_each_stage(tmp_path):
         run = ws / "runs" / "default"
         stages = {  # each stage, and the outputs it rewrites (as large again): less room than those, it fails
             "prepare-data": (["prepare-data", "--val-ratio", "0.3"], list(next((ws / "datasets").iterdir()).iterdir())),
-            "phase1": (["phase1", "--seed", "5"], [run / "contexts_train.npy", run / "phase1.pt"]),
+            "phase1": (["phase1", "--seed", "5"], [run / "contexts_train.npy", run / "phase1.safetensors"]),
             "phase1 val": (["phase1", "--split", "val", "--phase1-max-iterations", "5"], [run / "contexts_val.npy"]),
             "phase2": (
                 ["phase2", "--force", "--phase2-max-iterations", "12"],
-                [run / "phase2.pt", run / "phase2.json"],
+                [run / "phase2.safetensors", run / "phase2.json"],
             ),
         }
         rng = random.Random(0)

@@ -79,13 +79,13 @@ def test_full_leaves_every_artifact(cli, base_args):
     run = run_dir(base_args)
     for name in (
         "settings.json",
-        "phase1.pt",
+        "phase1.safetensors",
         "contexts_train.npy",
         "contexts_val.npy",
         "phase1_train.json",
         "phase1_val.json",
         "analysis.json",
-        "phase2.pt",
+        "phase2.safetensors",
         "phase2.json",
     ):
         assert (run / name).exists(), name

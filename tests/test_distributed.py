@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus
+from conftest import load_checkpoint, make_corpus
 
 from newllm_cli.runtime import distributed
 from newllm_cli.training.pairs import pair_block, pair_documents
@@ -140,10 +140,10 @@ def same_artifacts(a: Path, b: Path, files=("phase1_train.json", "phase1_val.jso
     for name in ("contexts_train.npy", "contexts_val.npy"):
         if (a / name).exists():
             assert np.array_equal(np.load(a / name), np.load(b / name)), name
-    for name in ("phase1.pt", "phase2.pt"):
+    for name in ("phase1.safetensors", "phase2.safetensors"):
         if (a / name).exists():
-            x = torch.load(a / name, weights_only=True)["state"]
-            y = torch.load(b / name, weights_only=True)["state"]
+            x = load_checkpoint(a / name)["state"]
+            y = load_checkpoint(b / name)["state"]
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
 
 
@@ -156,7 +156,7 @@ def test_two_ranks_give_the_artifacts_of_one_process(tmp_path, uneven):
         code, out, err = finished(torchrun(*stage, *args, "--run", "two"))
         assert code == 0, err
         assert out.count("\n") == 1 and out.strip().endswith(
-            ("runs/two/contexts_train.npy", "contexts_val.npy", "phase2.pt")
+            ("runs/two/contexts_train.npy", "contexts_val.npy", "phase2.safetensors")
         ), out  # the leader's line only
         assert "rank 1" not in err  # the other rank is silent
     one, two = ws / "runs" / "one", ws / "runs" / "two"
@@ -232,7 +232,7 @@ def test_ctrl_c_ends_every_rank_with_a_resume_point_the_same_world_size_continue
     assert code != 0
     stopped = re.findall(r"Error: interrupted after Phase 1 iteration (\d+)", err)
     assert len(stopped) == 2 and stopped[0] == stopped[1], err  # every rank, after the same iteration
-    assert (run / "phase1_train.resume.pt").exists() and not (run / "phase1.pt").exists()
+    assert (run / "phase1_train.resume.pt").exists() and not (run / "phase1.safetensors").exists()
     code, _, err = finished(torchrun("phase1", *slow(ws, uneven), *tight))
     assert code == 0, err
     assert "resuming from" in (run / "log.txt").read_text()
@@ -253,8 +253,8 @@ def test_a_killed_rank_ends_the_job_and_a_rerun_on_one_process_resumes(tmp_path,
     killed = time.monotonic()
     code, _, err = finished(job, timeout=60)
     assert code != 0 and time.monotonic() - killed < 30
-    assert not (run / "phase1.pt").exists() and not (run / "contexts_train.npy").exists()
-    resume = torch.load(run / "phase1_train.resume.pt", weights_only=True)  # whole, never half-written
+    assert not (run / "phase1.safetensors").exists() and not (run / "contexts_train.npy").exists()
+    resume = load_checkpoint(run / "phase1_train.resume.pt")  # whole, never half-written
     assert (run / resume["state"]["prev"]["rows"]).exists()
     r = one_process("phase1", *slow(ws, uneven))
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus, plant, sentinel
+from conftest import load_checkpoint, make_corpus, plant, save_checkpoint, sentinel
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,15 +32,20 @@ READER = {  # the artifact -> the (quick) command that reads it first
     "dataset.json": ["phase1", "--split", "val"],
     "tokenizer.json": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
     "settings.json": ["phase1", "--split", "val"],
-    "phase1.pt": ["phase1", "--split", "val"],
+    "phase1.safetensors": ["phase1", "--split", "val"],
     "phase1_train.json": ["analyze", "--probe-rows", "0"],
     "contexts_train.npy": ["analyze", "--probe-rows", "0"],
     "phase1_val.json": ["analyze", "--probe-rows", "0"],
     "contexts_val.npy": ["analyze", "--probe-rows", "0"],
-    "phase2.pt": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+    "phase2.safetensors": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
     "analysis.json": ["phase2", "--force"],
 }
-PROTECTED = ("phase1.pt", "phase1_train.json", "contexts_train.npy", "phase2.pt")  # no reader above rewrites them
+PROTECTED = (
+    "phase1.safetensors",
+    "phase1_train.json",
+    "contexts_train.npy",
+    "phase2.safetensors",
+)  # no reader above rewrites them
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +165,7 @@ def json_edit(path: Path, data) -> None:
 
 
 def ckpt_edit(path: Path, data) -> None:
-    payload = torch.load(path, weights_only=True)
+    payload = load_checkpoint(path)
     how = data.draw(st.sampled_from(["drop", "shape", "nan", "provenance", "state"]))
     if how == "drop":
         payload.pop(data.draw(st.sampled_from(sorted(payload))), None)
@@ -172,7 +177,7 @@ def ckpt_edit(path: Path, data) -> None:
         payload["provenance"] = data.draw(st.sampled_from([None, {}, [], "x"]))
     else:
         payload["state"] = data.draw(st.sampled_from([None, {}, {"x": torch.ones(1)}, [1, 2]]))
-    torch.save(payload, path)
+    save_checkpoint(path, payload)
 
 
 def empty(path: Path, data) -> None:
@@ -183,6 +188,7 @@ DAMAGE = {
     ".npy": [truncate, flip, npy, empty],
     ".json": [truncate, flip, json_edit, empty],
     ".pt": [truncate, flip, ckpt_edit, empty],
+    ".safetensors": [truncate, flip, ckpt_edit, empty],
 }
 
 
@@ -326,8 +332,8 @@ PLANTED: list[int] = []
 SWAPS = {  # artifact -> the reader that must notice (it reads what the artifact is bound to)
     "contexts_train.npy": ["phase2", "--force"],
     "contexts_val.npy": ["phase2", "--force"],
-    "phase1.pt": ["phase2", "--force"],
-    "phase2.pt": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
+    "phase1.safetensors": ["phase2", "--force"],
+    "phase2.safetensors": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
     "val.tokens.npy": ["phase1", "--split", "val"],
     "val.offsets.npy": ["phase1", "--split", "val"],
     "tokenizer.json": ["generate", "--prompt", "The", "--max-new-tokens", "2"],
@@ -336,7 +342,7 @@ SWAPS = {  # artifact -> the reader that must notice (it reads what the artifact
 
 def swap(ws: Path, name: str, data) -> Path:
     run, dataset = ws / "runs" / "default", next((ws / "datasets").iterdir())
-    if name in ("contexts_train.npy", "contexts_val.npy", "phase1.pt", "phase2.pt"):
+    if name in ("contexts_train.npy", "contexts_val.npy", "phase1.safetensors", "phase2.safetensors"):
         shutil.copy(ws / "runs" / "other" / name, run / name)
         return run / name
     path = dataset / name
@@ -409,7 +415,7 @@ def test_damaged_resume_points_are_ignored_with_a_warning(built):
         work, ws, args = copied(built)
         try:
             path = ws / "runs" / "resumed" / "phase1_train.resume.pt"
-            payload = torch.load(path, weights_only=True)
+            payload = load_checkpoint(path)
             state = payload["state"]
             for _ in range(data.draw(st.integers(1, 3))):
                 key = data.draw(st.sampled_from(sorted(state) + ["extra"]))
@@ -417,7 +423,7 @@ def test_damaged_resume_points_are_ignored_with_a_warning(built):
                     del state[key]
                 else:
                     state[key] = data.draw(RESUME_VALUES)
-            torch.save(payload, path)
+            save_checkpoint(path, payload)
             code, text = command(["phase1", *args, "--run", "resumed", *RESUMED])
             clean_end(code, text, "resume")
             assert code == 0 and ("starting afresh" in text or "resuming from" in text), text[-500:]

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_corpus
+from conftest import load_checkpoint, make_corpus, save_checkpoint
 
 from newllm_cli.model import architectures
 from newllm_cli.model.context_layers import ContextLayerNetwork
@@ -248,7 +248,7 @@ def test_side_by_side_blocks_train_on_their_share_and_concatenate(tmp_path):
     assert rep["objective"]["weights"] == {"mcdl": 1.0, "centroid": pytest.approx(0.1)}
     ctx = np.load(run / "contexts_train.npy")
     assert ctx.shape == (rep["tokens"], 16)
-    state = torch.load(run / "phase1.pt", weights_only=True)["state"]
+    state = load_checkpoint(run / "phase1.safetensors")["state"]
     s = ModelSettings(architecture="context", context_dim=8, embed_dim=8, num_layers=1, activation="gelu")
     part = architectures.build("context", 256, s)
     part.load_state_dict({k[len("parts.1.") :]: v for k, v in state.items() if k.startswith("parts.1.")})
@@ -315,8 +315,8 @@ def test_the_residual_default_gives_todays_artifacts_bit_for_bit(cli, tmp_path):
 
     got = {p.name: digest(p.read_bytes()) for p in ws.rglob("*.npy")}
     run = ws / "runs" / "default"
-    got["model_id"] = torch.load(run / "phase1.pt", weights_only=True)["model_id"]
-    head = torch.load(run / "phase2.pt", weights_only=True)["state"]
+    got["model_id"] = load_checkpoint(run / "phase1.safetensors")["model_id"]
+    head = load_checkpoint(run / "phase2.safetensors")["state"]
     h = hashlib.sha256()
     for k, t in sorted(head.items()):
         h.update(k.encode())
@@ -369,7 +369,7 @@ def test_the_oacd_preset_under_torchrun_equals_one_process(tmp_path):
         a, b = (json.loads((r / "phase1_train.json").read_text()) for r in (one, two))
         close(a["history"], b["history"], "history")  # every loss and converged share
         assert a["optimizer_steps"] >= 3
-        x, y = (torch.load(r / "phase1.pt", weights_only=True)["state"] for r in (one, two))
+        x, y = (load_checkpoint(r / "phase1.safetensors")["state"] for r in (one, two))
         assert all(torch.equal(x[k], y[k]) for k in x)
         c1, c2 = (np.load(r / "contexts_train.npy") for r in (one, two))
         assert np.array_equal(c1, c2) if name == "stream" else np.allclose(c1, c2, atol=1e-5)
@@ -378,12 +378,12 @@ def test_the_oacd_preset_under_torchrun_equals_one_process(tmp_path):
 
 def test_a_checkpoint_from_before_the_new_model_settings_still_loads(cli, base_args, tmp_path):
     assert cli("prepare-data", *base_args).code == 0 and cli("phase1", *base_args).code == 0
-    path = tmp_path / "ws" / "runs" / "default" / "phase1.pt"
-    ckpt = torch.load(path, weights_only=True)
+    path = tmp_path / "ws" / "runs" / "default" / "phase1.safetensors"
+    ckpt = load_checkpoint(path)
     old = {k: ckpt["provenance"]["model"][k] for k in ("context_dim", "embed_dim", "num_layers", "layers_per_block")}
     ckpt["provenance"]["model"] = old  # what the code before the architecture settings wrote
-    torch.save(ckpt, path)
+    save_checkpoint(path, ckpt)
     assert cli("phase1", *base_args, "--split", "val").code == 0
     ckpt["provenance"]["model"] = {**old, "num_layers": 3}  # a real mismatch is still refused
-    torch.save(ckpt, path)
+    save_checkpoint(path, ckpt)
     assert cli("phase1", *base_args, "--split", "val", "--fixed-point-tol", "1e-3").code == 3

@@ -188,12 +188,17 @@ def _interrupt_at(iteration, model, tokens, offsets, cfg, saved, monkeypatch):
 
 def test_truncated_and_foreign_checkpoints_give_one_line(cli, base_args):
     prepared(cli, base_args)
-    ckpt = Path(base_args[1]) / "runs" / "default" / "phase1.pt"
+    ckpt = Path(base_args[1]) / "runs" / "default" / "phase1.safetensors"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
     r = cli("phase1", *base_args, "--split", "val")
     assert r.code == 3 and "cannot be loaded" in r.err and len(r.err.strip().splitlines()) == 1
-    torch.save({"weights": torch.zeros(3)}, ckpt)
+    torch.save({"state": {}, "provenance": {}}, ckpt)  # a torch pickle where safetensors belong
+    r = cli("phase1", *base_args, "--split", "val")
+    assert r.code == 3 and "cannot be loaded as safetensors" in r.err and len(r.err.strip().splitlines()) == 1
+    from safetensors.torch import save_file
+
+    save_file({"weights": torch.zeros(3)}, ckpt)  # safetensors, but not ours
     r = cli("phase1", *base_args, "--split", "val")
     assert r.code == 3 and "not a newllm checkpoint" in r.err
 
@@ -223,15 +228,15 @@ def test_non_finite_values_stop_the_stage_and_save_nothing(cli, base_args, monke
     np.save(run / "contexts_train.npy", ctx)
     r = cli("phase2", *base_args, "--force")  # a damaged artifact on disk: refused on read
     assert r.code == 3 and "NaN" in r.err and "newllm phase1 --split train" in r.err
-    assert not (run / "phase2.pt").exists()
+    assert not (run / "phase2.safetensors").exists()
     import newllm_cli.training.phase1 as p1
 
     real = p1.Comparison.losses
     monkeypatch.setattr(p1.Comparison, "losses", lambda self, cfg: {**real(self, cfg), "loss": float("nan")})
-    before = (run / "phase1.pt").read_bytes()
+    before = (run / "phase1.safetensors").read_bytes()
     r = cli("phase1", *base_args)
     assert r.code == 4 and "iteration 2" in r.err and "learning rate" in r.err
-    assert (run / "phase1.pt").read_bytes() == before
+    assert (run / "phase1.safetensors").read_bytes() == before
 
 
 def test_unusable_workspace_gives_one_line(cli, tmp_path, corpus):

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_checkpoint
 from torch.nn import functional as F
 
 from newllm_cli.data import embeddings
@@ -177,9 +178,9 @@ def test_tokenblock_run_with_pretrained_frozen_embeddings_end_to_end(cli, tmp_pa
     rep = json.loads((ws / "runs" / "default" / "phase2.json").read_text())
     assert {"zero_context", "untrained_network", "bigram_add_k"} <= set(rep["baselines"])
     assert "Beyond all three" in rep["finding"] and rep["provenance"]["predictor"] == "tokenblock"
-    head = torch.load(ws / "runs" / "default" / "phase2.pt", weights_only=True)["state"]
+    head = load_checkpoint(ws / "runs" / "default" / "phase2.safetensors")["state"]
     assert np.array_equal(head["embed.weight"].numpy(), m)  # frozen: the file's bytes
-    ckpt = torch.load(ws / "runs" / "default" / "phase1.pt", weights_only=True)
+    ckpt = load_checkpoint(ws / "runs" / "default" / "phase1.safetensors")
     assert ckpt["provenance"]["embeddings"] == embeddings.load(str(tmp_path / "wte.npy"), None, 256, 16).sha256
     skipped = cli("phase2", *args[:-1], "--no-zero-ctx", "--no-control", "--json")
     assert (

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from newllm_cli.cli.options import COMMON, docstring, settings_parameters, split_kwargs
+from newllm_cli.cli.options import COMMON, SEP, docstring, settings_parameters, split_kwargs
 from newllm_cli.runtime import locks
 from newllm_cli.runtime.errors import NewLLMError, UsageError
 from newllm_cli.runtime.progress import set_quiet
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from newllm_cli.runtime.distributed import Group
 
 
+COMPUTING = ("newllm_cli.stages", "newllm_cli.experiments.sweep", "newllm_cli.use.evaluate")  # take --threads
+
+
 @dataclass(frozen=True)
 class Command:
     """One command: `target` is `<module>.<function>(settings, **options)` under newllm_cli, run with
@@ -38,7 +41,7 @@ class Command:
     `options`, the run's `lock` held ("write", "read", or a function of its options giving either or
     None); then `report` prints its tables on stderr and `prints` gives its stdout (without --json).
     `parallel` commands also run as torchrun jobs: every rank runs the stage, the leader holds the
-    lock and prints."""
+    lock and prints. Settings named in `own` reach the stage as options of their field's name."""
 
     name: str
     target: str
@@ -49,6 +52,7 @@ class Command:
     saved: bool = True
     lock: str | Callable[[dict], str | None] | None = None
     parallel: bool = False
+    own: tuple[str, ...] = ()  # settings ("section.name") this command takes as its own options instead
 
     @property
     def module(self) -> str:
@@ -74,6 +78,9 @@ def register(app: typer.Typer, command: Command) -> None:
         stage = command.function()
         if threading.current_thread() is threading.main_thread():  # imports done (a Ctrl-C inside
             signal.signal(signal.SIGINT, signal.default_int_handler)  # torch's would abort): KeyboardInterrupt now
+        for name in command.own:  # e.g. eval's --path names the text to evaluate, not the run's data
+            section, field = name.split(".")
+            kwargs[field] = kwargs.pop(f"{section}{SEP}{field}", None)
         options, rest = split_kwargs(kwargs)
         config, as_json, preset = rest.pop("config"), rest.pop("json_output"), rest.pop("preset")
         set_quiet(rest.pop("quiet"))
@@ -84,7 +91,7 @@ def register(app: typer.Typer, command: Command) -> None:
         rt = settings.runtime
         group = join(command.name, rt.device, command.parallel)
         try:
-            if command.module in ("newllm_cli.stages", "newllm_cli.experiments.sweep"):  # the commands that compute
+            if command.module in COMPUTING:  # the commands that compute
                 importlib.import_module("newllm_cli.stages").apply_threads(rt.threads or group.threads())
             kind = command.lock(rest) if callable(command.lock) else command.lock
             guard = locks.run(rt.workspace, rt.run, exclusive=kind == "write") if kind else contextlib.nullcontext()

@@ -135,6 +135,18 @@ REPLICATE = [
     FORCE,
     PROBE_ROWS,
 ]
+EVAL = [  # the text itself comes as --source/--path or --val-source/--val-path (Command.own)
+    extra("tokens", Path | None, None, "--tokens", "Or token ids (.npy) of the run's tokenizer, one document."),
+    extra("split", str | None, None, "--split", "Or the run's own train or val split."),
+]
+EXPORT = [
+    inspect.Parameter(
+        "directory",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Path,
+        default=typer.Argument(..., help="New (or empty) folder to write the run into."),
+    )
+]
 ANALYZE = [
     extra("contexts", Path | None, None, "--contexts", "Analyse this N x C .npy instead of the run's contexts."),
     extra("tokens", Path | None, None, "--tokens", "Token ids .npy aligned with --contexts rows."),

@@ -212,6 +212,18 @@ def phase2(r: dict) -> None:
         console(quiet=True).print(r["finding"], highlight=False)
 
 
+def evaluation(r: dict) -> None:
+    """phase2's table, on the evaluated text."""
+    t = r["text"]
+    where = f"{t['source']}{' ' + t['path'] if t.get('path') else ''}"
+    console(quiet=True).print(
+        f"eval on {where}: {t['tokens']:,} tokens, {t['documents']:,} documents, "
+        f"{t['unknown_tokens']:,} unknown to the tokenizer{' (cached)' if r.get('skipped') else ''}",
+        highlight=False,
+    )
+    phase2(r)
+
+
 def generate(r: dict) -> None:
     console(quiet=True).print(f"generated {len(r['token_ids'])} tokens after a {len(r['prompt_ids'])}-token prompt")
 
@@ -281,6 +293,15 @@ def runs(r: dict, title: str = "runs") -> None:
         f"val perplexity beside {', '.join(c.short for c in CONTROLS)}; *: the control's solve did not converge"
     )
     console(quiet=True).print(t, soft_wrap=False)
+    evaluated = [(row["run"], e) for row in r["runs"] for e in row.get("evaluations", [])]
+    if evaluated:
+        e = Table(title="evaluated on other text (newllm eval)", title_justify="left", box=box.SIMPLE_HEAD)
+        for col in ("run", "text", "tokens", "ppl", *(c.abbrev for c in CONTROLS)):
+            e.add_column(col, justify="left" if col in ("run", "text") else "right", overflow="fold")
+        for run, x in evaluated:
+            figures = [_ppl(x.get(k)) for k in ("perplexity", *(c.column for c in CONTROLS))]
+            e.add_row(run, x["text"], _count(x["tokens"]), *figures)
+        console(quiet=True).print(e, soft_wrap=False)
 
 
 def _ppl(value) -> str:

@@ -7,7 +7,21 @@ from typing import Any
 
 from newllm_cli.cli import report
 from newllm_cli.cli.commands import Command
-from newllm_cli.cli.options import ANALYZE, COMPARE, CSV, FORCE, FULL, GENERATE, PLOT, REBUILD, REPLICATE, SPLIT, SWEEP
+from newllm_cli.cli.options import (
+    ANALYZE,
+    COMPARE,
+    CSV,
+    EVAL,
+    EXPORT,
+    FORCE,
+    FULL,
+    GENERATE,
+    PLOT,
+    REBUILD,
+    REPLICATE,
+    SPLIT,
+    SWEEP,
+)  # fmt: skip
 
 RECURRENCE = ("model", "data", "phase1", "runtime")
 WRITER: dict[str, Any] = {"lock": "write", "parallel": True}  # the run's writer; also a torchrun job
@@ -43,6 +57,17 @@ COMMANDS = [
     Command("phase2", "stages.phase2", report.phase2, key("checkpoint"), (FORCE, REBUILD, PLOT), **WRITER),
     Command("full", "stages.full", report.full, key("run_dir"), FULL, **WRITER),
     Command("generate", "stages.generate", report.generate, key("text"), GENERATE, lock="read"),
+    Command(
+        "eval",
+        "use.evaluate.evaluate",
+        report.evaluation,
+        key("path"),
+        EVAL,
+        ("runtime",),
+        **WRITER,
+        own=("data.source", "data.path", "data.val_source", "data.val_path"),
+    ),  # fmt: skip
+    Command("export", "use.export.export", lambda result: None, key("path"), EXPORT, ("runtime",), lock="read"),
     Command("config", "settings.effective", lambda result: None, key("toml")),
     Command("replicate", "experiments.replicate.replicate", report.replicate, key("path"), REPLICATE),
     Command("sweep", "experiments.sweep.sweep", report.sweep, key("storage"), SWEEP, saved=False),

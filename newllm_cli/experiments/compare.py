@@ -92,7 +92,28 @@ def run_row(run_dir: Path) -> dict:
         "against_control": size if isinstance(size, str) else None,
         "control_converged": converged if isinstance(converged, bool) else None,
         "seconds": sum(seconds) if seconds else None,
+        "evaluations": evaluations(run_dir),
     }
+
+
+def evaluations(run_dir: Path) -> list[dict]:
+    """The run's `newllm eval` results (runs/NAME/eval/KEY/eval.json): each text with its figures."""
+    where = run_dir / "eval"
+    found = []
+    for path in sorted(where.glob("*/eval.json")) if nofollow.is_dir(where) else []:
+        r = _read(path) or {}
+        text, base = _get(r, "text") or {}, _get(r, "baselines") or {}
+        found.append(
+            {
+                "key": path.parent.name,
+                "text": str(_get(text, "path") or _get(text, "source")),
+                "tokens": _figure(_get(text, "tokens")),
+                "perplexity": _figure(_get(r, "val", "perplexity")),
+                **{c.column: _figure(_get(base, c.key, "val_perplexity")) for c in CONTROLS},
+                "against_control": _get(base, "untrained_network", "size"),
+            }
+        )
+    return found
 
 
 def workspace_runs(workspace: str) -> list[Path]:

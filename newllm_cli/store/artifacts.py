@@ -1,9 +1,9 @@
 """Where every artifact lives and the one way to write and read it: atomically, with provenance.
 
     WORKSPACE/datasets/<key>/   tokenizer.json, {train,val}.tokens.npy, {train,val}.offsets.npy, dataset.json
-    WORKSPACE/runs/<run>/       settings.json, log.txt, metrics.csv, phase1.pt, phase1_{train,val}.json,
+    WORKSPACE/runs/<run>/       settings.json, log.txt, metrics.csv, phase1.safetensors, phase1_{train,val}.json,
                                 contexts_{train,val}.npy, control_contexts_{train,val}.npy (the
-                                untrained network's), analysis.json, phase2.pt, phase2.json
+                                untrained network's), analysis.json, phase2.safetensors, phase2.json, eval/KEY/
 Each JSON artifact carries a `provenance` dict (fingerprints of what produced it), and readers compare
 it with what they expect, so artifacts from different settings are never silently mixed.
 In a distributed job only the leader publishes run artifacts (write_json, write_array,
@@ -162,7 +162,10 @@ class Workspace:
             "check --run, or start it with `newllm prepare-data --run NAME`"
         )
 
-    RESUMED = ("phase1_train", "phase1_val", "phase2_phase1", "phase2_zero", "phase2_untrained")
+    RESUMED = ("phase1_train", "phase1_val", *(f"{stage}_{fit}" for stage in ("phase2", "eval")
+               for fit in ("phase1", "zero", "untrained")))  # fmt: skip
+    EVALUATED = ("eval.json", "tokens.npy", "offsets.npy", "contexts.npy", "contexts.json", "control_contexts.npy",
+                 "control.json")  # fmt: skip
 
     def files(self) -> list[tuple[Path, str]]:
         """Every artifact path of the run (and of its dataset when known) with what it must be
@@ -178,6 +181,7 @@ class Workspace:
                 (): [()],
                 ("split",): [(x,) for x in ("train", "val")],
                 ("stage",): [(x,) for x in self.RESUMED],
+                ("key", "name"): [(p.parent.name, n) for p in self.evaluations() for n in self.EVALUATED],
             }
             for a in args[tuple(params)]:
                 out.append((method(self, *a), "dir" if name == "tensorboard" else "file"))
@@ -224,7 +228,7 @@ class Workspace:
         return self.run_dir / "settings.json"
 
     def phase1_checkpoint(self) -> Path:
-        return self.run_dir / "phase1.pt"
+        return self.run_dir / "phase1.safetensors"
 
     def contexts(self, split: str) -> Path:
         return self.run_dir / f"contexts_{split}.npy"
@@ -242,7 +246,7 @@ class Workspace:
         return self.run_dir / "analysis.json"
 
     def phase2_checkpoint(self) -> Path:
-        return self.run_dir / "phase2.pt"
+        return self.run_dir / "phase2.safetensors"
 
     def phase2_report(self) -> Path:
         return self.run_dir / "phase2.json"
@@ -261,3 +265,14 @@ class Workspace:
 
     def tensorboard(self) -> Path:
         return self.run_dir / "tensorboard"
+
+    def evaluation(self, key: str, name: str) -> Path:
+        """A file of `newllm eval` on one text (KEY: the text's and the models' hash)."""
+        return self.run_dir / "eval" / key / name
+
+    def evaluations(self) -> list[Path]:
+        """The eval.json of every text the run was evaluated on."""
+        where = self.run_dir / "eval"
+        if not nofollow.is_dir(where):
+            return []
+        return sorted(p / "eval.json" for p in where.iterdir() if not p.name.startswith(".") and nofollow.is_dir(p))

@@ -1,0 +1,1 @@
+"""Using a trained run: evaluate it on other text, load it from Python, export it."""
