@@ -3,7 +3,7 @@ same contexts, then fits the predictor and every control again on the training s
 read validation text) and scores them. Interleaved and repeated, each in a fresh process, on a copy
 of a finished run.
 
-    python benchmarks/eval_time.py WORKSPACE RUN [--repeats 3]
+    python benchmarks/eval_time.py WORKSPACE RUN [--repeats 3]   # where the run was made (its --path)
 
 Prints seconds of each command per repeat, and the ratio eval / phase1 val with its spread.
 """

@@ -119,6 +119,7 @@ def close(a, b, what: str) -> None:
             if k not in (
                 "seconds",
                 "token_iterations_per_second",
+                "wall_seconds",
                 "path",
                 "contexts",
                 "checkpoint",
@@ -175,6 +176,12 @@ def test_two_ranks_give_the_artifacts_of_one_process(tmp_path, uneven):
     a, b = (one_process(*sample, *args, "--run", run) for run in ("one", "two"))
     assert a.returncode == b.returncode == 0, b.stderr
     assert json.loads(a.stdout) == json.loads(b.stdout)
+    # eval on a text (here the training corpus as one more text) as a torchrun job: one process's result
+    code, out, err = finished(torchrun("eval", *args, "--run", "one", "--json"))
+    assert code == 0, err
+    alone = one_process("eval", *args, "--run", "two", "--json")
+    assert alone.returncode == 0, alone.stderr
+    close(json.loads(out), json.loads(alone.stdout), "eval")
 
 
 def slow(ws: Path, corpus: Path) -> list[str]:
