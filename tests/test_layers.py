@@ -80,7 +80,8 @@ def test_every_command_resolves_to_a_stage_taking_its_options(command):
     function = command.function()
     params = list(inspect.signature(function).parameters)
     assert params[0] == "s", f"{command.target} takes the settings first"
-    assert set(params[1:]) == {p.name for p in command.options}, command.target
+    own = {name.split(".")[1] for name in command.own}  # settings the command takes as its options
+    assert set(params[1:]) == {p.name for p in command.options} | own, command.target
     assert callable(command.report) and callable(command.prints)
 
 

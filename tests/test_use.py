@@ -206,3 +206,14 @@ def test_safetensors_weights_hold_their_provenance_as_json(trained):
     assert json.loads(meta["provenance"])["model"]["context_dim"] == 16 and len(json.loads(meta["model_id"])) == 16
     head = load_checkpoint(run_dir(root) / "phase2.safetensors")
     assert set(head) == {"state", "provenance", "l2"} and head["provenance"]["predictor"] == "linear"
+
+
+def test_equal_weights_give_equal_files_in_every_process():
+    """safetensors writes its header in hash-map order; ours is sorted, so a rerun's file is byte-identical."""
+    code = (
+        "import hashlib, torch; from newllm_cli.store.weights import encode; "
+        "print(hashlib.sha256(encode({'state': {'a': torch.ones(2), 'b': torch.zeros(3)}, "
+        "'provenance': {'x': 1}, 'model_id': 'm', 'vocab_size': 3})).hexdigest())"
+    )
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(4)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 65

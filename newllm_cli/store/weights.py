@@ -37,7 +37,16 @@ def encode(payload: dict[str, Any]) -> bytes:
     rest = {k: v for k, v in payload.items() if k != "state" or not tensors}  # (a state of no tensors: a test's)
     meta = {KEY: json.dumps(rest, sort_keys=True), "format": FORMAT}
     meta.update({k: json.dumps(v) for k, v in rest.items()})  # each field on its own too, for other readers
-    return save(state, metadata=meta)
+    return canonical(save(state, metadata=meta))
+
+
+def canonical(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes them in hash-map order,
+    which changes from process to process, so equal weights would give unequal files."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensors stay 8-byte aligned, as the library keeps them
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
 
 
 def decode(data: bytes, path: Path, fix: str) -> dict[str, Any]:

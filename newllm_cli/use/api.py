@@ -28,6 +28,7 @@ from newllm_cli import stages
 from newllm_cli.data import dataset
 from newllm_cli.data import tokenizer as tokenizers
 from newllm_cli.model import generate as gen
+from newllm_cli.model.head import Head
 from newllm_cli.model.network import ContextNetwork
 from newllm_cli.runtime.errors import RefusedError, UsageError
 from newllm_cli.runtime.session import Session, use
@@ -134,10 +135,11 @@ class Run:
         if self.provenance.get("predictor", predictors.DEFAULT) != predictors.DEFAULT:
             raise UsageError("generate samples from the linear head; this run's Phase 2 is a tokenblock predictor")
         ids = self.ids(prompt)
+        assert isinstance(self.predictor, Head)  # the linear predictor's module
         with _silent():
             start = prompt_context(self.network, ids, self.settings.phase1, self.device)
             new = gen.sample(
-                self.network, self.predictor, self.provenance["head_input"], start, int(ids[-1]),  # type: ignore[arg-type]
+                self.network, self.predictor, self.provenance["head_input"], start, int(ids[-1]),
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, device=self.device,
                 context_ids=ids.tolist(),
             )  # fmt: skip
